@@ -1,0 +1,169 @@
+"""``cstwa-dist <command>``: one entry point whose subcommands follow the data flow of design.md.
+
+Run any training command as one process or under ``torchrun --nproc_per_node=N``; the same code
+path runs either way. ``synth`` and ``report`` are single-process tools.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from cstwa_dist import __version__
+
+logger = logging.getLogger("cstwa_dist")
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Rank 0 logs INFO; other ranks only warnings, so torchrun output stays readable."""
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    level = logging.DEBUG if verbose else (logging.INFO if rank == 0 else logging.WARNING)
+    prefix = f"[rank {rank}/{world}] " if world > 1 else ""
+    logging.basicConfig(level=level, format=f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stderr, force=True)
+    for noisy in ("torchrec", "ray", "fbgemm_gpu", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default="configs/demo.yaml",
+                   help="run config YAML (default: configs/demo.yaml, the embedded default)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value, e.g. --set train.epochs=2 (repeatable; value is YAML)")
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from cstwa_dist.data.synth import generate
+
+    stats = generate(args.preset, args.scale, args.seed, args.out, rows_per_file=args.rows_per_file)
+    for split, s in stats.items():
+        logger.info("%s: %d rows, click %.4f, purchase %.5f, %d users, %d items", split, s.rows,
+                    s.click_rate, s.purchase_rate, s.users, s.items)
+    return 0
+
+
+def _with_runtime(cfg_data_cpus: int | None):  # noqa: ANN202 - small local helper
+    from cstwa_dist.data.reader import RayRuntime
+
+    return RayRuntime(num_cpus=cfg_data_cpus)
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from cstwa_dist.config import load_config
+    from cstwa_dist.distributed.env import init_distributed, shutdown_distributed
+    from cstwa_dist.structure.migrator import mine_structure
+    from cstwa_dist.train.trainer import train
+
+    cfg = load_config(args.config, args.overrides)
+    env = init_distributed()
+    try:
+        with _with_runtime(cfg.data.ray_num_cpus):
+            res = train(cfg, "ctr_mlp", run_dir=Path(cfg.structure.graph_dir) / "pretrain",
+                        epochs=cfg.structure.pretrain_epochs)
+            source = res.sharded.dmp.module.model.representation_source()
+            report = mine_structure(res.sharded.dmp, source, res.spec, cfg.data.dataset, cfg.structure, env)
+            if env.is_main:
+                out = Path(cfg.structure.graph_dir) / "structure.json"
+                out.write_text(json.dumps({"pretrain": res.metrics, "graphs": report}, indent=2, default=str))
+                logger.info("structure written to %s", cfg.structure.graph_dir)
+    finally:
+        shutdown_distributed()
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from cstwa_dist.config import load_config
+    from cstwa_dist.distributed.env import init_distributed, shutdown_distributed
+    from cstwa_dist.train.trainer import train
+
+    cfg = load_config(args.config, args.overrides)
+    init_distributed()
+    try:
+        with _with_runtime(cfg.data.ray_num_cpus):
+            train(cfg, args.model, run_dir=args.run_dir)
+    finally:
+        shutdown_distributed()
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    rows = []
+    for d in args.runs:
+        path = Path(d) / "metrics.json" if Path(d).is_dir() else Path(d)
+        if not path.exists():
+            logger.error("no metrics.json at %s", path)
+            return 1
+        rows.append((path.parent, json.loads(path.read_text())))
+    header = f"{'model':<10} {'Click AUC':>10} {'Purchase AUC':>13} {'ranks':>6} {'samples/s':>10}  run dir"
+    lines = [header, "-" * len(header)]
+    for run, m in rows:
+        p = m.get("purchase_auc")
+        lines.append(f"{m['model']:<10} {m['click_auc']:>10.4f} {('n/a' if p is None else f'{p:.4f}'):>13} "
+                     f"{m['world_size']:>6} {m['samples_per_s']:>10.0f}  {run}")
+    sys.stdout.write("\n".join(lines) + "\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from cstwa_dist.models.registry import MODELS
+
+    parser = argparse.ArgumentParser(
+        prog="cstwa-dist",
+        description="Distributed CSTWA: synthetic data, structure mining, training and evaluation of "
+        "post-click conversion-rate models on TorchRec + Ray Data + Faiss. Training commands run as one "
+        "process or under torchrun --nproc_per_node=N.",
+    )
+    parser.add_argument("--version", action="version", version=f"cstwa-dist {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("synth", help="generate a synthetic dataset (a test instrument, not evidence)",
+                       description="Write <out>/{train,val,test}/*.parquet, spec.yaml and stats.json from "
+                       "the generative model documented in the README.")
+    p.add_argument("--preset", required=True, choices=["demo", "aliccp-like", "industrial-like"])
+    p.add_argument("--scale", type=float, default=1.0, help="multiplies rows, users and items (default 1.0)")
+    p.add_argument("--seed", type=int, default=0, help="generator seed (same seed = same files)")
+    p.add_argument("--out", required=True, help="output dataset directory (must not exist or be empty)")
+    p.add_argument("--rows-per-file", type=int, default=None, help="rows per parquet file (default: auto)")
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("pretrain", help="pre-train the CTR MLP and build the user/item kNN graphs",
+                       description="Train the plain CTR MLP for structure.pretrain_epochs, read r_u and r_i "
+                       "out of its sharded tables, build exact Faiss kNN graphs (top-k, negatives clamped, "
+                       "D^-1/2 A D^-1/2) and save them to structure.graph_dir for `train`.")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("train", help="train and evaluate one model; writes <run_dir>/metrics.json",
+                       description="Train a registered model with DistributedModelParallel and evaluate Click "
+                       "and Purchase AUC over all impressions of the eval split.")
+    _add_config_args(p)
+    p.add_argument("--model", required=True, choices=sorted(m for m in MODELS if m != "ctr_mlp"),
+                   help="registered model name")
+    p.add_argument("--run-dir", default=None, help="where metrics.json goes (default: <train.run_dir>/<model>)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("report", help="print the Click/Purchase AUC table of finished runs")
+    p.add_argument("runs", nargs="+", help="run directories (or metrics.json files)")
+    p.set_defaults(func=cmd_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:  # user errors: one clear line, no trace
+        logger.error("%s: %s", type(e).__name__, e)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,255 @@
+"""Typed run configuration: YAML files in ``configs/`` plus ``--set section.key=value`` overrides.
+
+Every component has a kw-only dataclass validated in ``__post_init__`` so that a typo or a bad value
+fails before any process group, Ray runtime or dataset is touched, with the valid keys listed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that does not describe a valid run."""
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Where the dataset is and how the Ray Data reader feeds each rank."""
+
+    dataset: str = "data/demo"
+    batch_size: int = 2000  # per rank; paper: 2000
+    eval_batch_size: int = 8192
+    prefetch_batches: int = 2
+    shuffle: bool = True
+    ray_num_cpus: int | None = None  # for a private local Ray runtime; None = Ray's default
+
+    def __post_init__(self) -> None:
+        _positive(self, "batch_size", "eval_batch_size")
+        if self.prefetch_batches < 0:
+            raise ConfigError("data.prefetch_batches must be >= 0")
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """Shapes shared by all models (method.md §4) and CSTWA's component switches (§2)."""
+
+    embedding_dim: int = 8
+    ctr_tower: list[int] = field(default_factory=lambda: [128, 64, 32])
+    cvr_tower: list[int] = field(default_factory=lambda: [128, 64, 32])
+    dropout: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.3])
+    info_layer: list[int] = field(default_factory=lambda: [64])  # hidden widths of CP's Info Layer
+    structure_migrator: bool = True  # SM
+    click_perceptron: bool = True  # CP
+    curse_escaper: bool = True  # CE
+
+    def __post_init__(self) -> None:
+        if self.embedding_dim < 4 or self.embedding_dim % 4:
+            raise ConfigError(
+                f"model.embedding_dim={self.embedding_dim}: FBGEMM's table-batched kernels need a "
+                "positive multiple of 4 (method.md: d = 8 by default)"
+            )
+        for name in ("ctr_tower", "cvr_tower"):
+            widths = getattr(self, name)
+            if not widths or any(w < 1 for w in widths):
+                raise ConfigError(f"model.{name} must be a non-empty list of positive widths")
+        if len(self.dropout) != len(self.ctr_tower) or len(self.dropout) != len(self.cvr_tower):
+            raise ConfigError("model.dropout needs one rate per tower layer")
+        if any(not 0.0 <= p < 1.0 for p in self.dropout):
+            raise ConfigError("model.dropout rates must be in [0, 1)")
+        if any(w < 1 for w in self.info_layer):
+            raise ConfigError("model.info_layer widths must be positive")
+
+
+@dataclass(kw_only=True)
+class LossConfig:
+    """Curse Escaper weights and the loss mix of Eq. 17–20."""
+
+    gamma: float = 3.0
+    window: int = 10_000  # previous CTR predictions the percentiles are taken over
+    high_percentile: float = 99.0
+    low_percentile: float = 10.0
+    ctr_weight: float = 1.0
+    cvr_weight: float = 1.0
+    constraint_weight: float = 0.6
+
+    def __post_init__(self) -> None:
+        if self.gamma < 1.0:
+            raise ConfigError("loss.gamma must be >= 1 (it up-weights conflicting samples)")
+        if self.window < 1:
+            raise ConfigError("loss.window must be >= 1")
+        if not 0.0 <= self.low_percentile < self.high_percentile <= 100.0:
+            raise ConfigError("need 0 <= loss.low_percentile < loss.high_percentile <= 100")
+
+
+@dataclass(kw_only=True)
+class StructureConfig:
+    """Graph mining (pretrain → kNN → Â) and the Structure Migrator's propagation (§1, §2)."""
+
+    k: int = 8
+    layers: int = 1
+    beta: float = 0.3
+    graph_dir: str = "runs/demo/structure"  # written by `pretrain`, read by `train`
+    pretrain_epochs: int = 1
+
+    def __post_init__(self) -> None:
+        _positive(self, "k", "layers", "pretrain_epochs")
+        if not 0.0 <= self.beta <= 1.0:
+            raise ConfigError("structure.beta must be in [0, 1]")
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    """Adam for dense parameters (paper); a fused FBGEMM optimizer for the embedding tables.
+
+    ``embedding`` = ``auto`` picks fused Adam where the kernel supports it (GPU) and exact row-wise
+    Adagrad on CPU, where FBGEMM has no fused Adam (platform-notes.md; method.md's decision).
+    """
+
+    lr: float = 1e-3
+    weight_decay: float = 1e-6  # the paper's L2
+    embedding: str = "auto"
+    embedding_lr: float = 0.02  # for row-wise Adagrad; fused Adam uses ``lr``
+
+    def __post_init__(self) -> None:
+        if self.embedding not in ("auto", "adam", "rowwise_adagrad"):
+            raise ConfigError("optim.embedding must be one of auto, adam, rowwise_adagrad")
+        if self.lr <= 0 or self.embedding_lr <= 0 or self.weight_decay < 0:
+            raise ConfigError("optim learning rates must be > 0 and weight_decay >= 0")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """The loop: epochs, seed, where results go, how chatty."""
+
+    epochs: int = 3
+    seed: int = 0
+    run_dir: str = "runs/demo"
+    log_every: int = 50
+    eval_split: str = "test"
+    validate_every_epoch: bool = True
+
+    def __post_init__(self) -> None:
+        _positive(self, "epochs", "log_every")
+        if self.eval_split not in ("val", "test"):
+            raise ConfigError("train.eval_split must be val or test")
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    """One run: every section above."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    structure: StructureConfig = field(default_factory=StructureConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _positive(obj: Any, *names: str) -> None:
+    section = type(obj).__name__.removesuffix("Config").lower()
+    for n in names:
+        if getattr(obj, n) < 1:
+            raise ConfigError(f"{section}.{n} must be >= 1, got {getattr(obj, n)}")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Checks ``value`` against a dataclass field type (the few types used above)."""
+    origin = typing.get_origin(tp)
+    if origin in (types.UnionType, typing.Union):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: {value!r} is not a valid {tp}")
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported type {tp}")
+
+
+def _build(cls: type, raw: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    valid = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(raw) - set(valid))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {valid}")
+    kwargs = {}
+    for name, value in raw.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}.{name}: expected a mapping")
+            kwargs[name] = _build(tp, value, f"{where}.{name}" if where else name)
+        else:
+            kwargs[name] = _coerce(value, tp, f"{where}.{name}" if where else name)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{where or 'config'}: {e}") from e
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Applies ``section.key=value`` (value parsed as YAML: ``3``, ``0.5``, ``true``, ``[64,32]``)."""
+    if "=" not in assignment:
+        raise ConfigError(f"override {assignment!r} must look like section.key=value")
+    key, _, text = assignment.partition("=")
+    parts = key.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"override key {key!r} must be section.key, e.g. train.epochs=2")
+    section, name = parts
+    raw.setdefault(section, {})
+    if not isinstance(raw[section], dict):
+        raise ConfigError(f"override {assignment!r}: {section} is not a section")
+    raw[section][name] = yaml.safe_load(text)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Loads a YAML run config (or the defaults when ``path`` is None) and applies overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file not found: {p}")
+        loaded = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: expected a mapping of sections at top level")
+        raw = loaded
+    for o in overrides or []:
+        apply_override(raw, o)
+    return _build(RunConfig, raw, "")

@@ -1,0 +1,127 @@
+"""Building blocks shared by the models: MLP towers, the Info Layer, embedding collections.
+
+Everything here is a pure ``nn.Module`` that accepts a ``device`` so models can be built on ``meta``
+and materialised by DistributedModelParallel (no process-group or rank logic in ``models/``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from cstwa_dist.data.spec import DatasetSpec, FieldSpec
+
+
+class MLPTower(nn.Module):
+    """Linear → ReLU → Dropout per layer (the paper's towers); output is the last hidden layer."""
+
+    def __init__(
+        self, in_dim: int, widths: list[int], dropout: list[float], device: torch.device | None = None
+    ) -> None:
+        super().__init__()
+        if len(dropout) != len(widths):
+            raise ValueError("one dropout rate per layer")
+        layers: list[nn.Module] = []
+        prev = in_dim
+        for w, p in zip(widths, dropout, strict=True):
+            layers += [nn.Linear(prev, w, device=device), nn.ReLU()]
+            if p > 0:
+                layers.append(nn.Dropout(p))
+            prev = w
+        self.net = nn.Sequential(*layers)
+        self.out_dim = prev
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, in] -> [B, out]
+        return self.net(x)
+
+
+class InfoLayer(nn.Module):
+    """Click Perceptron's Info Layer (Eq. 12–14): ``2 · sigmoid(MLP(h_ctr))`` gates the CVR input.
+
+    The factor 2 keeps the gate's mean near 1 so CP starts close to the identity on ``x_cvr``.
+    """
+
+    def __init__(
+        self, in_dim: int, out_dim: int, hidden: list[int], device: torch.device | None = None
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        prev = in_dim
+        for w in hidden:
+            layers += [nn.Linear(prev, w, device=device), nn.ReLU()]
+            prev = w
+        layers.append(nn.Linear(prev, out_dim, device=device))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, h_ctr: torch.Tensor) -> torch.Tensor:  # [B, H] -> [B, dim x_cvr]
+        return 2.0 * torch.sigmoid(self.net(h_ctr))
+
+
+def field_tables(fields: list[FieldSpec], prefix: str, dim: int) -> list[EmbeddingBagConfig]:
+    """One table per field, named ``<prefix>__<field>``, looked up by the feature of that field."""
+    return [
+        EmbeddingBagConfig(
+            name=f"{prefix}__{f.name}",
+            embedding_dim=dim,
+            num_embeddings=f.vocab_size,
+            feature_names=[f.name],
+            pooling=PoolingType.SUM,
+        )
+        for f in fields
+    ]
+
+
+def embedding_collection(
+    tables: list[EmbeddingBagConfig], device: torch.device | None
+) -> EmbeddingBagCollection:
+    return EmbeddingBagCollection(tables=tables, device=device)
+
+
+def concat_by_keys(kt: KeyedTensor, keys: list[str]) -> torch.Tensor:
+    """Concatenates pooled embeddings in an explicit key order.
+
+    A sharded EBC's ``values()`` are ordered by the sharding plan, not by the tables (platform-notes),
+    so positional slicing would silently mix fields across ranks: always go through keys.
+    """
+    d = kt.to_dict()
+    return torch.cat([d[k] for k in keys], dim=1)
+
+
+def mean_by_keys(kt: KeyedTensor, keys: list[str]) -> torch.Tensor:
+    d = kt.to_dict()
+    return torch.stack([d[k] for k in keys], dim=0).mean(dim=0)
+
+
+class FieldEmbeddings(nn.Module):
+    """One embedding table per field of a spec, with the side views the models need.
+
+    ``forward`` returns ``(r_u, r_i, ctx)``: user-side and item-side concatenations (method.md Eq. 2)
+    and the mean of the context embeddings.
+    """
+
+    def __init__(self, spec: DatasetSpec, prefix: str, dim: int, device: torch.device | None) -> None:
+        super().__init__()
+        self.user_keys = [f.name for f in spec.user_fields]
+        self.item_keys = [f.name for f in spec.item_fields]
+        self.context_keys = [f.name for f in spec.context_fields]
+        self.dim = dim
+        self.ebc = embedding_collection(field_tables(list(spec.fields), prefix, dim), device)
+
+    @property
+    def user_dim(self) -> int:
+        return len(self.user_keys) * self.dim
+
+    @property
+    def item_dim(self) -> int:
+        return len(self.item_keys) * self.dim
+
+    def forward(self, features: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        kt = self.ebc(features)
+        return (
+            concat_by_keys(kt, self.user_keys),  # [B, M_u·D]
+            concat_by_keys(kt, self.item_keys),  # [B, M_i·D]
+            mean_by_keys(kt, self.context_keys),  # [B, D]
+        )
