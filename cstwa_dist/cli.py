@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from cstwa_dist import __version__
@@ -24,18 +25,37 @@ def setup_logging(verbose: bool = False) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     level = logging.DEBUG if verbose else (logging.INFO if rank == 0 else logging.WARNING)
     prefix = f"[rank {rank}/{world}] " if world > 1 else ""
-    logging.basicConfig(level=level, format=f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S", stream=sys.stderr, force=True)
-    for noisy in ("torchrec", "ray", "fbgemm_gpu", "torch.distributed"):
+    # The root logger stays at WARNING: FBGEMM and faiss log chatty INFO lines through it.
+    logging.basicConfig(
+        level=logging.WARNING,
+        format=f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+        force=True,
+    )
+    logging.getLogger("cstwa_dist").setLevel(level)
+    for noisy in ("torchrec", "ray", "fbgemm_gpu", "torch.distributed", "faiss"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torchrec\..*")
+    warnings.filterwarnings("ignore", message=".*is_fx_tracing.*")
+    warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default="configs/demo.yaml",
-                   help="run config YAML (default: configs/demo.yaml, the embedded default)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a config value, e.g. --set train.epochs=2 (repeatable; value is YAML)")
+    p.add_argument(
+        "--config",
+        default="configs/demo.yaml",
+        help="run config YAML (default: configs/demo.yaml, the embedded default)",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a config value, e.g. --set train.epochs=2 (repeatable; value is YAML)",
+    )
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
@@ -43,8 +63,15 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
     stats = generate(args.preset, args.scale, args.seed, args.out, rows_per_file=args.rows_per_file)
     for split, s in stats.items():
-        logger.info("%s: %d rows, click %.4f, purchase %.5f, %d users, %d items", split, s.rows,
-                    s.click_rate, s.purchase_rate, s.users, s.items)
+        logger.info(
+            "%s: %d rows, click %.4f, purchase %.5f, %d users, %d items",
+            split,
+            s.rows,
+            s.click_rate,
+            s.purchase_rate,
+            s.users,
+            s.items,
+        )
     return 0
 
 
@@ -64,8 +91,12 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     env = init_distributed()
     try:
         with _with_runtime(cfg.data.ray_num_cpus):
-            res = train(cfg, "ctr_mlp", run_dir=Path(cfg.structure.graph_dir) / "pretrain",
-                        epochs=cfg.structure.pretrain_epochs)
+            res = train(
+                cfg,
+                "ctr_mlp",
+                run_dir=Path(cfg.structure.graph_dir) / "pretrain",
+                epochs=cfg.structure.pretrain_epochs,
+            )
             source = res.sharded.dmp.module.model.representation_source()
             report = mine_structure(res.sharded.dmp, source, res.spec, cfg.data.dataset, cfg.structure, env)
             if env.is_main:
@@ -104,8 +135,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     lines = [header, "-" * len(header)]
     for run, m in rows:
         p = m.get("purchase_auc")
-        lines.append(f"{m['model']:<10} {m['click_auc']:>10.4f} {('n/a' if p is None else f'{p:.4f}'):>13} "
-                     f"{m['world_size']:>6} {m['samples_per_s']:>10.0f}  {run}")
+        lines.append(
+            f"{m['model']:<10} {m['click_auc']:>10.4f} {('n/a' if p is None else f'{p:.4f}'):>13} "
+            f"{m['world_size']:>6} {m['samples_per_s']:>10.0f}  {run}"
+        )
     sys.stdout.write("\n".join(lines) + "\n")
     return 0
 
@@ -123,9 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("synth", help="generate a synthetic dataset (a test instrument, not evidence)",
-                       description="Write <out>/{train,val,test}/*.parquet, spec.yaml and stats.json from "
-                       "the generative model documented in the README.")
+    p = sub.add_parser(
+        "synth",
+        help="generate a synthetic dataset (a test instrument, not evidence)",
+        description="Write <out>/{train,val,test}/*.parquet, spec.yaml and stats.json from "
+        "the generative model documented in the README.",
+    )
     p.add_argument("--preset", required=True, choices=["demo", "aliccp-like", "industrial-like"])
     p.add_argument("--scale", type=float, default=1.0, help="multiplies rows, users and items (default 1.0)")
     p.add_argument("--seed", type=int, default=0, help="generator seed (same seed = same files)")
@@ -133,20 +169,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows-per-file", type=int, default=None, help="rows per parquet file (default: auto)")
     p.set_defaults(func=cmd_synth)
 
-    p = sub.add_parser("pretrain", help="pre-train the CTR MLP and build the user/item kNN graphs",
-                       description="Train the plain CTR MLP for structure.pretrain_epochs, read r_u and r_i "
-                       "out of its sharded tables, build exact Faiss kNN graphs (top-k, negatives clamped, "
-                       "D^-1/2 A D^-1/2) and save them to structure.graph_dir for `train`.")
+    p = sub.add_parser(
+        "pretrain",
+        help="pre-train the CTR MLP and build the user/item kNN graphs",
+        description="Train the plain CTR MLP for structure.pretrain_epochs, read r_u and r_i "
+        "out of its sharded tables, build exact Faiss kNN graphs (top-k, negatives clamped, "
+        "D^-1/2 A D^-1/2) and save them to structure.graph_dir for `train`.",
+    )
     _add_config_args(p)
     p.set_defaults(func=cmd_pretrain)
 
-    p = sub.add_parser("train", help="train and evaluate one model; writes <run_dir>/metrics.json",
-                       description="Train a registered model with DistributedModelParallel and evaluate Click "
-                       "and Purchase AUC over all impressions of the eval split.")
+    p = sub.add_parser(
+        "train",
+        help="train and evaluate one model; writes <run_dir>/metrics.json",
+        description="Train a registered model with DistributedModelParallel and evaluate Click "
+        "and Purchase AUC over all impressions of the eval split.",
+    )
     _add_config_args(p)
-    p.add_argument("--model", required=True, choices=sorted(m for m in MODELS if m != "ctr_mlp"),
-                   help="registered model name")
-    p.add_argument("--run-dir", default=None, help="where metrics.json goes (default: <train.run_dir>/<model>)")
+    p.add_argument(
+        "--model",
+        required=True,
+        choices=sorted(m for m in MODELS if m != "ctr_mlp"),
+        help="registered model name",
+    )
+    p.add_argument(
+        "--run-dir", default=None, help="where metrics.json goes (default: <train.run_dir>/<model>)"
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("report", help="print the Click/Purchase AUC table of finished runs")

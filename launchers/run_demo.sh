@@ -21,6 +21,9 @@ fi
 
 # One Ray runtime for the whole job (torchrun.sh reuses it through RAY_ADDRESS).
 ray_pid=""
+# A node-local runtime on loopback: Ray's token authentication would make ranks look for the token in
+# the runtime's temp dir; the runtime is private to this node (or pod), so it is switched off.
+export RAY_AUTH_MODE=disabled
 cleanup() { [ -z "$ray_pid" ] || { kill "$ray_pid" 2>/dev/null || true; wait "$ray_pid" 2>/dev/null || true; }; }
 trap cleanup EXIT INT TERM
 port=$(python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')

@@ -13,6 +13,9 @@ venv=${VENV:-.venv}
 export PATH="$PWD/$venv/bin:$PATH"
 
 ray_pid=""
+# A node-local runtime on loopback: Ray's token authentication would make ranks look for the token in
+# the runtime's temp dir; the runtime is private to this node (or pod), so it is switched off.
+export RAY_AUTH_MODE=disabled
 cleanup() {
   if [ -n "$ray_pid" ]; then
     kill "$ray_pid" 2>/dev/null || true

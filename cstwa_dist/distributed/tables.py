@@ -48,4 +48,6 @@ def write_full_table(ebc: nn.Module, table: str, full: torch.Tensor) -> None:
         return
     for shard in t.local_shards():
         (r, c), (h, w) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
-        shard.tensor.copy_(full[r : r + h, c : c + w].to(device=shard.tensor.device, dtype=shard.tensor.dtype))
+        shard.tensor.copy_(
+            full[r : r + h, c : c + w].to(device=shard.tensor.device, dtype=shard.tensor.dtype)
+        )

@@ -71,8 +71,9 @@ class StructureMigrator:
                 submodule(self.dmp, t.init_from), self.spec, t.side, self.profiles[t.side], self.env
             )
             write_full_table(submodule(self.dmp, t.collection), t.table, reps)
-            logger.info("structure migrator: initialised %s from %s (%s)", t.table, t.init_from,
-                        tuple(reps.shape))
+            logger.info(
+                "structure migrator: initialised %s from %s (%s)", t.table, t.init_from, tuple(reps.shape)
+            )
 
     def epoch_boundary(self, epoch: int) -> float:
         """Eq. 9–10 on every structure table; returns the seconds it took."""
@@ -82,8 +83,15 @@ class StructureMigrator:
             cur = read_full_table(ebc, t.table, self.env.device).cpu()
             new = structure_migrate(self.graphs[t.side], cur, self.cfg.layers, self.cfg.beta)
             write_full_table(ebc, t.table, new)
-            logger.info("epoch %d: %s ← (1−%.2f)·U + %.2f·Â^%d U, mean |Δ| %.3g", epoch, t.table,
-                        self.cfg.beta, self.cfg.beta, self.cfg.layers, float((new - cur).abs().mean()))
+            logger.info(
+                "epoch %d: %s ← (1−%.2f)·U + %.2f·Â^%d U, mean |Δ| %.3g",
+                epoch,
+                t.table,
+                self.cfg.beta,
+                self.cfg.beta,
+                self.cfg.layers,
+                float((new - cur).abs().mean()),
+            )
         return time.perf_counter() - t0
 
 
@@ -120,8 +128,14 @@ def mine_structure(
                 "nnz": float(a_hat.values().numel()),
                 "seconds": time.perf_counter() - t0,
             }
-            logger.info("%s graph: %d nodes, %d edges, %.1fs → %s", side, reps.shape[0],
-                        a_hat.values().numel(), report[side]["seconds"], graph_path(out_dir, side))
+            logger.info(
+                "%s graph: %d nodes, %d edges, %.1fs → %s",
+                side,
+                reps.shape[0],
+                a_hat.values().numel(),
+                report[side]["seconds"],
+                graph_path(out_dir, side),
+            )
     if dist.is_initialized():
         dist.barrier()
     return report

@@ -47,7 +47,10 @@ def entity_profiles(dataset: str | Path, spec: DatasetSpec, side: str) -> tuple[
                 prof[ids] = cols
                 seen[ids] = True
     if conflicts.any():
-        logger.warning("%d %ss have more than one profile in the data; the last one read is used",
-                       int(conflicts.sum()), side)
+        logger.warning(
+            "%d %ss have more than one profile in the data; the last one read is used",
+            int(conflicts.sum()),
+            side,
+        )
     logger.info("%s profiles: %d of %d ids seen in the data", side, int(seen.sum()), n)
     return prof, seen

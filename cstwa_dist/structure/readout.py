@@ -60,6 +60,11 @@ def side_representations(
         out.append((r_u if side == "user" else r_i)[:real].float().cpu())
     local = torch.cat(out) if out else torch.zeros(0)
     full = all_gather_rows(local.to(env.device)).cpu()
-    logger.info("read out %d %s representations of width %d in %.1fs", n, side, full.shape[1],
-                time.perf_counter() - t0)
+    logger.info(
+        "read out %d %s representations of width %d in %.1fs",
+        n,
+        side,
+        full.shape[1],
+        time.perf_counter() - t0,
+    )
     return full

@@ -24,7 +24,12 @@ from torchrec.distributed.model_parallel import DistributedModelParallel
 from cstwa_dist.config import RunConfig
 from cstwa_dist.data.reader import RayRuntime, SplitReader
 from cstwa_dist.data.spec import DatasetSpec
-from cstwa_dist.distributed.collectives import all_gather_cat, all_gather_rows, all_reduce_sum, broadcast_object
+from cstwa_dist.distributed.collectives import (
+    all_gather_cat,
+    all_gather_rows,
+    all_reduce_sum,
+    broadcast_object,
+)
 from cstwa_dist.distributed.env import DistEnv, init_distributed
 from cstwa_dist.distributed.sharding import ShardedModel, shard_model
 from cstwa_dist.models.registry import ModelSpec, get_model_spec
@@ -119,8 +124,13 @@ def train(
     t_start = time.perf_counter()
     sharded = build_sharded(cfg, model_name, env, spec)
     dmp, opt = sharded.dmp, sharded.optimizer
-    logger.info("%s: %d rank(s), embedding optimizer %s, dense Adam lr %g", model_name, env.world_size,
-                sharded.embedding_optimizer, cfg.optim.lr)
+    logger.info(
+        "%s: %d rank(s), embedding optimizer %s, dense Adam lr %g",
+        model_name,
+        env.world_size,
+        sharded.embedding_optimizer,
+        cfg.optim.lr,
+    )
 
     tables = dmp.module.model.structure_tables()
     migrator = None
@@ -132,14 +142,27 @@ def train(
         structure_seconds += time.perf_counter() - t0
 
     def reader(split: str, shuffle: bool, batch_size: int) -> SplitReader:
-        return SplitReader(cfg.data.dataset, split, spec, rank=env.rank, world_size=env.world_size,
-                           batch_size=batch_size, seed=cfg.train.seed, shuffle=shuffle,
-                           prefetch_batches=cfg.data.prefetch_batches)
+        return SplitReader(
+            cfg.data.dataset,
+            split,
+            spec,
+            rank=env.rank,
+            world_size=env.world_size,
+            batch_size=batch_size,
+            seed=cfg.train.seed,
+            shuffle=shuffle,
+            prefetch_batches=cfg.data.prefetch_batches,
+        )
 
     train_reader = reader("train", cfg.data.shuffle, cfg.data.batch_size)
     steps = train_reader.steps_per_epoch
-    logger.info("train: %d rows (this rank %d), %d steps/epoch of %d rows per rank", train_reader.total_rows,
-                train_reader.rows, steps, cfg.data.batch_size)
+    logger.info(
+        "train: %d rows (this rank %d), %d steps/epoch of %d rows per rank",
+        train_reader.total_rows,
+        train_reader.rows,
+        steps,
+        cfg.data.batch_size,
+    )
 
     history: list[dict[str, Any]] = []
     real_samples = torch.zeros((), dtype=torch.float64, device=env.device)
@@ -162,19 +185,36 @@ def train(
             n_steps += 1
             if step % cfg.train.log_every == 0 or step == steps - 1:
                 rate = (step + 1) * cfg.data.batch_size * env.world_size / max(time.perf_counter() - t0, 1e-9)
-                logger.info("%s epoch %d step %d/%d loss %.4f (%s) ~%.0f samples/s", model_name, epoch + 1,
-                            step + 1, steps, loss.item(),
-                            " ".join(f"{k} {v.item():.4f}" for k, v in parts.items()), rate)
+                logger.info(
+                    "%s epoch %d step %d/%d loss %.4f (%s) ~%.0f samples/s",
+                    model_name,
+                    epoch + 1,
+                    step + 1,
+                    steps,
+                    loss.item(),
+                    " ".join(f"{k} {v.item():.4f}" for k, v in parts.items()),
+                    rate,
+                )
         if n_steps != steps:
-            raise RuntimeError(f"rank {env.rank} ran {n_steps} steps, expected {steps}: reader contract broken")
+            raise RuntimeError(
+                f"rank {env.rank} ran {n_steps} steps, expected {steps}: reader contract broken"
+            )
         epoch_seconds = time.perf_counter() - t0
         train_seconds += epoch_seconds
-        record: dict[str, Any] = {"epoch": epoch + 1, "seconds": epoch_seconds,
-                                  "mean_loss": float(all_reduce_sum(loss_sum.clone()) / (steps * env.world_size))}
+        record: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "seconds": epoch_seconds,
+            "mean_loss": float(all_reduce_sum(loss_sum.clone()) / (steps * env.world_size)),
+        }
         if evaluate and cfg.train.validate_every_epoch:
             record["val"] = auc_report(predict(dmp, reader("val", False, cfg.data.eval_batch_size), env))
-            logger.info("%s epoch %d val: click AUC %.4f purchase AUC %s", model_name, epoch + 1,
-                        record["val"]["click_auc"], _fmt(record["val"]["purchase_auc"]))
+            logger.info(
+                "%s epoch %d val: click AUC %.4f purchase AUC %s",
+                model_name,
+                epoch + 1,
+                record["val"]["click_auc"],
+                _fmt(record["val"]["purchase_auc"]),
+            )
         history.append(record)
 
     total_real = int(all_reduce_sum(real_samples).item())
@@ -197,17 +237,29 @@ def train(
     if evaluate:
         t0 = time.perf_counter()
         test = auc_report(predict(dmp, reader(cfg.train.eval_split, False, cfg.data.eval_batch_size), env))
-        metrics.update(click_auc=test["click_auc"], purchase_auc=test["purchase_auc"],
-                       eval_split=cfg.train.eval_split, eval_rows=test["rows"],
-                       eval_seconds=time.perf_counter() - t0)
-        logger.info("%s %s: click AUC %.4f, purchase AUC %s over %d impressions", model_name,
-                    cfg.train.eval_split, test["click_auc"], _fmt(test["purchase_auc"]), test["rows"])
+        metrics.update(
+            click_auc=test["click_auc"],
+            purchase_auc=test["purchase_auc"],
+            eval_split=cfg.train.eval_split,
+            eval_rows=test["rows"],
+            eval_seconds=time.perf_counter() - t0,
+        )
+        logger.info(
+            "%s %s: click AUC %.4f, purchase AUC %s over %d impressions",
+            model_name,
+            cfg.train.eval_split,
+            test["click_auc"],
+            _fmt(test["purchase_auc"]),
+            test["rows"],
+        )
     metrics["wall_seconds"] = time.perf_counter() - t_start
     if env.is_main:
         _write_json_atomic(run_dir / "metrics.json", metrics)
         logger.info("wrote %s", run_dir / "metrics.json")
     broadcast_object(None)  # keeps ranks in step before the caller moves on
-    return TrainResult(metrics=metrics, sharded=sharded, env=env, spec=spec, model_spec=mspec, history=history)
+    return TrainResult(
+        metrics=metrics, sharded=sharded, env=env, spec=spec, model_spec=mspec, history=history
+    )
 
 
 def _fmt(x: float | None) -> str:

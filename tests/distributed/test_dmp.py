@@ -17,8 +17,12 @@ import torch.multiprocessing as mp
 from tests.conftest import free_port
 
 WORLD = 2
-TINY = ["model.ctr_tower=[16, 8]", "model.cvr_tower=[16, 8]", "model.dropout=[0.0, 0.0]",
-        "model.info_layer=[8]"]
+TINY = [
+    "model.ctr_tower=[16, 8]",
+    "model.cvr_tower=[16, 8]",
+    "model.dropout=[0.0, 0.0]",
+    "model.info_layer=[8]",
+]
 
 
 def _spawn(fn, *args) -> None:
@@ -42,8 +46,14 @@ def _spawn(fn, *args) -> None:
 
 
 def _entry(fn, rank, port, errq, *args) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(WORLD),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(WORLD),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     torch.set_num_threads(1)
     try:
         from cstwa_dist.distributed.env import init_distributed, shutdown_distributed
@@ -66,8 +76,12 @@ def _fixed_global_batch(spec, n: int):
     purchase = click * (torch.rand(n, generator=g) < 0.3).float()
 
     def part(lo: int, hi: int) -> Batch:
-        return Batch(features=make_kjt({k: v[lo:hi] for k, v in cols.items()}, spec.names),
-                     click=click[lo:hi], purchase=purchase[lo:hi], mask=torch.ones(hi - lo, dtype=torch.bool))
+        return Batch(
+            features=make_kjt({k: v[lo:hi] for k, v in cols.items()}, spec.names),
+            click=click[lo:hi],
+            purchase=purchase[lo:hi],
+            mask=torch.ones(hi - lo, dtype=torch.bool),
+        )
 
     return part
 
@@ -89,7 +103,9 @@ def _loss_worker(rank: int, dataset: str, graph_dir: str, out_dir: str) -> None:
     spec = DatasetSpec.load(dataset)
     mspec = get_model_spec("cstwa")
     torch.manual_seed(0)
-    ref = ModelTrain(mspec.build(spec, cfg.model, torch.device("cpu")), mspec.build_loss(cfg.loss, cfg.model, None))
+    ref = ModelTrain(
+        mspec.build(spec, cfg.model, torch.device("cpu")), mspec.build_loss(cfg.loss, cfg.model, None)
+    )
     ref_sd = ref.state_dict()
 
     sharded = build_sharded(cfg, "cstwa", env, spec)
@@ -100,7 +116,7 @@ def _loss_worker(rank: int, dataset: str, graph_dir: str, out_dir: str) -> None:
         prefix = f"model.{path}.embedding_bags."
         for key, weight in ref_sd.items():
             if key.startswith(prefix):
-                write_full_table(ebc, key[len(prefix):].removesuffix(".weight"), weight)
+                write_full_table(ebc, key[len(prefix) :].removesuffix(".weight"), weight)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "embedding_bags" not in name:
@@ -116,7 +132,36 @@ def _loss_worker(rank: int, dataset: str, graph_dir: str, out_dir: str) -> None:
         dist.all_reduce(total)
         ref_loss, _ = ref(full)
         assert math.isclose(total.item() / WORLD, ref_loss.item(), rel_tol=1e-5, abs_tol=1e-6), (
-            f"step {step}: 2-rank loss {total.item() / WORLD} != 1-rank loss {ref_loss.item()}")
+            f"step {step}: 2-rank loss {total.item() / WORLD} != 1-rank loss {ref_loss.item()}"
+        )
+    # the structure steps on 2 ranks: table read-back, Eq. 8 read-out and the β update
+    from cstwa_dist.distributed.tables import read_full_table
+    from cstwa_dist.structure.profiles import entity_profiles
+    from cstwa_dist.structure.propagate import structure_migrate
+    from cstwa_dist.structure.readout import side_representations
+
+    sm_ebc = submodule(sharded.dmp, "structure_embeddings")
+    u_ref = ref_sd["model.structure_embeddings.embedding_bags.sm__user.weight"]
+    assert torch.equal(read_full_table(sm_ebc, "sm__user", env.device), u_ref)
+    profiles, _ = entity_profiles(dataset, spec, "user")
+    reps = side_representations(
+        submodule(sharded.dmp, "cvr_embeddings"), spec, "user", profiles, env, chunk=37
+    )
+    want = torch.cat(
+        [
+            ref_sd[f"model.cvr_embeddings.ebc.embedding_bags.cvr__{f.name}.weight"][profiles[:, j]]
+            for j, f in enumerate(spec.user_fields)
+        ],
+        dim=1,
+    )
+    assert torch.allclose(reps, want), "r_u read out of sharded tables differs from the reference"
+    n = spec.num_users
+    a_hat = torch.eye(n).roll(1, dims=1).to_sparse_csr()  # each user takes its neighbour's row
+    new = structure_migrate(a_hat, u_ref, 1, 0.3)
+    write_full_table(sm_ebc, "sm__user", new)
+    assert torch.allclose(
+        read_full_table(sm_ebc, "sm__user", env.device), 0.7 * u_ref + 0.3 * u_ref.roll(-1, 0)
+    )
     if rank == 0:
         Path(out_dir, "loss_ok").write_text("ok")
 
@@ -148,13 +193,31 @@ def _train_worker(rank: int, dataset: str, run_dir: str) -> None:
     from cstwa_dist.distributed.env import init_distributed
     from cstwa_dist.train.trainer import predict, train
 
-    cfg = load_config(None, [*TINY, f"data.dataset={dataset}", f"train.run_dir={run_dir}", "train.epochs=2",
-                             "data.batch_size=512", "model.structure_migrator=false", "data.ray_num_cpus=1"])
+    cfg = load_config(
+        None,
+        [
+            *TINY,
+            f"data.dataset={dataset}",
+            f"train.run_dir={run_dir}",
+            "train.epochs=2",
+            "data.batch_size=512",
+            "model.structure_migrator=false",
+            "data.ray_num_cpus=1",
+        ],
+    )
     env = init_distributed()
     with RayRuntime(num_cpus=1):
         res = train(cfg, "cstwa", run_dir=run_dir)
-        reader = SplitReader(dataset, "test", res.spec, rank=env.rank, world_size=env.world_size,
-                             batch_size=300, seed=0, shuffle=False)
+        reader = SplitReader(
+            dataset,
+            "test",
+            res.spec,
+            rank=env.rank,
+            world_size=env.world_size,
+            batch_size=300,
+            seed=0,
+            shuffle=False,
+        )
         pred = predict(res.sharded.dmp, reader, env)
     # gathered over both ranks: the whole test split, and the project's AUC equals sklearn's on it
     test_rows = sum(pq.ParquetFile(f).metadata.num_rows for f in Path(dataset, "test").glob("*.parquet"))

@@ -16,8 +16,17 @@ def test_every_config_loads(path):
 
 
 def test_overrides_are_typed():
-    cfg = load_config(None, ["train.epochs=2", "model.ctr_tower=[16, 8]", "model.dropout=[0, 0]",
-                             "model.cvr_tower=[16, 8]", "structure.beta=0.5", "model.click_perceptron=false"])
+    cfg = load_config(
+        None,
+        [
+            "train.epochs=2",
+            "model.ctr_tower=[16, 8]",
+            "model.dropout=[0, 0]",
+            "model.cvr_tower=[16, 8]",
+            "structure.beta=0.5",
+            "model.click_perceptron=false",
+        ],
+    )
     assert cfg.train.epochs == 2 and cfg.model.ctr_tower == [16, 8]
     assert cfg.structure.beta == 0.5 and cfg.model.click_perceptron is False
 

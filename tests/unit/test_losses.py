@@ -79,11 +79,15 @@ def test_cstwa_loss_applies_ce_weights_on_second_step():
     cfg = LossConfig(gamma=2.0, window=10, high_percentile=50.0, low_percentile=10.0)
     loss_fn = CSTWALoss(cfg, curse_escaper=True)
     b = _batch([1, 1], [0, 1])
-    out = ModelOutput(click_logit=torch.tensor([_logit(0.2), _logit(0.6)]),
-                      purchase_logit=torch.tensor([_logit(0.3), _logit(0.3)]))
+    out = ModelOutput(
+        click_logit=torch.tensor([_logit(0.2), _logit(0.6)]),
+        purchase_logit=torch.tensor([_logit(0.3), _logit(0.3)]),
+    )
     loss_fn(out, b)  # fills the window with 0.2, 0.6 → median 0.4, 10th pct 0.24
-    out2 = ModelOutput(click_logit=torch.tensor([_logit(0.9), _logit(0.1)]),
-                       purchase_logit=torch.tensor([_logit(0.3), _logit(0.3)]))
+    out2 = ModelOutput(
+        click_logit=torch.tensor([_logit(0.9), _logit(0.1)]),
+        purchase_logit=torch.tensor([_logit(0.3), _logit(0.3)]),
+    )
     _, parts = loss_fn(out2, b)
     # row0: p 0.9 > 0.4 and z=0 → γ; row1: p 0.1 < 0.24 and z=1 → γ
     expected = (2.0 * -math.log(0.7) + 2.0 * -math.log(0.3)) / 2

@@ -28,8 +28,12 @@ def _batch(n: int = 32, seed: int = 0) -> Batch:
     cols = {f.name: torch.randint(0, f.vocab_size, (n,), generator=g) for f in SPEC.fields}
     click = (torch.rand(n, generator=g) < 0.5).float()
     purchase = click * (torch.rand(n, generator=g) < 0.5).float()
-    return Batch(features=make_kjt(cols, SPEC.names), click=click, purchase=purchase,
-                 mask=torch.ones(n, dtype=torch.bool))
+    return Batch(
+        features=make_kjt(cols, SPEC.names),
+        click=click,
+        purchase=purchase,
+        mask=torch.ones(n, dtype=torch.bool),
+    )
 
 
 def test_unknown_model_lists_registered():
@@ -56,8 +60,9 @@ def test_shapes_and_every_parameter_gets_a_gradient(name):
 
 @pytest.mark.parametrize("sm, cp", [(True, True), (False, True), (True, False), (False, False)])
 def test_cstwa_switches(sm, cp):
-    cfg = ModelConfig(ctr_tower=[16, 8], cvr_tower=[16, 8], dropout=[0.0, 0.0],
-                      structure_migrator=sm, click_perceptron=cp)
+    cfg = ModelConfig(
+        ctr_tower=[16, 8], cvr_tower=[16, 8], dropout=[0.0, 0.0], structure_migrator=sm, click_perceptron=cp
+    )
     model = get_model_spec("cstwa").build(SPEC, cfg, torch.device("cpu"))
     assert hasattr(model, "structure_embeddings") == sm
     assert hasattr(model, "info_layer") == cp

@@ -98,7 +98,7 @@ def test_plan_shares_balanced_and_deterministic(tmp_path):
     assert sorted(f for s in five for f in s) == files and sum(not s for s in five) == 1
 
 
-@pytest.mark.parametrize("world_size,shuffle", [(1, True), (2, False), (3, True), (4, False)])
+@pytest.mark.parametrize("world_size,shuffle", [(2, True), (3, False), (4, True)])
 def test_equal_steps_and_each_row_exactly_once(ray_runtime, uneven, world_size, shuffle):
     root, keys = uneven
     opts = {"world_size": world_size, "batch_size": BS, "seed": 1, "shuffle": shuffle}
@@ -150,8 +150,8 @@ def test_shuffle_reproducible_and_differs_across_epochs(ray_runtime, uneven):
 def test_no_shuffle_is_file_order_with_padding_copies(ray_runtime, uneven):
     root, keys = uneven
     reader = SplitReader(root, "train", SPEC, rank=0, world_size=1, batch_size=BS, seed=0, shuffle=False)
-    batches = list(reader.epoch(0))
-    assert _epoch_keys(reader, 3) == keys
+    batches = list(reader.epoch(3))
+    assert [k for b in batches for k in _real_keys(b)] == keys
     last = batches[-1]
     n = sum(UNEVEN) % BS
     assert int(last.mask.sum()) == n and bool(last.mask[:n].all())
@@ -162,8 +162,9 @@ def test_no_shuffle_is_file_order_with_padding_copies(ray_runtime, uneven):
 def test_measure_input_rate(ray_runtime, uneven):
     root, _ = uneven
     reader = SplitReader(root, "train", SPEC, rank=0, world_size=1, batch_size=BS, seed=0, shuffle=True)
-    out = measure_input_rate(reader, epochs=2)
-    assert out["rows"] == 2 * sum(UNEVEN) and out["rows_per_s"] > 0 and "rows_per_s_after_first" in out
+    out = measure_input_rate(reader, epochs=1)
+    assert out["rows"] == sum(UNEVEN) and out["rows_per_s"] > 0
+    assert out["per_epoch"][0]["steps"] == reader.steps_per_epoch == 9
 
 
 def _bad(name: str):

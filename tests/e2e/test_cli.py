@@ -1,0 +1,127 @@
+"""The CLI as a user runs it: synth → pretrain → train under torchrun (2 ranks) → report."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}:{env['PATH']}"
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def _run(args: list[str], timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(args, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def _config(tmp: Path, dataset: Path, **extra: dict) -> Path:
+    cfg = {
+        "data": {"dataset": str(dataset), "batch_size": 500, "eval_batch_size": 1000, "ray_num_cpus": 1},
+        "model": {"ctr_tower": [16, 8], "cvr_tower": [16, 8], "dropout": [0.0, 0.1], "info_layer": [8]},
+        "structure": {"graph_dir": str(tmp / "structure"), "k": 4},
+        "train": {"epochs": 2, "run_dir": str(tmp / "runs"), "log_every": 5},
+    }
+    for section, values in extra.items():
+        cfg.setdefault(section, {}).update(values)
+    path = tmp / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_help_lists_subcommands():
+    out = _run([str(BIN / "cstwa-dist"), "--help"]).stdout
+    for cmd in ("synth", "pretrain", "train", "report"):
+        assert cmd in out
+    assert "--model" in _run([str(BIN / "cstwa-dist"), "train", "--help"]).stdout
+
+
+def test_pipeline_under_torchrun(tmp_path):
+    data = tmp_path / "data"
+    _run(
+        [
+            str(BIN / "cstwa-dist"),
+            "synth",
+            "--preset",
+            "demo",
+            "--scale",
+            "0.02",
+            "--seed",
+            "3",
+            "--out",
+            str(data),
+        ]
+    )
+    assert (data / "spec.yaml").exists() and (data / "stats.json").exists()
+    cfg = _config(tmp_path, data)
+    _run(["bash", "launchers/torchrun.sh", "2", "pretrain", "--config", str(cfg)])
+    for side in ("user", "item"):
+        assert (tmp_path / "structure" / f"{side}_graph.pt").exists()
+    for model in ("cstwa", "esmm"):
+        _run(["bash", "launchers/torchrun.sh", "2", "train", "--config", str(cfg), "--model", model])
+        m = json.loads((tmp_path / "runs" / model / "metrics.json").read_text())
+        for key in (
+            "model",
+            "seed",
+            "world_size",
+            "epochs",
+            "train_samples",
+            "samples_per_s",
+            "click_auc",
+            "purchase_auc",
+        ):
+            assert key in m, key
+        assert m["world_size"] == 2 and m["epochs"] == 2 and m["model"] == model
+        assert m["train_samples"] == 2 * json.loads((data / "stats.json").read_text())["train"]["rows"]
+        assert 0.0 <= m["click_auc"] <= 1.0 and 0.0 <= m["purchase_auc"] <= 1.0
+    report = _run(
+        [str(BIN / "cstwa-dist"), "report", str(tmp_path / "runs" / "cstwa"), str(tmp_path / "runs" / "esmm")]
+    ).stdout
+    assert "Purchase AUC" in report and "cstwa" in report and "esmm" in report
+
+
+def test_train_without_graphs_says_run_pretrain(tmp_path, tiny_dataset):
+    cfg = _config(tmp_path, tiny_dataset)
+    proc = _run([str(BIN / "cstwa-dist"), "train", "--config", str(cfg), "--model", "cstwa"], check=False)
+    assert proc.returncode == 2
+    assert "cstwa-dist pretrain" in proc.stderr and "_graph.pt not found" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "column, value, words", [("item_id", 10**6, "out of range"), ("click", 0, "purchase")]
+)
+def test_bad_input_names_file_row_and_field(tmp_path, tiny_dataset, column, value, words):
+    import shutil
+
+    data = tmp_path / "bad"
+    shutil.copytree(tiny_dataset, data)
+    victim = sorted((data / "train").glob("*.parquet"))[1]
+    table = pq.read_table(victim)
+    purchase = table.column("purchase").to_numpy()
+    row = int(purchase.argmax()) if column == "click" else 17  # a purchased row, so click=0 is invalid
+    vals = table.column(column).to_numpy().copy()
+    vals[row] = value
+    table = table.set_column(
+        table.schema.get_field_index(column), column, pa.array(vals, table.schema.field(column).type)
+    )
+    pq.write_table(table, victim)
+    cfg = _config(tmp_path, data, model={"structure_migrator": False})
+    proc = _run([str(BIN / "cstwa-dist"), "train", "--config", str(cfg), "--model", "cstwa"], check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert victim.name in proc.stderr and f"row {row}" in proc.stderr and words in proc.stderr
