@@ -49,6 +49,14 @@ class ModelConfig:
     structure_migrator: bool = True  # SM
     click_perceptron: bool = True  # CP
     curse_escaper: bool = True  # CE
+    # mixture-of-experts baselines (OMoE, MMoE, PLE); expert sizes are unstated in the paper
+    num_experts: int = 4  # OMoE/MMoE shared experts
+    expert_widths: list[int] = field(default_factory=lambda: [128, 64])
+    ple_levels: int = 2  # CGC levels
+    ple_shared_experts: int = 2
+    ple_task_experts: int = 2
+    # AITM: width of the attention (AIT) projections
+    ait_dim: int = 32
 
     def __post_init__(self) -> None:
         if self.embedding_dim < 4 or self.embedding_dim % 4:
@@ -66,6 +74,9 @@ class ModelConfig:
             raise ConfigError("model.dropout rates must be in [0, 1)")
         if any(w < 1 for w in self.info_layer):
             raise ConfigError("model.info_layer widths must be positive")
+        if not self.expert_widths or any(w < 1 for w in self.expert_widths):
+            raise ConfigError("model.expert_widths must be a non-empty list of positive widths")
+        _positive(self, "num_experts", "ple_levels", "ple_shared_experts", "ple_task_experts", "ait_dim")
 
 
 @dataclass(kw_only=True)
@@ -79,12 +90,20 @@ class LossConfig:
     ctr_weight: float = 1.0
     cvr_weight: float = 1.0
     constraint_weight: float = 0.6
+    # ESCM2: counterfactual regulariser on the clicked space, p_ctr as propensity
+    escm2_variant: str = "ips"  # ips | dr
+    counterfactual_weight: float = 1.0
+    propensity_clip: float = 0.01  # lower bound on p_ctr in 1/p_ctr, so rare-click rows cannot explode
 
     def __post_init__(self) -> None:
         if self.gamma < 1.0:
             raise ConfigError("loss.gamma must be >= 1 (it up-weights conflicting samples)")
         if self.window < 1:
             raise ConfigError("loss.window must be >= 1")
+        if self.escm2_variant not in ("ips", "dr"):
+            raise ConfigError("loss.escm2_variant must be ips or dr")
+        if not 0.0 < self.propensity_clip < 1.0:
+            raise ConfigError("loss.propensity_clip must be in (0, 1)")
         if not 0.0 <= self.low_percentile < self.high_percentile <= 100.0:
             raise ConfigError("need 0 <= loss.low_percentile < loss.high_percentile <= 100")
 
