@@ -90,8 +90,7 @@ class LossConfig:
     ctr_weight: float = 1.0
     cvr_weight: float = 1.0
     constraint_weight: float = 0.6
-    # ESCM2: counterfactual regulariser on the clicked space, p_ctr as propensity
-    escm2_variant: str = "ips"  # ips | dr
+    # ESCM2 (escm2_ips / escm2_dr): counterfactual regulariser on the clicked space, p_ctr as propensity
     counterfactual_weight: float = 1.0
     propensity_clip: float = 0.01  # lower bound on p_ctr in 1/p_ctr, so rare-click rows cannot explode
 
@@ -100,8 +99,6 @@ class LossConfig:
             raise ConfigError("loss.gamma must be >= 1 (it up-weights conflicting samples)")
         if self.window < 1:
             raise ConfigError("loss.window must be >= 1")
-        if self.escm2_variant not in ("ips", "dr"):
-            raise ConfigError("loss.escm2_variant must be ips or dr")
         if not 0.0 < self.propensity_clip < 1.0:
             raise ConfigError("loss.propensity_clip must be in (0, 1)")
         if not 0.0 <= self.low_percentile < self.high_percentile <= 100.0:

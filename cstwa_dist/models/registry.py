@@ -10,11 +10,17 @@ from torch import nn
 
 from cstwa_dist.config import LossConfig, ModelConfig
 from cstwa_dist.data.spec import DatasetSpec
+from cstwa_dist.models.aitm import AITM
 from cstwa_dist.models.base import RecModel
 from cstwa_dist.models.cstwa import CSTWA
 from cstwa_dist.models.ctr_mlp import CTRMLP
+from cstwa_dist.models.escm2 import ESCM2
 from cstwa_dist.models.esmm import ESMM
+from cstwa_dist.models.mlp import SingleTaskMLPs
+from cstwa_dist.models.moe import PLE, MMoE, OMoE
 from cstwa_dist.train.losses import ClickLoss, CSTWALoss, EntireSpaceLoss, Gather
+from cstwa_dist.train.losses_baselines import ClickedSpaceLoss
+from cstwa_dist.train.losses_counterfactual import AITMLoss, ESCM2Loss
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,6 +55,48 @@ MODELS: dict[str, ModelSpec] = {
             build=CTRMLP,
             build_loss=lambda lc, mc, g: ClickLoss(),
             predicts_purchase=False,
+        ),
+        ModelSpec(
+            name="mlp",
+            description="two independent single-task MLPs; purchase tower trained on clicked rows only",
+            build=SingleTaskMLPs,
+            build_loss=lambda lc, mc, g: ClickedSpaceLoss(lc),
+        ),
+        ModelSpec(
+            name="omoe",
+            description="OMoE: shared experts, one gate for both tasks; purchase = p_ctr * p_cvr",
+            build=OMoE,
+            build_loss=lambda lc, mc, g: EntireSpaceLoss(lc),
+        ),
+        ModelSpec(
+            name="mmoe",
+            description="MMoE: shared experts, one gate per task; purchase = p_ctr * p_cvr",
+            build=MMoE,
+            build_loss=lambda lc, mc, g: EntireSpaceLoss(lc),
+        ),
+        ModelSpec(
+            name="ple",
+            description="PLE: CGC levels of shared + task experts; purchase = p_ctr * p_cvr",
+            build=PLE,
+            build_loss=lambda lc, mc, g: EntireSpaceLoss(lc),
+        ),
+        ModelSpec(
+            name="aitm",
+            description="AITM: click info transferred to the purchase tower by attention (AIT); calibrator",
+            build=AITM,
+            build_loss=lambda lc, mc, g: AITMLoss(lc),
+        ),
+        ModelSpec(
+            name="escm2_ips",
+            description="ESCM2-IPS: ESMM + IPS counterfactual CVR risk on clicks, p_ctr as propensity",
+            build=lambda s, mc, d: ESCM2(s, mc, d, doubly_robust=False),
+            build_loss=lambda lc, mc, g: ESCM2Loss(lc, "ips"),
+        ),
+        ModelSpec(
+            name="escm2_dr",
+            description="ESCM2-DR: ESMM + doubly robust counterfactual CVR risk with an imputation tower",
+            build=lambda s, mc, d: ESCM2(s, mc, d, doubly_robust=True),
+            build_loss=lambda lc, mc, g: ESCM2Loss(lc, "dr"),
         ),
     )
 }
