@@ -84,25 +84,13 @@ def _with_runtime(cfg_data_cpus: int | None):  # noqa: ANN202 - small local help
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from cstwa_dist.config import load_config
     from cstwa_dist.distributed.env import init_distributed, shutdown_distributed
-    from cstwa_dist.structure.migrator import mine_structure
-    from cstwa_dist.train.trainer import train
+    from cstwa_dist.train.pretrain import pretrain_structure
 
     cfg = load_config(args.config, args.overrides)
-    env = init_distributed()
+    init_distributed()
     try:
         with _with_runtime(cfg.data.ray_num_cpus):
-            res = train(
-                cfg,
-                "ctr_mlp",
-                run_dir=Path(cfg.structure.graph_dir) / "pretrain",
-                epochs=cfg.structure.pretrain_epochs,
-            )
-            source = res.sharded.dmp.module.model.representation_source()
-            report = mine_structure(res.sharded.dmp, source, res.spec, cfg.data.dataset, cfg.structure, env)
-            if env.is_main:
-                out = Path(cfg.structure.graph_dir) / "structure.json"
-                out.write_text(json.dumps({"pretrain": res.metrics, "graphs": report}, indent=2, default=str))
-                logger.info("structure written to %s", cfg.structure.graph_dir)
+            pretrain_structure(cfg)
     finally:
         shutdown_distributed()
     return 0
@@ -118,6 +106,29 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         with _with_runtime(cfg.data.ray_num_cpus):
             train(cfg, args.model, run_dir=args.run_dir)
+    finally:
+        shutdown_distributed()
+    return 0
+
+
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from cstwa_dist.config import load_config
+    from cstwa_dist.distributed.env import init_distributed, shutdown_distributed
+    from cstwa_dist.train.experiment import TABLE2_MODELS, plan_cells, run_experiment
+
+    if args.seeds < 1:
+        raise ValueError("--seeds must be >= 1")
+    models = args.models.split(",") if args.models else None
+    if models is None and not args.ablation and not args.sweep:
+        models = list(TABLE2_MODELS)
+    cells = plan_cells(
+        models, list(range(args.seed_base, args.seed_base + args.seeds)), args.ablation, args.sweep
+    )
+    cfg = load_config(args.config, args.overrides)  # validates the config before any rank starts work
+    init_distributed()
+    try:
+        with _with_runtime(cfg.data.ray_num_cpus):
+            run_experiment(args.config, args.overrides, cells, args.out)
     finally:
         shutdown_distributed()
     return 0
@@ -196,6 +207,37 @@ def build_parser() -> argparse.ArgumentParser:
         "--run-dir", default=None, help="where metrics.json goes (default: <train.run_dir>/<model>)"
     )
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "experiment",
+        help="the paper's experiments: Table 2 (models), Table 3 (--ablation), Figure 2 (--sweep)",
+        description="Run a grid of training runs (model x overrides x seed) in one job and write "
+        "<out>/report.json, <out>/report.md and, for sweeps, <out>/sweep_<param>.png. Cells whose "
+        "metrics.json exists are not re-run, so a restarted experiment continues where it stopped. Run it "
+        "as one process or under torchrun (launchers/torchrun.sh N experiment ...): every cell then uses "
+        "N ranks. Structure (pre-training + kNN graphs) is mined once per seed and k.",
+    )
+    _add_config_args(p)
+    p.add_argument(
+        "--models",
+        default=None,
+        help="comma-separated registered models for Table 2 (default when no --ablation/--sweep: "
+        "mlp,esmm,omoe,mmoe,ple,aitm,escm2_ips,cstwa)",
+    )
+    p.add_argument("--seeds", type=int, default=5, help="number of seeds per cell (default 5)")
+    p.add_argument("--seed-base", type=int, default=0, help="first seed (seeds are base .. base+N-1)")
+    p.add_argument(
+        "--ablation", action="store_true", help="Table 3: MLP, each of SM/CP/CE alone, each pair, all three"
+    )
+    p.add_argument(
+        "--sweep",
+        action="append",
+        default=[],
+        metavar="PARAM=V1,V2,...",
+        help="Figure 2-style sweep of CSTWA over beta, gamma, layers, k (or any section.key); repeatable",
+    )
+    p.add_argument("--out", required=True, help="experiment directory (cells, structure, reports)")
+    p.set_defaults(func=cmd_experiment)
 
     p = sub.add_parser("report", help="print the Click/Purchase AUC table of finished runs")
     p.add_argument("runs", nargs="+", help="run directories (or metrics.json files)")

@@ -1,0 +1,183 @@
+"""Dataset layout: the feature spec (``spec.yaml``) and split statistics (``stats.json``).
+
+A dataset directory is ``<dataset>/{train,val,test}/*.parquet`` with one int64 column per categorical
+field (named as the field) and int8 label columns ``click`` and ``purchase``; ``spec.yaml`` says which
+side (user | item | context) each field belongs to and its vocabulary size, because the model needs
+the sides to build ``r_u``, ``r_i`` and ``ctx`` (method.md, Notation) and the vocabulary sizes to size
+the embedding tables.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SIDES = ("user", "item", "context")
+LABELS = ("click", "purchase")
+SPLITS = ("train", "val", "test")
+
+
+class SpecError(ValueError):
+    """A spec file that cannot describe a valid dataset."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class FieldSpec:
+    """One categorical field: ids are in ``[0, vocab_size)``; 0 may mean 'unknown'."""
+
+    name: str
+    side: str
+    vocab_size: int
+
+    def __post_init__(self) -> None:
+        if not self.name or not self.name.replace("_", "").isalnum():
+            raise SpecError(f"field name {self.name!r} must be non-empty and alphanumeric/underscore")
+        if self.name in LABELS:
+            raise SpecError(f"field name {self.name!r} collides with a label column")
+        if self.side not in SIDES:
+            raise SpecError(f"field {self.name!r}: side {self.side!r} is not one of {SIDES}")
+        if int(self.vocab_size) < 1:
+            raise SpecError(f"field {self.name!r}: vocab_size must be >= 1, got {self.vocab_size}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DatasetSpec:
+    """All fields of a dataset, in column order, plus which fields identify users and items."""
+
+    fields: tuple[FieldSpec, ...]
+    user_id: str
+    item_id: str
+
+    def __post_init__(self) -> None:
+        names = [f.name for f in self.fields]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise SpecError(f"duplicate field names: {dupes}")
+        by_name = {f.name: f for f in self.fields}
+        for role, name, side in (("user_id", self.user_id, "user"), ("item_id", self.item_id, "item")):
+            if name not in by_name:
+                raise SpecError(f"{role} {name!r} is not a field; fields are {names}")
+            if by_name[name].side != side:
+                raise SpecError(f"{role} {name!r} must be on side {side!r}, not {by_name[name].side!r}")
+        if not self.context_fields:
+            raise SpecError("at least one context field is required (ctx = mean of context embeddings)")
+
+    # --- views used by models and the structure step -------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        return [f.name for f in self.fields]
+
+    def side_fields(self, side: str) -> list[FieldSpec]:
+        """Fields of one side, the side's id field first (so ``r_u`` starts with the id embedding)."""
+        if side not in SIDES:
+            raise SpecError(f"unknown side {side!r}")
+        out = [f for f in self.fields if f.side == side]
+        key = {"user": self.user_id, "item": self.item_id}.get(side)
+        return sorted(out, key=lambda f: f.name != key)
+
+    @property
+    def user_fields(self) -> list[FieldSpec]:
+        return self.side_fields("user")
+
+    @property
+    def item_fields(self) -> list[FieldSpec]:
+        return self.side_fields("item")
+
+    @property
+    def context_fields(self) -> list[FieldSpec]:
+        return [f for f in self.fields if f.side == "context"]
+
+    def field(self, name: str) -> FieldSpec:
+        for f in self.fields:
+            if f.name == name:
+                return f
+        raise SpecError(f"no field {name!r}; fields are {self.names}")
+
+    @property
+    def num_users(self) -> int:
+        return self.field(self.user_id).vocab_size
+
+    @property
+    def num_items(self) -> int:
+        return self.field(self.item_id).vocab_size
+
+    # --- (de)serialisation ---------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "user_id": self.user_id,
+            "item_id": self.item_id,
+            "fields": [asdict(f) for f in self.fields],
+        }
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "<dict>") -> DatasetSpec:
+        if not isinstance(raw, dict):
+            raise SpecError(f"{source}: expected a mapping at top level")
+        unknown = set(raw) - {"user_id", "item_id", "fields"}
+        if unknown:
+            raise SpecError(f"{source}: unknown keys {sorted(unknown)}; valid: fields, user_id, item_id")
+        try:
+            fields = tuple(
+                FieldSpec(name=str(f["name"]), side=str(f["side"]), vocab_size=int(f["vocab_size"]))
+                for f in raw["fields"]
+            )
+            return cls(fields=fields, user_id=str(raw["user_id"]), item_id=str(raw["item_id"]))
+        except KeyError as e:
+            raise SpecError(f"{source}: missing key {e}") from e
+        except SpecError as e:
+            raise SpecError(f"{source}: {e}") from e
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> DatasetSpec:
+        path = Path(path)
+        if path.is_dir():
+            path = path / "spec.yaml"
+        if not path.exists():
+            raise SpecError(f"spec file not found: {path}")
+        return cls.from_dict(yaml.safe_load(path.read_text()), source=str(path))
+
+
+@dataclass(kw_only=True)
+class SplitStats:
+    """Row and label counts of one split (the shape of the paper's Table 1)."""
+
+    rows: int
+    click_rate: float
+    purchase_rate: float
+    users: int
+    items: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def save_stats(path: str | Path, stats: dict[str, SplitStats]) -> None:
+    path = Path(path)
+    payload = {split: asdict(s) for split, s in stats.items()}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
+    tmp.replace(path)
+
+
+def load_stats(path: str | Path) -> dict[str, SplitStats]:
+    raw = json.loads(Path(path).read_text())
+    return {split: SplitStats(**v) for split, v in raw.items()}
+
+
+def split_files(dataset: str | Path, split: str) -> list[Path]:
+    """Parquet files of a split in a stable (sorted) order; an empty split is an error."""
+    if split not in SPLITS:
+        raise SpecError(f"unknown split {split!r}; valid: {SPLITS}")
+    d = Path(dataset) / split
+    files = sorted(d.glob("*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"no parquet files in {d}")
+    return files

@@ -1,0 +1,306 @@
+"""The paper's experiments as one resumable job: Table 2, Table 3 (ablation) and Figure 2 sweeps.
+
+An experiment is a list of *cells* (model × config overrides × seed). Every rank walks the same list
+in the same order inside one torchrun job, so the process group and the Ray runtime are set up once
+and each cell is a call to ``train``; structure (pre-training + graphs) is mined once per seed and
+``k`` and shared by every cell that needs it. A cell whose ``metrics.json`` exists is not re-run, so
+a killed experiment restarts where it stopped. Identical cells (e.g. full CSTWA in Table 2 and in
+the ablation) run once. Rank 0 writes ``report.json``, ``report.md`` and the sweep plots.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cstwa_dist.config import load_config
+from cstwa_dist.data.spec import DatasetSpec
+from cstwa_dist.distributed.collectives import broadcast_object
+from cstwa_dist.distributed.env import init_distributed
+from cstwa_dist.models.registry import get_model_spec
+from cstwa_dist.train.pretrain import pretrain_structure, structure_complete
+from cstwa_dist.train.trainer import train
+
+logger = logging.getLogger(__name__)
+
+TABLE2_MODELS = ["mlp", "esmm", "omoe", "mmoe", "ple", "aitm", "escm2_ips", "cstwa"]
+SWEEP_KEYS = {
+    "beta": "structure.beta",
+    "gamma": "loss.gamma",
+    "layers": "structure.layers",
+    "k": "structure.k",
+}
+COMPONENTS = ("SM", "CP", "CE")
+_COMPONENT_KEYS = {
+    "SM": "model.structure_migrator",
+    "CP": "model.click_perceptron",
+    "CE": "model.curse_escaper",
+}
+# Table 3's rows: MLP, each component alone, each pair, all three (the paper's order)
+ABLATION_ROWS: list[tuple[str, ...]] = [
+    ("SM",),
+    ("CP",),
+    ("CE",),
+    ("SM", "CP"),
+    ("SM", "CE"),
+    ("CP", "CE"),
+    ("SM", "CP", "CE"),
+]
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One training run of the experiment grid."""
+
+    group: str  # "table2" | "ablation" | "sweep:<param>"
+    label: str  # the row (or sweep value) it contributes to
+    model: str
+    seed: int
+    overrides: tuple[str, ...]
+
+    @property
+    def cell_id(self) -> str:
+        """Same model, overrides and seed ⇒ same id, so shared cells run once."""
+        key = json.dumps([self.model, sorted(self.overrides), self.seed])
+        return f"{self.model}-s{self.seed}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
+
+
+def parse_sweep(spec: str) -> tuple[str, str, list[Any]]:
+    """``beta=0.1,0.3`` → ("beta", "structure.beta", [0.1, 0.3]); ``section.key=...`` also accepted."""
+    if "=" not in spec:
+        raise ValueError(f"--sweep {spec!r} must look like beta=0.1,0.3,0.5")
+    name, _, values = spec.partition("=")
+    name = name.strip()
+    key = SWEEP_KEYS.get(name, name)
+    if "." not in key:
+        raise ValueError(f"--sweep parameter {name!r}: use one of {sorted(SWEEP_KEYS)} or section.key")
+    parsed = []
+    for v in values.split(","):
+        v = v.strip()
+        try:
+            parsed.append(int(v))
+        except ValueError:
+            try:
+                parsed.append(float(v))
+            except ValueError as e:
+                raise ValueError(f"--sweep {spec!r}: {v!r} is not a number") from e
+    if not parsed:
+        raise ValueError(f"--sweep {spec!r} lists no values")
+    return name, key, parsed
+
+
+def plan_cells(models: list[str] | None, seeds: list[int], ablation: bool, sweeps: list[str]) -> list[Cell]:
+    """The grid, in run order; cells shared between groups appear once per group (run once)."""
+    cells: list[Cell] = []
+    for m in models or []:
+        get_model_spec(m)  # unknown names fail before anything runs
+        cells += [Cell("table2", m, m, s, ()) for s in seeds]
+    if ablation:
+        cells += [Cell("ablation", "MLP", "mlp", s, ()) for s in seeds]
+        for row in ABLATION_ROWS:
+            ov = tuple(f"{_COMPONENT_KEYS[c]}={'true' if c in row else 'false'}" for c in COMPONENTS)
+            cells += [Cell("ablation", "+".join(row), "cstwa", s, ov) for s in seeds]
+    for spec in sweeps:
+        name, key, values = parse_sweep(spec)
+        for v in values:
+            cells += [Cell(f"sweep:{name}", str(v), "cstwa", s, (f"{key}={v}",)) for s in seeds]
+    return cells
+
+
+def _needs_graphs(config: str | None, overrides: list[str], model: str) -> bool:
+    cfg = load_config(config, overrides)
+    spec = DatasetSpec.load(cfg.data.dataset)
+    return bool(get_model_spec(model).build(spec, cfg.model, torch.device("meta")).structure_tables())
+
+
+def run_experiment(
+    config: str | None,
+    base_overrides: list[str],
+    cells: list[Cell],
+    out: str | Path,
+) -> dict[str, Any]:
+    """Runs every cell not yet finished, then (rank 0) writes the reports. Returns the report."""
+    env = init_distributed()
+    out = Path(out)
+    t0 = time.perf_counter()
+    unique = list({c.cell_id: c for c in cells}.values())
+    logger.info("experiment: %d cells (%d unique) → %s", len(cells), len(unique), out)
+    for i, cell in enumerate(unique, 1):
+        run_dir = out / "cells" / cell.cell_id
+        done = broadcast_object((run_dir / "metrics.json").exists())
+        if done:
+            logger.info("[%d/%d] %s: finished before, skipped", i, len(unique), cell.cell_id)
+            continue
+        seed_ov = [f"train.seed={cell.seed}"]
+        pre = load_config(config, [*base_overrides, *cell.overrides])
+        graph_dir = out / "structure" / f"k{pre.structure.k}-seed{cell.seed}"
+        overrides = [
+            *base_overrides,
+            *cell.overrides,
+            *seed_ov,
+            f"structure.graph_dir={graph_dir}",
+            f"train.run_dir={out / 'cells'}",
+        ]
+        if _needs_graphs(config, overrides, cell.model) and not broadcast_object(
+            structure_complete(graph_dir)
+        ):
+            logger.info(
+                "[%d/%d] mining structure for seed %d, k %d", i, len(unique), cell.seed, pre.structure.k
+            )
+            pretrain_structure(load_config(config, overrides))
+        logger.info(
+            "[%d/%d] %s %s seed %d %s",
+            i,
+            len(unique),
+            cell.group,
+            cell.model,
+            cell.seed,
+            " ".join(cell.overrides),
+        )
+        cfg = load_config(config, overrides)
+        train(cfg, cell.model, run_dir=run_dir)
+        gc.collect()
+        if env.is_main:
+            (run_dir / "cell.json").write_text(json.dumps(asdict(cell)))
+    report = build_report(cells, out) if env.is_main else {}
+    if env.is_main:
+        report["wall_seconds_this_run"] = time.perf_counter() - t0
+        write_reports(report, out)
+    broadcast_object(None)
+    return report
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    a = np.asarray([x for x in xs if x is not None and not math.isnan(x)], dtype=np.float64)
+    if a.size == 0:
+        return float("nan"), float("nan")
+    return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0
+
+
+def build_report(cells: list[Cell], out: Path) -> dict[str, Any]:
+    """Aggregates finished cells: mean ± std over seeds per (group, label), gains over MLP."""
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    for c in cells:
+        m = json.loads((out / "cells" / c.cell_id / "metrics.json").read_text())
+        r = rows.setdefault(
+            (c.group, c.label),
+            {
+                "group": c.group,
+                "label": c.label,
+                "model": c.model,
+                "overrides": list(c.overrides),
+                "click": [],
+                "purchase": [],
+                "seeds": [],
+                "samples_per_s": [],
+            },
+        )
+        r["click"].append(m["click_auc"])
+        r["purchase"].append(m["purchase_auc"])
+        r["seeds"].append(c.seed)
+        r["samples_per_s"].append(m["samples_per_s"])
+    table: list[dict[str, Any]] = []
+    for r in rows.values():
+        r["click_mean"], r["click_std"] = _mean_std(r["click"])
+        r["purchase_mean"], r["purchase_std"] = _mean_std(r["purchase"])
+        table.append(r)
+    for group in {r["group"] for r in table}:
+        base = next((r for r in table if r["group"] == group and r["model"] == "mlp"), None)
+        if base is None:  # sweeps and grids without MLP: gains against the Table 2 / ablation MLP
+            base = next((r for r in table if r["model"] == "mlp"), None)
+        for r in table:
+            if r["group"] != group:
+                continue
+            for k in ("click", "purchase"):
+                r[f"{k}_gain_pct"] = (
+                    100.0 * (r[f"{k}_mean"] - base[f"{k}_mean"]) / base[f"{k}_mean"] if base else None
+                )
+    sample = json.loads((out / "cells" / cells[0].cell_id / "metrics.json").read_text()) if cells else {}
+    return {
+        "rows": table,
+        "dataset": sample.get("config", {}).get("data", {}).get("dataset"),
+        "world_size": sample.get("world_size"),
+        "epochs": sample.get("epochs"),
+        "embedding_optimizer": sample.get("embedding_optimizer"),
+        "train_rows_per_epoch": sample.get("train_rows_per_epoch"),
+        "eval_rows": sample.get("eval_rows"),
+    }
+
+
+def _fmt(mean: float, std: float) -> str:
+    return "n/a" if math.isnan(mean) else f"{mean:.4f} ± {std:.4f}"
+
+
+def _gain(x: float | None) -> str:
+    return "—" if x is None else f"{x:+.2f} %"
+
+
+def write_reports(report: dict[str, Any], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [
+        "# Experiment report",
+        "",
+        f"Dataset `{report['dataset']}`; {report['epochs']} epochs; {report['world_size']} rank(s); "
+        f"embedding optimizer {report['embedding_optimizer']}; {report['train_rows_per_epoch']} train rows per epoch, "
+        f"{report['eval_rows']} evaluated impressions. AUCs are mean ± sample std over seeds; gains are "
+        "relative to MLP's mean.",
+    ]
+    titles = {"table2": "Table 2: models", "ablation": "Table 3: ablation of CSTWA's components"}
+    groups = sorted({r["group"] for r in report["rows"]}, key=lambda g: (g != "table2", g != "ablation", g))
+    for group in groups:
+        rows = [r for r in report["rows"] if r["group"] == group]
+        lines += ["", f"## {titles.get(group, 'Sweep of ' + group.removeprefix('sweep:'))}", ""]
+        head = "value" if group.startswith("sweep:") else "model"
+        lines += [
+            f"| {head} | seeds | Click AUC | Purchase AUC | Click gain | Purchase gain |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        for r in rows:
+            lines.append(
+                f"| {r['label']} | {len(r['seeds'])} | {_fmt(r['click_mean'], r['click_std'])} | "
+                f"{_fmt(r['purchase_mean'], r['purchase_std'])} | {_gain(r['click_gain_pct'])} | "
+                f"{_gain(r['purchase_gain_pct'])} |"
+            )
+        if group.startswith("sweep:"):
+            png = plot_sweep(group.removeprefix("sweep:"), rows, out)
+            lines += ["", f"![{group}]({png.name})"]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    tmp = out / "report.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2, default=str))
+    tmp.replace(out / "report.json")
+    logger.info("wrote %s and %s", out / "report.md", out / "report.json")
+
+
+def plot_sweep(name: str, rows: list[dict[str, Any]], out: Path) -> Path:
+    """Figure 2-style plot: Click and Purchase AUC (mean ± std over seeds) against the parameter."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sorted(rows, key=lambda r: float(r["label"]))
+    x = [float(r["label"]) for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
+    for ax, k, title in ((axes[0], "click", "Click AUC"), (axes[1], "purchase", "Purchase AUC")):
+        ax.errorbar(
+            x, [r[f"{k}_mean"] for r in rows], yerr=[r[f"{k}_std"] for r in rows], marker="o", capsize=3
+        )
+        ax.set_xlabel(name)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"CSTWA: sweep of {name}")
+    fig.tight_layout()
+    path = out / f"sweep_{name}.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
