@@ -252,8 +252,8 @@ def write_reports(report: dict[str, Any], out: Path) -> None:
         "",
         f"Dataset `{report['dataset']}`; {report['epochs']} epochs; {report['world_size']} rank(s); "
         f"embedding optimizer {report['embedding_optimizer']}; {report['train_rows_per_epoch']} train rows "
-        f"per epoch, {report['eval_rows']} evaluated impressions. AUCs are mean ± sample std over seeds; gains are "
-        "relative to MLP's mean.",
+        f"per epoch, {report['eval_rows']} evaluated impressions. AUCs are mean ± sample std over seeds; "
+        "gains are relative to MLP's mean.",
     ]
     titles = {"table2": "Table 2: models", "ablation": "Table 3: ablation of CSTWA's components"}
     groups = sorted({r["group"] for r in report["rows"]}, key=lambda g: (g != "table2", g != "ablation", g))
