@@ -125,3 +125,24 @@ def test_bad_input_names_file_row_and_field(tmp_path, tiny_dataset, column, valu
     proc = _run([str(BIN / "cstwa-dist"), "train", "--config", str(cfg), "--model", "cstwa"], check=False)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert victim.name in proc.stderr and f"row {row}" in proc.stderr and words in proc.stderr
+
+
+def test_experiment_runs_and_resumes(tmp_path, tiny_dataset):
+    cfg = _config(tmp_path, tiny_dataset, train={"epochs": 1, "validate_every_epoch": False})
+    cmd = [
+        str(BIN / "cstwa-dist"),
+        "experiment",
+        "--config",
+        str(cfg),
+        "--models",
+        "mlp,cstwa",
+        "--seeds",
+        "1",
+        "--out",
+        str(tmp_path / "exp"),
+    ]
+    _run(cmd)
+    md = (tmp_path / "exp" / "report.md").read_text()
+    assert "| mlp | 1 |" in md and "| cstwa | 1 |" in md
+    again = _run(cmd)
+    assert again.stderr.count("finished before, skipped") == 2
