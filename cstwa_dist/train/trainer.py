@@ -167,6 +167,7 @@ def train(
     history: list[dict[str, Any]] = []
     real_samples = torch.zeros((), dtype=torch.float64, device=env.device)
     train_seconds = 0.0
+    first_step_seconds = 0.0
     dmp.train()
     for epoch in range(epochs):
         if migrator is not None and epoch > 0:
@@ -183,6 +184,8 @@ def train(
             real_samples += batch.mask.sum()
             loss_sum += loss.detach()
             n_steps += 1
+            if step == 0:  # the first step of an epoch also pays for starting the epoch's input stream
+                first_step_seconds += time.perf_counter() - t0
             if step % cfg.train.log_every == 0 or step == steps - 1:
                 rate = (step + 1) * cfg.data.batch_size * env.world_size / max(time.perf_counter() - t0, 1e-9)
                 logger.info(
@@ -226,6 +229,9 @@ def train(
         "train_samples": total_real,
         "train_rows_per_epoch": train_reader.total_rows,
         "samples_per_s": total_real / max(train_seconds, 1e-9),
+        # without each epoch's first step (input stream start-up): the rate a long epoch approaches
+        "samples_per_s_steady": max(total_real - epochs * cfg.data.batch_size * env.world_size, 0)
+        / max(train_seconds - first_step_seconds, 1e-9),
         "train_seconds": train_seconds,
         "structure_seconds": structure_seconds,
         "embedding_optimizer": sharded.embedding_optimizer,
