@@ -4,36 +4,14 @@ import pytest
 import torch
 
 from cstwa_dist.config import LossConfig, ModelConfig
-from cstwa_dist.data.batch import Batch, make_kjt
-from cstwa_dist.data.spec import DatasetSpec, FieldSpec
+from cstwa_dist.data.batch import Batch
 from cstwa_dist.models.registry import MODELS, get_model_spec
 from cstwa_dist.train.wrapper import ModelTrain
-
-SPEC = DatasetSpec(
-    fields=(
-        FieldSpec(name="user_id", side="user", vocab_size=30),
-        FieldSpec(name="age", side="user", vocab_size=4),
-        FieldSpec(name="item_id", side="item", vocab_size=20),
-        FieldSpec(name="cat", side="item", vocab_size=5),
-        FieldSpec(name="hour", side="context", vocab_size=24),
-        FieldSpec(name="pos", side="context", vocab_size=3),
-    ),
-    user_id="user_id",
-    item_id="item_id",
-)
+from tests.unit.model_fixtures import SPEC, random_batch
 
 
 def _batch(n: int = 32, seed: int = 0) -> Batch:
-    g = torch.Generator().manual_seed(seed)
-    cols = {f.name: torch.randint(0, f.vocab_size, (n,), generator=g) for f in SPEC.fields}
-    click = (torch.rand(n, generator=g) < 0.5).float()
-    purchase = click * (torch.rand(n, generator=g) < 0.5).float()
-    return Batch(
-        features=make_kjt(cols, SPEC.names),
-        click=click,
-        purchase=purchase,
-        mask=torch.ones(n, dtype=torch.bool),
-    )
+    return random_batch(n, seed)
 
 
 def test_unknown_model_lists_registered():
