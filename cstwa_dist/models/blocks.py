@@ -38,6 +38,18 @@ class MLPTower(nn.Module):
         return self.net(x)
 
 
+def tower_with_logit(
+    in_dim: int, widths: list[int], dropout: list[float], device: torch.device | None
+) -> tuple[MLPTower, nn.Linear]:
+    """A task tower and the Linear layer that turns its last hidden state into the task's logit.
+
+    Every two-task model here has one per task (Click Tower + Click Layer, Conversion Tower +
+    Conversion Layer); the model keeps both as attributes because some read the hidden state.
+    """
+    tower = MLPTower(in_dim, widths, dropout, device)
+    return tower, nn.Linear(tower.out_dim, 1, device=device)
+
+
 class InfoLayer(nn.Module):
     """Click Perceptron's Info Layer (Eq. 12–14): ``2 · sigmoid(MLP(h_ctr))`` gates the CVR input.
 

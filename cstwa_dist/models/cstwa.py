@@ -18,9 +18,9 @@ from cstwa_dist.models.base import RecModel, StructureTable
 from cstwa_dist.models.blocks import (
     FieldEmbeddings,
     InfoLayer,
-    MLPTower,
     concat_by_keys,
     embedding_collection,
+    tower_with_logit,
 )
 from cstwa_dist.models.outputs import ModelOutput
 
@@ -62,12 +62,12 @@ class CSTWA(RecModel):
                 ],
                 device,
             )
-        self.click_tower = MLPTower(x_dim, cfg.ctr_tower, cfg.dropout, device)
-        self.click_layer = torch.nn.Linear(self.click_tower.out_dim, 1, device=device)
+        self.click_tower, self.click_layer = tower_with_logit(x_dim, cfg.ctr_tower, cfg.dropout, device)
         if self.use_cp:
             self.info_layer = InfoLayer(self.click_tower.out_dim, x_dim, cfg.info_layer, device)
-        self.conversion_tower = MLPTower(x_dim, cfg.cvr_tower, cfg.dropout, device)
-        self.conversion_layer = torch.nn.Linear(self.conversion_tower.out_dim, 1, device=device)
+        self.conversion_tower, self.conversion_layer = tower_with_logit(
+            x_dim, cfg.cvr_tower, cfg.dropout, device
+        )
 
     def forward(self, features: KeyedJaggedTensor) -> ModelOutput:
         r_u, r_i, ctx = self.ctr_embeddings(features)

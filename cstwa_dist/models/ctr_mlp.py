@@ -8,7 +8,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from cstwa_dist.config import ModelConfig
 from cstwa_dist.data.spec import DatasetSpec
 from cstwa_dist.models.base import RecModel
-from cstwa_dist.models.blocks import FieldEmbeddings, MLPTower
+from cstwa_dist.models.blocks import FieldEmbeddings, tower_with_logit
 from cstwa_dist.models.outputs import ModelOutput
 
 
@@ -20,8 +20,7 @@ class CTRMLP(RecModel):
         d = cfg.embedding_dim
         self.embeddings = FieldEmbeddings(spec, "ctr", d, device)
         in_dim = self.embeddings.user_dim + self.embeddings.item_dim + d
-        self.click_tower = MLPTower(in_dim, cfg.ctr_tower, cfg.dropout, device)
-        self.click_layer = torch.nn.Linear(self.click_tower.out_dim, 1, device=device)
+        self.click_tower, self.click_layer = tower_with_logit(in_dim, cfg.ctr_tower, cfg.dropout, device)
 
     def forward(self, features: KeyedJaggedTensor) -> ModelOutput:
         r_u, r_i, ctx = self.embeddings(features)

@@ -18,7 +18,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from cstwa_dist.config import ModelConfig
 from cstwa_dist.data.spec import DatasetSpec
 from cstwa_dist.models.base import RecModel
-from cstwa_dist.models.blocks import FieldEmbeddings, MLPTower
+from cstwa_dist.models.blocks import FieldEmbeddings, MLPTower, tower_with_logit
 from cstwa_dist.models.esmm import ctcvr_logit
 from cstwa_dist.models.outputs import ModelOutput
 
@@ -47,10 +47,10 @@ class ESCM2(RecModel):
         d = cfg.embedding_dim
         self.embeddings = FieldEmbeddings(spec, "shared", d, device)
         in_dim = self.embeddings.user_dim + self.embeddings.item_dim + d
-        self.click_tower = MLPTower(in_dim, cfg.ctr_tower, cfg.dropout, device)
-        self.click_layer = nn.Linear(self.click_tower.out_dim, 1, device=device)
-        self.conversion_tower = MLPTower(in_dim, cfg.cvr_tower, cfg.dropout, device)
-        self.conversion_layer = nn.Linear(self.conversion_tower.out_dim, 1, device=device)
+        self.click_tower, self.click_layer = tower_with_logit(in_dim, cfg.ctr_tower, cfg.dropout, device)
+        self.conversion_tower, self.conversion_layer = tower_with_logit(
+            in_dim, cfg.cvr_tower, cfg.dropout, device
+        )
         self.doubly_robust = doubly_robust
         if doubly_robust:
             self.imputation_tower = MLPTower(in_dim, cfg.cvr_tower, cfg.dropout, device)

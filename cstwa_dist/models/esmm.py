@@ -9,7 +9,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from cstwa_dist.config import ModelConfig
 from cstwa_dist.data.spec import DatasetSpec
 from cstwa_dist.models.base import RecModel
-from cstwa_dist.models.blocks import FieldEmbeddings, MLPTower
+from cstwa_dist.models.blocks import FieldEmbeddings, tower_with_logit
 from cstwa_dist.models.outputs import ModelOutput
 
 
@@ -33,10 +33,10 @@ class ESMM(RecModel):
         d = cfg.embedding_dim
         self.embeddings = FieldEmbeddings(spec, "shared", d, device)
         in_dim = self.embeddings.user_dim + self.embeddings.item_dim + d
-        self.click_tower = MLPTower(in_dim, cfg.ctr_tower, cfg.dropout, device)
-        self.click_layer = torch.nn.Linear(self.click_tower.out_dim, 1, device=device)
-        self.conversion_tower = MLPTower(in_dim, cfg.cvr_tower, cfg.dropout, device)
-        self.conversion_layer = torch.nn.Linear(self.conversion_tower.out_dim, 1, device=device)
+        self.click_tower, self.click_layer = tower_with_logit(in_dim, cfg.ctr_tower, cfg.dropout, device)
+        self.conversion_tower, self.conversion_layer = tower_with_logit(
+            in_dim, cfg.cvr_tower, cfg.dropout, device
+        )
 
     def forward(self, features: KeyedJaggedTensor) -> ModelOutput:
         r_u, r_i, ctx = self.embeddings(features)

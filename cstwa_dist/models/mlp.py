@@ -10,13 +10,12 @@ improve on — but, like every model here, it is evaluated over the entire impre
 from __future__ import annotations
 
 import torch
-from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from cstwa_dist.config import ModelConfig
 from cstwa_dist.data.spec import DatasetSpec
 from cstwa_dist.models.base import RecModel
-from cstwa_dist.models.blocks import FieldEmbeddings, MLPTower
+from cstwa_dist.models.blocks import FieldEmbeddings, tower_with_logit
 from cstwa_dist.models.outputs import ModelOutput
 
 
@@ -34,10 +33,10 @@ class SingleTaskMLPs(RecModel):
         self.cvr_embeddings = FieldEmbeddings(spec, "cvr", d, device)
         ctr_dim = self.ctr_embeddings.user_dim + self.ctr_embeddings.item_dim + d
         cvr_dim = self.cvr_embeddings.user_dim + self.cvr_embeddings.item_dim + d
-        self.click_tower = MLPTower(ctr_dim, cfg.ctr_tower, cfg.dropout, device)
-        self.click_layer = nn.Linear(self.click_tower.out_dim, 1, device=device)
-        self.conversion_tower = MLPTower(cvr_dim, cfg.cvr_tower, cfg.dropout, device)
-        self.conversion_layer = nn.Linear(self.conversion_tower.out_dim, 1, device=device)
+        self.click_tower, self.click_layer = tower_with_logit(ctr_dim, cfg.ctr_tower, cfg.dropout, device)
+        self.conversion_tower, self.conversion_layer = tower_with_logit(
+            cvr_dim, cfg.cvr_tower, cfg.dropout, device
+        )
 
     def forward(self, features: KeyedJaggedTensor) -> ModelOutput:
         r_u, r_i, ctx = self.ctr_embeddings(features)

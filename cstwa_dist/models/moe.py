@@ -21,7 +21,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from cstwa_dist.config import ModelConfig
 from cstwa_dist.data.spec import DatasetSpec
 from cstwa_dist.models.base import RecModel
-from cstwa_dist.models.blocks import FieldEmbeddings, MLPTower
+from cstwa_dist.models.blocks import FieldEmbeddings, tower_with_logit
 from cstwa_dist.models.esmm import ctcvr_logit
 from cstwa_dist.models.experts import CGCLevel, SoftmaxGate, make_experts, run_experts
 from cstwa_dist.models.outputs import ModelOutput
@@ -38,10 +38,10 @@ class _EntireSpaceMultiTask(RecModel):
         # width of x = r_u ‖ r_i ‖ ctx, the input of the first expert layer and of its gates
         self.in_dim = self.embeddings.user_dim + self.embeddings.item_dim + cfg.embedding_dim
         rep_dim = cfg.expert_widths[-1]  # every mixture is a weighted sum of expert outputs
-        self.click_tower = MLPTower(rep_dim, cfg.ctr_tower, cfg.dropout, device)
-        self.click_layer = nn.Linear(self.click_tower.out_dim, 1, device=device)
-        self.conversion_tower = MLPTower(rep_dim, cfg.cvr_tower, cfg.dropout, device)
-        self.conversion_layer = nn.Linear(self.conversion_tower.out_dim, 1, device=device)
+        self.click_tower, self.click_layer = tower_with_logit(rep_dim, cfg.ctr_tower, cfg.dropout, device)
+        self.conversion_tower, self.conversion_layer = tower_with_logit(
+            rep_dim, cfg.cvr_tower, cfg.dropout, device
+        )
 
     def task_representations(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``[B, in]`` → (click tower input, conversion tower input), each ``[B, H]``."""
