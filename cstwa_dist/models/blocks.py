@@ -130,6 +130,11 @@ class FieldEmbeddings(nn.Module):
     def item_dim(self) -> int:
         return len(self.item_keys) * self.dim
 
+    @property
+    def out_dim(self) -> int:
+        """Width of ``r_u ‖ r_i ‖ ctx``, the input every tower built on these embeddings takes."""
+        return self.user_dim + self.item_dim + self.dim
+
     def forward(self, features: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         kt = self.ebc(features)
         return (

@@ -19,7 +19,7 @@ class CTRMLP(RecModel):
         super().__init__()
         d = cfg.embedding_dim
         self.embeddings = FieldEmbeddings(spec, "ctr", d, device)
-        in_dim = self.embeddings.user_dim + self.embeddings.item_dim + d
+        in_dim = self.embeddings.out_dim
         self.click_tower, self.click_layer = tower_with_logit(in_dim, cfg.ctr_tower, cfg.dropout, device)
 
     def forward(self, features: KeyedJaggedTensor) -> ModelOutput:

@@ -32,7 +32,7 @@ class ESMM(RecModel):
         super().__init__()
         d = cfg.embedding_dim
         self.embeddings = FieldEmbeddings(spec, "shared", d, device)
-        in_dim = self.embeddings.user_dim + self.embeddings.item_dim + d
+        in_dim = self.embeddings.out_dim
         self.click_tower, self.click_layer = tower_with_logit(in_dim, cfg.ctr_tower, cfg.dropout, device)
         self.conversion_tower, self.conversion_layer = tower_with_logit(
             in_dim, cfg.cvr_tower, cfg.dropout, device

@@ -31,8 +31,8 @@ class SingleTaskMLPs(RecModel):
         d = cfg.embedding_dim
         self.ctr_embeddings = FieldEmbeddings(spec, "ctr", d, device)
         self.cvr_embeddings = FieldEmbeddings(spec, "cvr", d, device)
-        ctr_dim = self.ctr_embeddings.user_dim + self.ctr_embeddings.item_dim + d
-        cvr_dim = self.cvr_embeddings.user_dim + self.cvr_embeddings.item_dim + d
+        ctr_dim = self.ctr_embeddings.out_dim
+        cvr_dim = self.cvr_embeddings.out_dim
         self.click_tower, self.click_layer = tower_with_logit(ctr_dim, cfg.ctr_tower, cfg.dropout, device)
         self.conversion_tower, self.conversion_layer = tower_with_logit(
             cvr_dim, cfg.cvr_tower, cfg.dropout, device

@@ -36,7 +36,7 @@ class _EntireSpaceMultiTask(RecModel):
         super().__init__()
         self.embeddings = FieldEmbeddings(spec, "shared", cfg.embedding_dim, device)
         # width of x = r_u ‖ r_i ‖ ctx, the input of the first expert layer and of its gates
-        self.in_dim = self.embeddings.user_dim + self.embeddings.item_dim + cfg.embedding_dim
+        self.in_dim = self.embeddings.out_dim
         rep_dim = cfg.expert_widths[-1]  # every mixture is a weighted sum of expert outputs
         self.click_tower, self.click_layer = tower_with_logit(rep_dim, cfg.ctr_tower, cfg.dropout, device)
         self.conversion_tower, self.conversion_layer = tower_with_logit(

@@ -31,3 +31,18 @@ def random_batch(n: int = 32, seed: int = 0) -> Batch:
         purchase=purchase,
         mask=torch.ones(n, dtype=torch.bool),
     )
+
+
+def loss_trajectory(
+    module: torch.nn.Module, batch: Batch, *, steps: int = 30, lr: float = 1e-2
+) -> list[float]:
+    """Losses of ``steps`` Adam steps on one fixed batch (a model that can learn must drive it down)."""
+    opt = torch.optim.Adam(module.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss, _ = module(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses

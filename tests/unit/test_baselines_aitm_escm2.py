@@ -15,7 +15,7 @@ from cstwa_dist.models.outputs import ModelOutput
 from cstwa_dist.models.registry import get_model_spec
 from cstwa_dist.train.losses_counterfactual import AITMLoss, ESCM2Loss
 from cstwa_dist.train.wrapper import ModelTrain
-from tests.unit.model_fixtures import SPEC, random_batch
+from tests.unit.model_fixtures import SPEC, loss_trajectory, random_batch
 
 NAMES = ["aitm", "escm2_ips", "escm2_dr"]
 CPU = torch.device("cpu")
@@ -77,15 +77,7 @@ def test_shapes_and_every_parameter_gets_a_finite_gradient(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_loss_falls_on_a_fixed_batch(name):
     module = _train_module(name)
-    opt = torch.optim.Adam(module.parameters(), lr=1e-2)
-    b = _batch(64)
-    losses = []
-    for _ in range(30):
-        loss, _ = module(b)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = loss_trajectory(module, _batch(64), lr=1e-2)
     assert losses[-1] < 0.7 * losses[0]
 
 

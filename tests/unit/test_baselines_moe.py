@@ -17,7 +17,7 @@ from cstwa_dist.models.registry import get_model_spec
 from cstwa_dist.train.losses import EntireSpaceLoss
 from cstwa_dist.train.losses_baselines import ClickedSpaceLoss
 from cstwa_dist.train.wrapper import ModelTrain
-from tests.unit.model_fixtures import SPEC, random_batch
+from tests.unit.model_fixtures import SPEC, loss_trajectory, random_batch
 
 NAMES = ("mlp", "omoe", "mmoe", "ple")
 CLASSES = {"mlp": SingleTaskMLPs, "omoe": OMoE, "mmoe": MMoE, "ple": PLE}
@@ -65,15 +65,7 @@ def test_shapes_and_finite_gradient_for_every_parameter(name: str) -> None:
 def test_loss_falls_on_a_fixed_batch(name: str) -> None:
     torch.manual_seed(0)
     module = _train_module(name, _cfg())
-    opt = torch.optim.Adam(module.parameters(), lr=2e-2)
-    b = _batch(64)
-    losses = []
-    for _ in range(30):
-        loss, _ = module(b)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = loss_trajectory(module, _batch(64), lr=2e-2)
     assert losses[-1] < 0.7 * losses[0], losses
 
 
