@@ -1,7 +1,13 @@
-"""``cstwa-dist <command>``: one entry point whose subcommands follow the data flow of design.md.
+"""``cstwa-dist <command>``: one entry point whose subcommands follow the data flow of a retrain.
 
-Run any training command as one process or under ``torchrun --nproc_per_node=N``; the same code
-path runs either way. ``synth`` and ``report`` are single-process tools.
+data (``synth``, ``import-aliccp``, ``import-csv``) → structure (``pretrain``) → models (``train``,
+``experiment``) → results (``report``); docs/method.md, "Pipeline at a glance", maps each step to
+the method. Run any training command as one process or under ``torchrun --nproc_per_node=N``; the
+same code path runs either way. ``synth``, the importers and ``report`` are single-process tools.
+
+Only light modules are imported at the top (the registry names its builders as strings), so that
+``--help``, the importers and ``report`` never pay for importing torch and TorchRec; each command
+imports what it needs when it runs.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import warnings
 from pathlib import Path
 
 from cstwa_dist import __version__
+from cstwa_dist.registry import MODELS, table2_models, trainable_models
 
 logger = logging.getLogger("cstwa_dist")
 
@@ -113,62 +120,44 @@ def cmd_import_csv(args: argparse.Namespace) -> int:
     return 0
 
 
-def _with_runtime(cfg_data_cpus: int | None):  # noqa: ANN202 - small local helper
-    from cstwa_dist.data.reader import RayRuntime
-
-    return RayRuntime(num_cpus=cfg_data_cpus)
-
-
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from cstwa_dist.config import load_config
-    from cstwa_dist.distributed.env import init_distributed, shutdown_distributed
+    from cstwa_dist.distributed.runtime import command_runtime
     from cstwa_dist.train.pretrain import pretrain_structure
 
     cfg = load_config(args.config, args.overrides)
-    init_distributed()
-    try:
-        with _with_runtime(cfg.data.ray_num_cpus):
-            pretrain_structure(cfg)
-    finally:
-        shutdown_distributed()
+    with command_runtime(cfg.data.ray_num_cpus):
+        pretrain_structure(cfg)
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from cstwa_dist.config import load_config
-    from cstwa_dist.distributed.env import init_distributed, shutdown_distributed
+    from cstwa_dist.distributed.runtime import command_runtime
     from cstwa_dist.train.trainer import train
 
     cfg = load_config(args.config, args.overrides)
-    init_distributed()
-    try:
-        with _with_runtime(cfg.data.ray_num_cpus):
-            train(cfg, args.model, run_dir=args.run_dir)
-    finally:
-        shutdown_distributed()
+    with command_runtime(cfg.data.ray_num_cpus):
+        train(cfg, args.model, run_dir=args.run_dir)
     return 0
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
     from cstwa_dist.config import load_config
-    from cstwa_dist.distributed.env import init_distributed, shutdown_distributed
-    from cstwa_dist.train.experiment import TABLE2_MODELS, plan_cells, run_experiment
+    from cstwa_dist.distributed.runtime import command_runtime
+    from cstwa_dist.train.experiment import plan_cells, run_experiment
 
     if args.seeds < 1:
         raise ValueError("--seeds must be >= 1")
     models = args.models.split(",") if args.models else None
     if models is None and not args.ablation and not args.sweep:
-        models = list(TABLE2_MODELS)
+        models = table2_models()
     cells = plan_cells(
         models, list(range(args.seed_base, args.seed_base + args.seeds)), args.ablation, args.sweep
     )
     cfg = load_config(args.config, args.overrides)  # validates the config before any rank starts work
-    init_distributed()
-    try:
-        with _with_runtime(cfg.data.ray_num_cpus):
-            run_experiment(args.config, args.overrides, cells, args.out)
-    finally:
-        shutdown_distributed()
+    with command_runtime(cfg.data.ray_num_cpus):
+        run_experiment(cfg, cells, args.out)
     return 0
 
 
@@ -192,9 +181,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from cstwa_dist.models.registry import MODELS
+def _model_list(names: list[str]) -> str:
+    return "; ".join(f"{n}: {MODELS[n].description}" for n in names)
 
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cstwa-dist",
         description="Distributed CSTWA: synthetic data, structure mining, training and evaluation of "
@@ -298,8 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model",
         required=True,
-        choices=sorted(m for m in MODELS if m != "ctr_mlp"),
-        help="registered model name",
+        choices=trainable_models(),
+        metavar="MODEL",
+        help=f"registered model: {_model_list(trainable_models())}",
     )
     p.add_argument(
         "--run-dir", default=None, help="where metrics.json goes (default: <train.run_dir>/<model>)"
@@ -320,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--models",
         default=None,
         help="comma-separated registered models for Table 2 (default when no --ablation/--sweep: "
-        "mlp,esmm,omoe,mmoe,ple,aitm,escm2_ips,cstwa)",
+        f"{','.join(table2_models())})",
     )
     p.add_argument("--seeds", type=int, default=5, help="number of seeds per cell (default 5)")
     p.add_argument("--seed-base", type=int, default=0, help="first seed (seeds are base .. base+N-1)")

@@ -20,18 +20,8 @@ else
 fi
 
 # One Ray runtime for the whole job (torchrun.sh reuses it through RAY_ADDRESS).
-ray_pid=""
-# A node-local runtime on loopback: Ray's token authentication would make ranks look for the token in
-# the runtime's temp dir; the runtime is private to this node (or pod), so it is switched off.
-export RAY_AUTH_MODE=disabled
-cleanup() { [ -z "$ray_pid" ] || { kill "$ray_pid" 2>/dev/null || true; wait "$ray_pid" 2>/dev/null || true; }; }
-trap cleanup EXIT INT TERM
-port=$(python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-tmp=$(mktemp -d /tmp/cstwa-ray.XXXXXX)
-ray start --head --block --node-ip-address=127.0.0.1 --port="$port" --num-cpus="${RAY_NUM_CPUS:-2}" \
-  --include-dashboard=false --disable-usage-stats --temp-dir="$tmp" >"$tmp/ray-start.log" 2>&1 &
-ray_pid=$!
-export RAY_ADDRESS="127.0.0.1:$port"
+source launchers/ray_runtime.sh
+start_node_ray_runtime
 
 echo "== pretrain the CTR MLP and build the user/item graphs ($nproc ranks)"
 bash launchers/torchrun.sh "$nproc" pretrain --config "$config"

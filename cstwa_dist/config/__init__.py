@@ -39,7 +39,7 @@ class DataConfig:
 
 @dataclass(kw_only=True)
 class ModelConfig:
-    """Shapes shared by all models (method.md §4) and CSTWA's component switches (§2)."""
+    """Shapes shared by all models (docs/method.md §4) and CSTWA's component switches (§2)."""
 
     embedding_dim: int = 8
     ctr_tower: list[int] = field(default_factory=lambda: [128, 64, 32])
@@ -62,7 +62,7 @@ class ModelConfig:
         if self.embedding_dim < 4 or self.embedding_dim % 4:
             raise ConfigError(
                 f"model.embedding_dim={self.embedding_dim}: FBGEMM's table-batched kernels need a "
-                "positive multiple of 4 (method.md: d = 8 by default)"
+                "positive multiple of 4 (docs/method.md: d = 8 by default)"
             )
         for name in ("ctr_tower", "cvr_tower"):
             widths = getattr(self, name)
@@ -126,7 +126,7 @@ class OptimConfig:
     """Adam for dense parameters (paper); a fused FBGEMM optimizer for the embedding tables.
 
     ``embedding`` = ``auto`` picks fused Adam where the kernel supports it (GPU) and exact row-wise
-    Adagrad on CPU, where FBGEMM has no fused Adam (platform-notes.md; method.md's decision).
+    Adagrad on CPU, where FBGEMM has no fused Adam (docs/platform-notes.md; docs/method.md §4).
     """
 
     lr: float = 1e-3
@@ -253,6 +253,16 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
     if not isinstance(raw[section], dict):
         raise ConfigError(f"override {assignment!r}: {section} is not a section")
     raw[section][name] = yaml.safe_load(text)
+
+
+def with_overrides(cfg: RunConfig, overrides: list[str] | tuple[str, ...]) -> RunConfig:
+    """A new config: ``cfg`` with ``section.key=value`` overrides applied, validated like a loaded file."""
+    if not overrides:
+        return cfg
+    raw = cfg.to_dict()
+    for o in overrides:
+        apply_override(raw, o)
+    return _build(RunConfig, raw, "")
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:

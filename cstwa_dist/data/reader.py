@@ -1,12 +1,8 @@
 """Ray Data streaming reader: one rank's share of a Parquet split → fixed-size :class:`Batch` objects.
 
-Why it looks like this (design.md, "Ray Data inside a torchrun job"):
+Why it looks like this (docs/platform-notes.md, "Ray Data inside a torchrun job"):
 
-* **One Ray runtime per node.** The launcher runs ``ray start --head`` before torchrun and exports
-  ``RAY_ADDRESS``; every rank attaches to it (:class:`RayRuntime`). A per-rank runtime works too but
-  doubles memory (~2.5 GB each). Without ``RAY_ADDRESS`` a single-process run starts a private runtime
-  with ``address="local"`` — never a bare ``ray.init()``, which would pick up a stale current-cluster
-  file left by a killed runtime and fail (platform-notes.md).
+* **One Ray runtime per node**, attached to by every rank (``distributed/runtime.py``).
 * **Shares planned from Parquet metadata.** :func:`plan_shares` assigns whole files to ranks, greedy
   largest-first by row count, so every rank knows every share without reading data or talking to the
   others, and ``steps_per_epoch`` is agreed up front.
@@ -47,6 +43,7 @@ import torch
 from cstwa_dist.data.batch import Batch, make_kjt
 from cstwa_dist.data.spec import LABELS, DatasetSpec, split_files
 from cstwa_dist.data.validate import DataError, check_batch, check_schema, locate_first_error
+from cstwa_dist.distributed.runtime import RayRuntime, quiet_ray_loggers
 
 __all__ = [
     "DataError",
@@ -61,59 +58,6 @@ log = logging.getLogger(__name__)
 # Rows held by Ray's local shuffle buffer (per rank). Large enough to mix rows across several
 # row groups/files, small enough to stay a few MB: a row is ~8 bytes per field.
 DEFAULT_SHUFFLE_BUFFER_ROWS = 65536
-
-
-def _quiet_ray_loggers() -> None:
-    """Ray Data logs every dataset execution at INFO (several lines per epoch and rank)."""
-    import ray.data  # noqa: F401  (importing ray.data configures its loggers; override after that)
-
-    for name in ("ray", "ray.data"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-
-
-class RayRuntime:
-    """Context manager giving this process a Ray runtime for the readers.
-
-    Attaches to the node's runtime when ``RAY_ADDRESS`` is set (started by the launcher with
-    ``ray start --head`` before torchrun, so all ranks of a node share one runtime's memory); otherwise
-    starts a private local runtime and stops it on exit. If Ray is already initialised in this process
-    (e.g. the caller or an outer ``RayRuntime`` did it) it does nothing, on entry and on exit.
-    """
-
-    def __init__(self, num_cpus: int | None = None):
-        self.num_cpus = num_cpus
-        self._owned = False
-        self.address: str | None = None
-
-    def __enter__(self) -> RayRuntime:
-        import ray
-
-        _quiet_ray_loggers()
-        if ray.is_initialized():
-            log.debug("ray already initialised in this process; reusing it")
-            return self
-        address = os.environ.get("RAY_ADDRESS")
-        common: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": False}
-        if address:
-            # Attaching: resources belong to the node runtime, so num_cpus is not passed.
-            ray.init(address=address, **common)
-            self.address = address
-            log.info("attached to Ray runtime at %s", address)
-        else:
-            # address="local" always starts a new runtime: never reads Ray's current-cluster file.
-            ray.init(address="local", include_dashboard=False, num_cpus=self.num_cpus, **common)
-            self.address = "local"
-            log.info("started a private local Ray runtime (num_cpus=%s)", self.num_cpus)
-        self._owned = True
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        import ray
-
-        if self._owned and ray.is_initialized():
-            # For an attached runtime this only disconnects this driver; a local one is stopped.
-            ray.shutdown()
-        self._owned = False
 
 
 def _row_counts(files: list[Path]) -> list[int]:
@@ -251,7 +195,7 @@ class SplitReader:
     def _stream(self, epoch: int) -> Iterator[dict[str, np.ndarray]]:
         import ray.data
 
-        _quiet_ray_loggers()
+        quiet_ray_loggers()
         ds = ray.data.read_parquet([str(f) for f in self._epoch_files(epoch)]).select_columns(self.columns)
         ctx = ds.context  # per-dataset copy: these settings do not leak into other datasets
         ctx.execution_options.preserve_order = True  # reproducible order for a given seed/epoch

@@ -3,7 +3,7 @@
 A dataset directory is ``<dataset>/{train,val,test}/*.parquet`` with one int64 column per categorical
 field (named as the field) and int8 label columns ``click`` and ``purchase``; ``spec.yaml`` says which
 side (user | item | context) each field belongs to and its vocabulary size, because the model needs
-the sides to build ``r_u``, ``r_i`` and ``ctx`` (method.md, Notation) and the vocabulary sizes to size
+the sides to build ``r_u``, ``r_i`` and ``ctx`` (docs/method.md, Notation) and the vocabulary sizes to size
 the embedding tables.
 """
 

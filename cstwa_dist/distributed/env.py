@@ -53,7 +53,7 @@ def init_distributed(backend: str | None = None) -> DistEnv:
 
 
 def shutdown_distributed() -> None:
-    """Barrier before destroy: without it gloo occasionally aborts at exit (platform-notes)."""
+    """Barrier before destroy: without it gloo occasionally aborts at exit (docs/platform-notes.md)."""
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

@@ -44,7 +44,7 @@ logger = logging.getLogger(__name__)
 class ShardedModel:
     dmp: DistributedModelParallel
     optimizer: CombinedOptimizer
-    embedding_optimizer: str  # recorded in metrics.json (method.md's optimizer decision)
+    embedding_optimizer: str  # recorded in metrics.json (docs/method.md's optimizer decision)
     plan: str
 
 

@@ -1,7 +1,7 @@
 """Whole-table reads and writes of (sharded) embedding tables, for the structure steps.
 
 The local shards in a sharded EBC's ``state_dict()`` are views of the live FBGEMM weights, so an
-in-place ``copy_`` into them updates the table that the next forward uses (platform-notes). Reading
+in-place ``copy_`` into them updates the table that the next forward uses (docs/platform-notes.md). Reading
 fills a zero buffer from the local shards by their offsets and sums over ranks: every rank gets the
 full table. That is O(rows × width) memory per rank — right for this slice, not for 30M users; the
 row-sharded path (neighbour rows fetched by all-to-all) is the scalable issue's job.

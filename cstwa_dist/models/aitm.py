@@ -6,7 +6,7 @@ sample, how much to take from the click task: the click tower's output is passed
 MLP and fused with the purchase tower's output by self-attention over the two vectors. The purchase
 layer then predicts the end-to-end conversion ``P(z=1 | x)`` directly over the entire impression
 space (no product with ``p_ctr``); the behavioural calibrator that keeps ``p_purchase ≤ p_click`` is
-part of the loss (``train/losses_counterfactual.py``).
+part of the loss (``losses/constrained.py``).
 """
 
 from __future__ import annotations
@@ -19,8 +19,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from cstwa_dist.config import ModelConfig
 from cstwa_dist.data.spec import DatasetSpec
-from cstwa_dist.models.base import RecModel
-from cstwa_dist.models.blocks import FieldEmbeddings, MLPTower, tower_with_logit
+from cstwa_dist.models.base import SharedBottom
 from cstwa_dist.models.outputs import ModelOutput
 
 
@@ -51,16 +50,11 @@ class AttentionInfoTransfer(nn.Module):
         return fused, weights
 
 
-class AITM(RecModel):
+class AITM(SharedBottom):
     """Shared embeddings → click tower, purchase tower; AIT fuses transferred click info into purchase."""
 
     def __init__(self, spec: DatasetSpec, cfg: ModelConfig, device: torch.device | None = None) -> None:
-        super().__init__()
-        d = cfg.embedding_dim
-        self.embeddings = FieldEmbeddings(spec, "shared", d, device)
-        in_dim = self.embeddings.out_dim
-        self.click_tower, self.click_layer = tower_with_logit(in_dim, cfg.ctr_tower, cfg.dropout, device)
-        self.conversion_tower = MLPTower(in_dim, cfg.cvr_tower, cfg.dropout, device)
+        super().__init__(spec, cfg, device, conversion_layer=False)
         # Transfer MLP: maps the click tower's output into the purchase tower's space (same width), so
         # the AIT projections can be shared by both inputs. Gradients flow back into the click tower:
         # the paper trains the transfer end to end, which is how purchase signal shapes the click task.
@@ -75,8 +69,7 @@ class AITM(RecModel):
         return self._forward(features)[1]
 
     def _forward(self, features: KeyedJaggedTensor) -> tuple[ModelOutput, torch.Tensor]:
-        r_u, r_i, ctx = self.embeddings(features)
-        x = torch.cat([r_u, r_i, ctx], dim=1)  # [B, (M_u + M_i)·D + D]
+        x = self.inputs(features)  # [B, (M_u + M_i)·D + D]
         q_click = self.click_tower(x)  # [B, H_ctr]
         click_logit = self.click_layer(q_click).squeeze(-1)
         q_purchase = self.conversion_tower(x)  # [B, H_cvr]

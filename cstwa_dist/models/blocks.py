@@ -7,6 +7,7 @@ and materialised by DistributedModelParallel (no process-group or rank logic in 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
@@ -36,6 +37,18 @@ class MLPTower(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, in] -> [B, out]
         return self.net(x)
+
+
+def ctcvr_logit(ctr_logit: torch.Tensor, cvr_logit: torch.Tensor) -> torch.Tensor:
+    """logit(σ(a)·σ(b)) computed in log space (ESMM's ``p_ctcvr = p_ctr · p_cvr`` as a logit).
+
+    With ``log p = logσ(a) + logσ(b)``, ``logit p = log p − log(1 − p)`` and ``log(1 − p) =
+    log(−expm1(log p))``, so BCEWithLogits on the result is the CTCVR BCE without underflow when
+    both probabilities are tiny (purchase rates of 0.02 % make that the normal case).
+    """
+    log_p = F.logsigmoid(ctr_logit) + F.logsigmoid(cvr_logit)
+    log_p = torch.clamp(log_p, max=-1e-7)  # p < 1 strictly, so log(1 − p) stays finite
+    return log_p - torch.log(-torch.expm1(log_p))
 
 
 def tower_with_logit(
@@ -95,7 +108,7 @@ def embedding_collection(
 def concat_by_keys(kt: KeyedTensor, keys: list[str]) -> torch.Tensor:
     """Concatenates pooled embeddings in an explicit key order.
 
-    A sharded EBC's ``values()`` are ordered by the sharding plan, not by the tables (platform-notes),
+    A sharded EBC's ``values()`` are ordered by the sharding plan, not by the tables (docs/platform-notes.md),
     so positional slicing would silently mix fields across ranks: always go through keys.
     """
     d = kt.to_dict()
@@ -110,7 +123,7 @@ def mean_by_keys(kt: KeyedTensor, keys: list[str]) -> torch.Tensor:
 class FieldEmbeddings(nn.Module):
     """One embedding table per field of a spec, with the side views the models need.
 
-    ``forward`` returns ``(r_u, r_i, ctx)``: user-side and item-side concatenations (method.md Eq. 2)
+    ``forward`` returns ``(r_u, r_i, ctx)``: user-side and item-side concatenations (docs/method.md Eq. 2)
     and the mean of the context embeddings.
     """
 

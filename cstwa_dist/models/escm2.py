@@ -5,7 +5,7 @@ the purchase prediction is ``p_ctcvr``); what ESCM² adds is a regulariser that 
 as a post-click estimator debiased by ``p_ctr`` as propensity (IPS), optionally with an imputation
 tower predicting the CVR tower's error (DR). The regulariser needs the CVR logit on its own, so the
 model returns it in ``ModelOutput.extras``; the risks themselves live in
-``train/losses_counterfactual.py``.
+``losses/counterfactual.py``.
 """
 
 from __future__ import annotations
@@ -13,20 +13,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from cstwa_dist.config import ModelConfig
 from cstwa_dist.data.spec import DatasetSpec
-from cstwa_dist.models.base import RecModel
-from cstwa_dist.models.blocks import FieldEmbeddings, MLPTower, tower_with_logit
-from cstwa_dist.models.esmm import ctcvr_logit
+from cstwa_dist.models.blocks import MLPTower
+from cstwa_dist.models.esmm import ESMM
 from cstwa_dist.models.outputs import ModelOutput
 
 CVR_LOGIT = "cvr_logit"  # extras key: the CVR tower's logit, P(z=1 | click, x)
 IMPUTED_ERROR = "imputed_error"  # extras key (DR only): ê ≥ 0, the predicted BCE of the CVR tower
 
 
-class ESCM2(RecModel):
+class ESCM2(ESMM):
     """ESMM's towers; with ``doubly_robust`` an imputation tower predicts the CVR error ``ê``.
 
     The imputation tower is built only for the DR variant, so that the IPS model holds no parameter
@@ -43,28 +41,18 @@ class ESCM2(RecModel):
         *,
         doubly_robust: bool = False,
     ) -> None:
-        super().__init__()
-        d = cfg.embedding_dim
-        self.embeddings = FieldEmbeddings(spec, "shared", d, device)
-        in_dim = self.embeddings.out_dim
-        self.click_tower, self.click_layer = tower_with_logit(in_dim, cfg.ctr_tower, cfg.dropout, device)
-        self.conversion_tower, self.conversion_layer = tower_with_logit(
-            in_dim, cfg.cvr_tower, cfg.dropout, device
-        )
+        super().__init__(spec, cfg, device)
         self.doubly_robust = doubly_robust
         if doubly_robust:
-            self.imputation_tower = MLPTower(in_dim, cfg.cvr_tower, cfg.dropout, device)
+            self.imputation_tower = MLPTower(self.in_dim, cfg.cvr_tower, cfg.dropout, device)
             self.imputation_layer = nn.Linear(self.imputation_tower.out_dim, 1, device=device)
 
-    def forward(self, features: KeyedJaggedTensor) -> ModelOutput:
-        r_u, r_i, ctx = self.embeddings(features)
-        x = torch.cat([r_u, r_i, ctx], dim=1)  # [B, (M_u + M_i)·D + D]
-        click_logit = self.click_layer(self.click_tower(x)).squeeze(-1)  # [B]
-        cvr_logit = self.conversion_layer(self.conversion_tower(x)).squeeze(-1)  # [B]
+    def outputs(self, x: torch.Tensor, click_logit: torch.Tensor, cvr_logit: torch.Tensor) -> ModelOutput:
+        """ESMM's CTCVR prediction, plus the CVR logit (and ``ê`` for DR) for the counterfactual risk."""
         extras = {CVR_LOGIT: cvr_logit}
         if self.doubly_robust:
             raw = self.imputation_layer(self.imputation_tower(x)).squeeze(-1)
             extras[IMPUTED_ERROR] = F.softplus(raw)  # [B]
-        return ModelOutput(
-            click_logit=click_logit, purchase_logit=ctcvr_logit(click_logit, cvr_logit), extras=extras
-        )
+        out = super().outputs(x, click_logit, cvr_logit)
+        out.extras = extras
+        return out

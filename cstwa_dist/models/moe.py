@@ -16,44 +16,25 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from cstwa_dist.config import ModelConfig
 from cstwa_dist.data.spec import DatasetSpec
-from cstwa_dist.models.base import RecModel
-from cstwa_dist.models.blocks import FieldEmbeddings, tower_with_logit
-from cstwa_dist.models.esmm import ctcvr_logit
+from cstwa_dist.models.base import SharedBottom
 from cstwa_dist.models.experts import CGCLevel, SoftmaxGate, make_experts, run_experts
-from cstwa_dist.models.outputs import ModelOutput
 
 TASKS = ("ctr", "cvr")
 
 
-class _EntireSpaceMultiTask(RecModel):
-    """Shared embeddings and the two towers; subclasses turn ``x`` into one representation per task."""
+class _EntireSpaceMultiTask(SharedBottom):
+    """ESMM's shape with experts between ``x`` and the towers: subclasses mix ``x`` per task."""
 
     def __init__(self, spec: DatasetSpec, cfg: ModelConfig, device: torch.device | None) -> None:
-        super().__init__()
-        self.embeddings = FieldEmbeddings(spec, "shared", cfg.embedding_dim, device)
-        # width of x = r_u ‖ r_i ‖ ctx, the input of the first expert layer and of its gates
-        self.in_dim = self.embeddings.out_dim
-        rep_dim = cfg.expert_widths[-1]  # every mixture is a weighted sum of expert outputs
-        self.click_tower, self.click_layer = tower_with_logit(rep_dim, cfg.ctr_tower, cfg.dropout, device)
-        self.conversion_tower, self.conversion_layer = tower_with_logit(
-            rep_dim, cfg.cvr_tower, cfg.dropout, device
-        )
+        # every mixture is a weighted sum of expert outputs, so the towers see the last expert width
+        super().__init__(spec, cfg, device, rep_dim=cfg.expert_widths[-1])
 
     def task_representations(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``[B, in]`` → (click tower input, conversion tower input), each ``[B, H]``."""
         raise NotImplementedError
-
-    def forward(self, features: KeyedJaggedTensor) -> ModelOutput:
-        r_u, r_i, ctx = self.embeddings(features)
-        x = torch.cat([r_u, r_i, ctx], dim=1)  # [B, (M_u + M_i)·D + D]
-        h_ctr, h_cvr = self.task_representations(x)
-        click_logit = self.click_layer(self.click_tower(h_ctr)).squeeze(-1)
-        cvr_logit = self.conversion_layer(self.conversion_tower(h_cvr)).squeeze(-1)
-        return ModelOutput(click_logit=click_logit, purchase_logit=ctcvr_logit(click_logit, cvr_logit))
 
 
 class OMoE(_EntireSpaceMultiTask):

@@ -1,7 +1,7 @@
-"""Sparse similarity graphs: kNN lists to the normalised adjacency Â (method.md §1, Eq. 4-5).
+"""Sparse similarity graphs: kNN lists to the normalised adjacency Â (docs/method.md §1, Eq. 4-5).
 
 Graphs are torch sparse CSR float32: CSR × dense is the fastest sparse product measured here
-(platform-notes.md: 364 ms for 1M rows × 8 nnz against 1M × 45, against 1.2 s for COO), and row
+(docs/platform-notes.md: 364 ms for 1M rows × 8 nnz against 1M × 45, against 1.2 s for COO), and row
 slices of CSR are what the later row-sharded propagation needs. Column indices are kept sorted within
 each row so the same graph always has the same byte layout (stable checksums, comparable files).
 """
@@ -44,7 +44,7 @@ def _csr_from_sorted_coo(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, n
 def knn_to_adjacency(scores: np.ndarray, indices: np.ndarray, n: int) -> torch.Tensor:
     """Sparse ``A`` with ``A_uv = max(S_uv, 0)`` for ``v`` in the top-k of ``u`` (Eq. 4), as CSR.
 
-    Row ``u`` of the kNN lists becomes row ``u`` of ``A``; nothing is symmetrised (method.md §1.4
+    Row ``u`` of the kNN lists becomes row ``u`` of ``A``; nothing is symmetrised (docs/method.md §1.4
     Decision), so ``A`` is in general not symmetric. Negative cosines are clamped to 0 and zeros
     (clamped or genuine) are not stored: a zero weight carries nothing through propagation and would
     only cost memory. ``-1`` ids (an approximate index's "no result") are skipped. Repeated ids in a row

@@ -1,10 +1,10 @@
-"""Cosine k-nearest-neighbour search for mining latent structure (method.md §1, Eq. 3-4).
+"""Cosine k-nearest-neighbour search for mining latent structure (docs/method.md §1, Eq. 3-4).
 
 Similarity is cosine, computed as an inner product on L2-normalised rows with a Faiss flat index:
 exact search is the reference every approximate (IVF) graph is measured against, so these helpers
 stay plain and single-process. Faiss ships no type hints; the functions here add them at the edge.
 
-**Decision (method.md §1.4):** a node's own row counts among its ``k`` neighbours. Search alone does
+**Decision (docs/method.md §1.4):** a node's own row counts among its ``k`` neighbours. Search alone does
 not guarantee that: duplicate rows tie with self at score 1 (and float rounding may rank a duplicate
 first), and a zero-norm row scores 0 against every row, so Faiss returns arbitrary ids for it.
 :func:`exact_knn` therefore places self in slot 0 of every row (see there for the exact rule).
@@ -82,12 +82,12 @@ def exact_knn(
     """Exact cosine top-``k`` of every row of ``x`` against all rows (self included).
 
     Returns ``(scores [N, k] float32, indices [N, k] int64)``, each row in descending score order with
-    the query's own id in slot 0 (method.md §1.4 Decision; :func:`ensure_self_first`). ``k`` larger
+    the query's own id in slot 0 (docs/method.md §1.4 Decision; :func:`ensure_self_first`). ``k`` larger
     than ``N`` is clipped to ``N`` with a warning, because a complete graph is the most a row can have.
 
     Queries run in chunks of ``batch_size`` rows so that Faiss's [batch, k] result buffers and the
     per-chunk log stay bounded; each chunk logs rows done and rows/s (at INFO with ``progress``,
-    DEBUG otherwise), since exact search at 1M rows takes tens of minutes (platform-notes.md).
+    DEBUG otherwise), since exact search at 1M rows takes tens of minutes (docs/platform-notes.md).
     """
     if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
@@ -128,7 +128,7 @@ def knn_recall(approx_indices: np.ndarray, exact_indices: np.ndarray) -> float:
 
     Rows are compared as sets, so order within a row does not matter; the approximate lists may be
     wider or narrower than the exact ones, and ``-1`` (Faiss's "no result") never matches. Used to
-    report IVF quality on the real representation vectors (platform-notes.md: recall depends on how
+    report IVF quality on the real representation vectors (docs/platform-notes.md: recall depends on how
     clustered they are). Computed in row chunks to keep the [rows, k, k'] comparison small.
     """
     approx = np.asarray(approx_indices, dtype=np.int64)

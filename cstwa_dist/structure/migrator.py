@@ -22,7 +22,7 @@ from cstwa_dist.data.spec import DatasetSpec
 from cstwa_dist.distributed.env import DistEnv
 from cstwa_dist.distributed.sharding import submodule
 from cstwa_dist.distributed.tables import read_full_table, write_full_table
-from cstwa_dist.models.base import StructureTable
+from cstwa_dist.registry import StructureTable
 from cstwa_dist.structure.graph import build_graph, load_graph, save_graph
 from cstwa_dist.structure.profiles import entity_profiles
 from cstwa_dist.structure.propagate import structure_migrate

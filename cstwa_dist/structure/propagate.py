@@ -1,4 +1,4 @@
-"""Structure Migrator propagation and smoothing (method.md §2, Eq. 8-10), single process.
+"""Structure Migrator propagation and smoothing (docs/method.md §2, Eq. 8-10), single process.
 
 ``X^(L) = Â^L X`` with no weight matrix and no activation, then ``X ← (1−β)·X + β·X^(L)`` at epoch
 boundaries. These are the reference semantics; the row-sharded multi-rank version must match them.
@@ -23,7 +23,7 @@ def propagate(a_hat: torch.Tensor, x: torch.Tensor, layers: int) -> torch.Tensor
 
     ``Â`` is applied ``layers`` times rather than powered: ``Â^L`` fills in (k^L nnz per row) while
     ``L`` products with ``x`` cost ``L · nnz · d``. ``layers = 0`` returns ``x`` unchanged (no copy).
-    ``a_hat`` should be CSR (the fast kernel, platform-notes.md); COO is converted once. Values are
+    ``a_hat`` should be CSR (the fast kernel, docs/platform-notes.md); COO is converted once. Values are
     cast to ``x``'s dtype so a float32 graph can smooth float64 tables in tests.
     """
     if isinstance(layers, bool) or not isinstance(layers, int) or layers < 0:

@@ -16,24 +16,21 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from cstwa_dist.config import load_config
-from cstwa_dist.data.spec import DatasetSpec
+from cstwa_dist.config import RunConfig, with_overrides
 from cstwa_dist.distributed.collectives import broadcast_object
 from cstwa_dist.distributed.env import init_distributed
-from cstwa_dist.models.registry import get_model_spec
+from cstwa_dist.fs import atomic_write_json, atomic_write_text
+from cstwa_dist.registry import get_model_spec
 from cstwa_dist.train.pretrain import pretrain_structure, structure_complete
 from cstwa_dist.train.trainer import train
 
 logger = logging.getLogger(__name__)
-
-TABLE2_MODELS = ["mlp", "esmm", "omoe", "mmoe", "ple", "aitm", "escm2_ips", "cstwa"]
 SWEEP_KEYS = {
     "beta": "structure.beta",
     "gamma": "loss.gamma",
@@ -117,19 +114,26 @@ def plan_cells(models: list[str] | None, seeds: list[int], ablation: bool, sweep
     return cells
 
 
-def _needs_graphs(config: str | None, overrides: list[str], model: str) -> bool:
-    cfg = load_config(config, overrides)
-    spec = DatasetSpec.load(cfg.data.dataset)
-    return bool(get_model_spec(model).build(spec, cfg.model, torch.device("meta")).structure_tables())
+def cell_config(base: RunConfig, cell: Cell, out: Path) -> RunConfig:
+    """The typed config of one cell: the base run config, the cell's overrides, its seed and folders.
+
+    Structure is shared per seed and ``k`` (``<out>/structure/k<k>-seed<s>``), results go to
+    ``<out>/cells/<cell_id>``. Every value is validated once, by the config dataclasses.
+    """
+    cfg = with_overrides(base, cell.overrides)
+    graph_dir = out / "structure" / f"k{cfg.structure.k}-seed{cell.seed}"
+    return replace(
+        cfg,
+        train=replace(cfg.train, seed=cell.seed, run_dir=str(out / "cells")),
+        structure=replace(cfg.structure, graph_dir=str(graph_dir)),
+    )
 
 
-def run_experiment(
-    config: str | None,
-    base_overrides: list[str],
-    cells: list[Cell],
-    out: str | Path,
-) -> dict[str, Any]:
-    """Runs every cell not yet finished, then (rank 0) writes the reports. Returns the report."""
+def run_experiment(base: RunConfig, cells: list[Cell], out: str | Path) -> dict[str, Any]:
+    """Runs every cell not yet finished, then (rank 0) writes the reports. Returns the report.
+
+    Must run inside ``command_runtime`` (process group + Ray runtime), on every rank.
+    """
     env = init_distributed()
     out = Path(out)
     t0 = time.perf_counter()
@@ -141,23 +145,15 @@ def run_experiment(
         if done:
             logger.info("[%d/%d] %s: finished before, skipped", i, len(unique), cell.cell_id)
             continue
-        seed_ov = [f"train.seed={cell.seed}"]
-        pre = load_config(config, [*base_overrides, *cell.overrides])
-        graph_dir = out / "structure" / f"k{pre.structure.k}-seed{cell.seed}"
-        overrides = [
-            *base_overrides,
-            *cell.overrides,
-            *seed_ov,
-            f"structure.graph_dir={graph_dir}",
-            f"train.run_dir={out / 'cells'}",
-        ]
-        if _needs_graphs(config, overrides, cell.model) and not broadcast_object(
+        cfg = cell_config(base, cell, out)
+        graph_dir = cfg.structure.graph_dir
+        if get_model_spec(cell.model).needs_graphs(cfg.model) and not broadcast_object(
             structure_complete(graph_dir)
         ):
             logger.info(
-                "[%d/%d] mining structure for seed %d, k %d", i, len(unique), cell.seed, pre.structure.k
+                "[%d/%d] mining structure for seed %d, k %d", i, len(unique), cell.seed, cfg.structure.k
             )
-            pretrain_structure(load_config(config, overrides))
+            pretrain_structure(cfg)
         logger.info(
             "[%d/%d] %s %s seed %d %s",
             i,
@@ -167,11 +163,10 @@ def run_experiment(
             cell.seed,
             " ".join(cell.overrides),
         )
-        cfg = load_config(config, overrides)
         train(cfg, cell.model, run_dir=run_dir)
         gc.collect()
         if env.is_main:
-            (run_dir / "cell.json").write_text(json.dumps(asdict(cell)))
+            atomic_write_json(run_dir / "cell.json", asdict(cell), sort_keys=False)
     report = build_report(cells, out) if env.is_main else {}
     if env.is_main:
         report["wall_seconds_this_run"] = time.perf_counter() - t0
@@ -274,10 +269,8 @@ def write_reports(report: dict[str, Any], out: Path) -> None:
         if group.startswith("sweep:"):
             png = plot_sweep(group.removeprefix("sweep:"), rows, out)
             lines += ["", f"![{group}]({png.name})"]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
-    tmp = out / "report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2, default=str))
-    tmp.replace(out / "report.json")
+    atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
+    atomic_write_json(out / "report.json", report, sort_keys=False)
     logger.info("wrote %s and %s", out / "report.md", out / "report.json")
 
 

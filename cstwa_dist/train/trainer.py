@@ -1,16 +1,17 @@
 """The training loop: one code path for 1 process and for torchrun ranks, for every registered model.
 
-The loop knows nothing model-specific: the registry's spec builds the model and its loss, and the
-model declares structure tables (then the Structure Migrator runs at epoch boundaries). Every rank
-runs the reader's ``steps_per_epoch`` fixed-size steps, so collectives never wait on a rank that ran
-out of data. ``.item()`` syncs happen only at logging steps.
+``Trainer`` knows nothing model-specific: the registry's spec builds the model and its loss and
+declares the structure tables (then the Structure Migrator runs at epoch boundaries). It reads the
+way a training loop is usually read: ``fit`` runs epochs; an epoch is an ``epoch_boundary`` (the
+structure step), ``train_step`` over the reader's batches, and an optional validation pass;
+``evaluate`` scores a split. Every rank runs the reader's ``steps_per_epoch`` fixed-size steps, so
+collectives never wait on a rank that ran out of data. ``.item()`` syncs happen only at logging
+steps.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -22,7 +23,8 @@ import torch
 from torchrec.distributed.model_parallel import DistributedModelParallel
 
 from cstwa_dist.config import RunConfig
-from cstwa_dist.data.reader import RayRuntime, SplitReader
+from cstwa_dist.data.batch import Batch
+from cstwa_dist.data.reader import SplitReader
 from cstwa_dist.data.spec import DatasetSpec
 from cstwa_dist.distributed.collectives import (
     all_gather_cat,
@@ -32,7 +34,8 @@ from cstwa_dist.distributed.collectives import (
 )
 from cstwa_dist.distributed.env import DistEnv, init_distributed
 from cstwa_dist.distributed.sharding import ShardedModel, shard_model
-from cstwa_dist.models.registry import ModelSpec, get_model_spec
+from cstwa_dist.fs import atomic_write_json
+from cstwa_dist.registry import ModelSpec, get_model_spec
 from cstwa_dist.structure.migrator import StructureMigrator
 from cstwa_dist.train.metrics import exact_auc
 from cstwa_dist.train.wrapper import ModelTrain
@@ -96,11 +99,207 @@ def auc_report(pred: dict[str, np.ndarray]) -> dict[str, float | None]:
     return {"click_auc": click_auc, "purchase_auc": purchase_auc, "rows": int(pred["click"].size)}
 
 
-def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
-    tmp.replace(path)
+class Trainer:
+    """Trains one registered model per ``cfg`` on the current process group.
+
+    Must be created inside a Ray runtime and after ``init_distributed`` (``command_runtime`` does
+    both), so that several trainers in one process (pretrain, then graphs; an experiment's cells)
+    share them.
+    """
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        model_name: str,
+        *,
+        run_dir: str | Path | None = None,
+        epochs: int | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.model_name = model_name
+        self.env = init_distributed()
+        self.spec = DatasetSpec.load(cfg.data.dataset)
+        self.model_spec = get_model_spec(model_name)
+        self.epochs = epochs or cfg.train.epochs
+        self.run_dir = Path(run_dir or Path(cfg.train.run_dir) / model_name)
+        self.t_start = time.perf_counter()
+        self.sharded = build_sharded(cfg, model_name, self.env, self.spec)
+        self.dmp, self.optimizer = self.sharded.dmp, self.sharded.optimizer
+        logger.info(
+            "%s: %d rank(s), embedding optimizer %s, dense Adam lr %g",
+            model_name,
+            self.env.world_size,
+            self.sharded.embedding_optimizer,
+            cfg.optim.lr,
+        )
+        self.structure_seconds = 0.0
+        self.migrator: StructureMigrator | None = None
+        tables = self.model_spec.structure_tables(cfg.model)
+        if tables:
+            t0 = time.perf_counter()
+            self.migrator = StructureMigrator(
+                self.dmp, list(tables), self.spec, cfg.data.dataset, cfg.structure, self.env
+            )
+            self.migrator.initialise()
+            self.structure_seconds += time.perf_counter() - t0
+        self.train_reader = self.reader("train", cfg.data.shuffle, cfg.data.batch_size)
+        self.steps = self.train_reader.steps_per_epoch
+        logger.info(
+            "train: %d rows (this rank %d), %d steps/epoch of %d rows per rank",
+            self.train_reader.total_rows,
+            self.train_reader.rows,
+            self.steps,
+            cfg.data.batch_size,
+        )
+        self.history: list[dict[str, Any]] = []
+        self.real_samples = torch.zeros((), dtype=torch.float64, device=self.env.device)
+        self.train_seconds = 0.0
+        self.first_step_seconds = 0.0
+
+    def reader(self, split: str, shuffle: bool, batch_size: int) -> SplitReader:
+        """This rank's share of ``split`` in fixed-size batches."""
+        return SplitReader(
+            self.cfg.data.dataset,
+            split,
+            self.spec,
+            rank=self.env.rank,
+            world_size=self.env.world_size,
+            batch_size=batch_size,
+            seed=self.cfg.train.seed,
+            shuffle=shuffle,
+            prefetch_batches=self.cfg.data.prefetch_batches,
+        )
+
+    def train_step(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Forward, backward and both optimizers on one batch; returns the (undetached) loss and parts."""
+        batch = batch.to(self.env.device)
+        loss, (parts, _, _) = self.dmp(batch)
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+        self.real_samples += batch.mask.sum()
+        return loss, parts
+
+    def epoch_boundary(self, epoch: int) -> None:
+        """The Structure Migrator's β update before every epoch but the first (Eq. 9–10)."""
+        if self.migrator is not None and epoch > 0:
+            self.structure_seconds += self.migrator.epoch_boundary(epoch)
+
+    def evaluate(self, split: str) -> dict[str, float | None]:
+        """Click/Purchase AUC over every impression of ``split``, gathered from all ranks."""
+        reader = self.reader(split, False, self.cfg.data.eval_batch_size)
+        return auc_report(predict(self.dmp, reader, self.env))
+
+    def train_epoch(self, epoch: int, validate: bool) -> dict[str, Any]:
+        """One epoch of ``steps`` training steps (then validation); returns the epoch's record."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.env.device)
+        n_steps = 0
+        for step, batch in enumerate(self.train_reader.epoch(epoch)):
+            loss, parts = self.train_step(batch)
+            loss_sum += loss.detach()
+            n_steps += 1
+            if step == 0:  # the first step of an epoch also pays for starting the epoch's input stream
+                self.first_step_seconds += time.perf_counter() - t0
+            if step % cfg.train.log_every == 0 or step == self.steps - 1:
+                elapsed = max(time.perf_counter() - t0, 1e-9)
+                rate = (step + 1) * cfg.data.batch_size * self.env.world_size / elapsed
+                logger.info(
+                    "%s epoch %d step %d/%d loss %.4f (%s) ~%.0f samples/s",
+                    self.model_name,
+                    epoch + 1,
+                    step + 1,
+                    self.steps,
+                    loss.item(),
+                    " ".join(f"{k} {v.item():.4f}" for k, v in parts.items()),
+                    rate,
+                )
+        if n_steps != self.steps:
+            raise RuntimeError(
+                f"rank {self.env.rank} ran {n_steps} steps, expected {self.steps}: reader contract broken"
+            )
+        epoch_seconds = time.perf_counter() - t0
+        self.train_seconds += epoch_seconds
+        record: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "seconds": epoch_seconds,
+            "mean_loss": float(all_reduce_sum(loss_sum.clone()) / (self.steps * self.env.world_size)),
+        }
+        if validate:
+            record["val"] = self.evaluate("val")
+            logger.info(
+                "%s epoch %d val: click AUC %.4f purchase AUC %s",
+                self.model_name,
+                epoch + 1,
+                record["val"]["click_auc"],
+                _fmt(record["val"]["purchase_auc"]),
+            )
+        return record
+
+    def fit(self, evaluate: bool = True) -> TrainResult:
+        """All epochs, then (``evaluate``) the test pass; rank 0 writes ``<run_dir>/metrics.json``."""
+        cfg, env = self.cfg, self.env
+        self.dmp.train()
+        for epoch in range(self.epochs):
+            self.epoch_boundary(epoch)
+            self.history.append(self.train_epoch(epoch, evaluate and cfg.train.validate_every_epoch))
+        metrics = self._metrics()
+        if evaluate:
+            t0 = time.perf_counter()
+            test = self.evaluate(cfg.train.eval_split)
+            metrics.update(
+                click_auc=test["click_auc"],
+                purchase_auc=test["purchase_auc"],
+                eval_split=cfg.train.eval_split,
+                eval_rows=test["rows"],
+                eval_seconds=time.perf_counter() - t0,
+            )
+            logger.info(
+                "%s %s: click AUC %.4f, purchase AUC %s over %d impressions",
+                self.model_name,
+                cfg.train.eval_split,
+                test["click_auc"],
+                _fmt(test["purchase_auc"]),
+                test["rows"],
+            )
+        metrics["wall_seconds"] = time.perf_counter() - self.t_start
+        if env.is_main:
+            atomic_write_json(self.run_dir / "metrics.json", metrics)
+            logger.info("wrote %s", self.run_dir / "metrics.json")
+        broadcast_object(None)  # keeps ranks in step before the caller moves on
+        return TrainResult(
+            metrics=metrics,
+            sharded=self.sharded,
+            env=env,
+            spec=self.spec,
+            model_spec=self.model_spec,
+            history=self.history,
+        )
+
+    def _metrics(self) -> dict[str, Any]:
+        cfg, env = self.cfg, self.env
+        total_real = int(all_reduce_sum(self.real_samples).item())
+        batch_rows = cfg.data.batch_size * env.world_size
+        return {
+            "model": self.model_name,
+            "seed": cfg.train.seed,
+            "world_size": env.world_size,
+            "epochs": self.epochs,
+            "train_samples": total_real,
+            "train_rows_per_epoch": self.train_reader.total_rows,
+            "samples_per_s": total_real / max(self.train_seconds, 1e-9),
+            # without each epoch's first step (input stream start-up): the rate a long epoch approaches
+            "samples_per_s_steady": max(total_real - self.epochs * batch_rows, 0)
+            / max(self.train_seconds - self.first_step_seconds, 1e-9),
+            "train_seconds": self.train_seconds,
+            "structure_seconds": self.structure_seconds,
+            "embedding_optimizer": self.sharded.embedding_optimizer,
+            "dense_optimizer": "adam",
+            "device": str(env.device),
+            "history": self.history,
+            "config": cfg.to_dict(),
+        }
 
 
 def train(
@@ -111,165 +310,9 @@ def train(
     epochs: int | None = None,
     evaluate: bool = True,
 ) -> TrainResult:
-    """Trains ``model_name`` per ``cfg``; rank 0 writes ``<run_dir>/metrics.json``.
-
-    Must be called inside a Ray runtime (``RayRuntime``) and after ``init_distributed`` — the CLI
-    does both — so that several calls in one process (pretrain, then graphs) share them.
-    """
-    env = init_distributed()
-    spec = DatasetSpec.load(cfg.data.dataset)
-    mspec = get_model_spec(model_name)
-    epochs = epochs or cfg.train.epochs
-    run_dir = Path(run_dir or Path(cfg.train.run_dir) / model_name)
-    t_start = time.perf_counter()
-    sharded = build_sharded(cfg, model_name, env, spec)
-    dmp, opt = sharded.dmp, sharded.optimizer
-    logger.info(
-        "%s: %d rank(s), embedding optimizer %s, dense Adam lr %g",
-        model_name,
-        env.world_size,
-        sharded.embedding_optimizer,
-        cfg.optim.lr,
-    )
-
-    tables = dmp.module.model.structure_tables()
-    migrator = None
-    structure_seconds = 0.0
-    if tables:
-        t0 = time.perf_counter()
-        migrator = StructureMigrator(dmp, tables, spec, cfg.data.dataset, cfg.structure, env)
-        migrator.initialise()
-        structure_seconds += time.perf_counter() - t0
-
-    def reader(split: str, shuffle: bool, batch_size: int) -> SplitReader:
-        return SplitReader(
-            cfg.data.dataset,
-            split,
-            spec,
-            rank=env.rank,
-            world_size=env.world_size,
-            batch_size=batch_size,
-            seed=cfg.train.seed,
-            shuffle=shuffle,
-            prefetch_batches=cfg.data.prefetch_batches,
-        )
-
-    train_reader = reader("train", cfg.data.shuffle, cfg.data.batch_size)
-    steps = train_reader.steps_per_epoch
-    logger.info(
-        "train: %d rows (this rank %d), %d steps/epoch of %d rows per rank",
-        train_reader.total_rows,
-        train_reader.rows,
-        steps,
-        cfg.data.batch_size,
-    )
-
-    history: list[dict[str, Any]] = []
-    real_samples = torch.zeros((), dtype=torch.float64, device=env.device)
-    train_seconds = 0.0
-    first_step_seconds = 0.0
-    dmp.train()
-    for epoch in range(epochs):
-        if migrator is not None and epoch > 0:
-            structure_seconds += migrator.epoch_boundary(epoch)
-        t0 = time.perf_counter()
-        loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
-        n_steps = 0
-        for step, batch in enumerate(train_reader.epoch(epoch)):
-            batch = batch.to(env.device)
-            loss, (parts, _, _) = dmp(batch)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            real_samples += batch.mask.sum()
-            loss_sum += loss.detach()
-            n_steps += 1
-            if step == 0:  # the first step of an epoch also pays for starting the epoch's input stream
-                first_step_seconds += time.perf_counter() - t0
-            if step % cfg.train.log_every == 0 or step == steps - 1:
-                rate = (step + 1) * cfg.data.batch_size * env.world_size / max(time.perf_counter() - t0, 1e-9)
-                logger.info(
-                    "%s epoch %d step %d/%d loss %.4f (%s) ~%.0f samples/s",
-                    model_name,
-                    epoch + 1,
-                    step + 1,
-                    steps,
-                    loss.item(),
-                    " ".join(f"{k} {v.item():.4f}" for k, v in parts.items()),
-                    rate,
-                )
-        if n_steps != steps:
-            raise RuntimeError(
-                f"rank {env.rank} ran {n_steps} steps, expected {steps}: reader contract broken"
-            )
-        epoch_seconds = time.perf_counter() - t0
-        train_seconds += epoch_seconds
-        record: dict[str, Any] = {
-            "epoch": epoch + 1,
-            "seconds": epoch_seconds,
-            "mean_loss": float(all_reduce_sum(loss_sum.clone()) / (steps * env.world_size)),
-        }
-        if evaluate and cfg.train.validate_every_epoch:
-            record["val"] = auc_report(predict(dmp, reader("val", False, cfg.data.eval_batch_size), env))
-            logger.info(
-                "%s epoch %d val: click AUC %.4f purchase AUC %s",
-                model_name,
-                epoch + 1,
-                record["val"]["click_auc"],
-                _fmt(record["val"]["purchase_auc"]),
-            )
-        history.append(record)
-
-    total_real = int(all_reduce_sum(real_samples).item())
-    metrics: dict[str, Any] = {
-        "model": model_name,
-        "seed": cfg.train.seed,
-        "world_size": env.world_size,
-        "epochs": epochs,
-        "train_samples": total_real,
-        "train_rows_per_epoch": train_reader.total_rows,
-        "samples_per_s": total_real / max(train_seconds, 1e-9),
-        # without each epoch's first step (input stream start-up): the rate a long epoch approaches
-        "samples_per_s_steady": max(total_real - epochs * cfg.data.batch_size * env.world_size, 0)
-        / max(train_seconds - first_step_seconds, 1e-9),
-        "train_seconds": train_seconds,
-        "structure_seconds": structure_seconds,
-        "embedding_optimizer": sharded.embedding_optimizer,
-        "dense_optimizer": "adam",
-        "device": str(env.device),
-        "history": history,
-        "config": cfg.to_dict(),
-    }
-    if evaluate:
-        t0 = time.perf_counter()
-        test = auc_report(predict(dmp, reader(cfg.train.eval_split, False, cfg.data.eval_batch_size), env))
-        metrics.update(
-            click_auc=test["click_auc"],
-            purchase_auc=test["purchase_auc"],
-            eval_split=cfg.train.eval_split,
-            eval_rows=test["rows"],
-            eval_seconds=time.perf_counter() - t0,
-        )
-        logger.info(
-            "%s %s: click AUC %.4f, purchase AUC %s over %d impressions",
-            model_name,
-            cfg.train.eval_split,
-            test["click_auc"],
-            _fmt(test["purchase_auc"]),
-            test["rows"],
-        )
-    metrics["wall_seconds"] = time.perf_counter() - t_start
-    if env.is_main:
-        _write_json_atomic(run_dir / "metrics.json", metrics)
-        logger.info("wrote %s", run_dir / "metrics.json")
-    broadcast_object(None)  # keeps ranks in step before the caller moves on
-    return TrainResult(
-        metrics=metrics, sharded=sharded, env=env, spec=spec, model_spec=mspec, history=history
-    )
+    """Trains and (``evaluate``) tests ``model_name`` per ``cfg``: ``Trainer(...).fit(...)``."""
+    return Trainer(cfg, model_name, run_dir=run_dir, epochs=epochs).fit(evaluate)
 
 
 def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.4f}"
-
-
-__all__ = ["RayRuntime", "TrainResult", "auc_report", "build_sharded", "predict", "seed_everything", "train"]

@@ -94,7 +94,7 @@ def _loss_worker(rank: int, dataset: str, graph_dir: str, out_dir: str) -> None:
     from cstwa_dist.distributed.env import init_distributed
     from cstwa_dist.distributed.sharding import submodule
     from cstwa_dist.distributed.tables import write_full_table
-    from cstwa_dist.models.registry import get_model_spec
+    from cstwa_dist.registry import get_model_spec
     from cstwa_dist.train.trainer import build_sharded
     from cstwa_dist.train.wrapper import ModelTrain
 
@@ -189,8 +189,9 @@ def _train_worker(rank: int, dataset: str, run_dir: str) -> None:
     from sklearn.metrics import roc_auc_score
 
     from cstwa_dist.config import load_config
-    from cstwa_dist.data.reader import RayRuntime, SplitReader
+    from cstwa_dist.data.reader import SplitReader
     from cstwa_dist.distributed.env import init_distributed
+    from cstwa_dist.distributed.runtime import RayRuntime
     from cstwa_dist.train.trainer import predict, train
 
     cfg = load_config(

@@ -8,12 +8,13 @@ import torch.nn.functional as F
 
 from cstwa_dist.config import LossConfig, ModelConfig
 from cstwa_dist.data.batch import Batch, make_kjt
+from cstwa_dist.losses.constrained import AITMLoss
+from cstwa_dist.losses.counterfactual import ESCM2Loss
 from cstwa_dist.models.aitm import AITM, AttentionInfoTransfer
+from cstwa_dist.models.blocks import ctcvr_logit
 from cstwa_dist.models.escm2 import CVR_LOGIT, IMPUTED_ERROR
-from cstwa_dist.models.esmm import ctcvr_logit
 from cstwa_dist.models.outputs import ModelOutput
-from cstwa_dist.models.registry import get_model_spec
-from cstwa_dist.train.losses_counterfactual import AITMLoss, ESCM2Loss
+from cstwa_dist.registry import get_model_spec
 from cstwa_dist.train.wrapper import ModelTrain
 from tests.unit.model_fixtures import SPEC, loss_trajectory, random_batch
 

@@ -9,13 +9,12 @@ import torch
 
 from cstwa_dist.config import LossConfig, ModelConfig
 from cstwa_dist.data.batch import Batch
+from cstwa_dist.losses.bce import ClickedSpaceLoss, EntireSpaceLoss
 from cstwa_dist.models.experts import SoftmaxGate
 from cstwa_dist.models.mlp import SingleTaskMLPs
 from cstwa_dist.models.moe import PLE, MMoE, OMoE
 from cstwa_dist.models.outputs import ModelOutput
-from cstwa_dist.models.registry import get_model_spec
-from cstwa_dist.train.losses import EntireSpaceLoss
-from cstwa_dist.train.losses_baselines import ClickedSpaceLoss
+from cstwa_dist.registry import get_model_spec
 from cstwa_dist.train.wrapper import ModelTrain
 from tests.unit.model_fixtures import SPEC, loss_trajectory, random_batch
 

@@ -7,9 +7,12 @@ import torch.nn.functional as F
 
 from cstwa_dist.config import LossConfig
 from cstwa_dist.data.batch import Batch, make_kjt
-from cstwa_dist.models.esmm import ctcvr_logit
+from cstwa_dist.losses.bce import EntireSpaceLoss
+from cstwa_dist.losses.common import masked_mean
+from cstwa_dist.losses.constrained import CSTWALoss
+from cstwa_dist.losses.curse_escaper import CurseEscaper
+from cstwa_dist.models.blocks import ctcvr_logit
 from cstwa_dist.models.outputs import ModelOutput
-from cstwa_dist.train.losses import CSTWALoss, CurseEscaper, EntireSpaceLoss, masked_mean
 
 
 def _batch(click, purchase, mask=None) -> Batch:

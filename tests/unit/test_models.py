@@ -5,7 +5,7 @@ import torch
 
 from cstwa_dist.config import LossConfig, ModelConfig
 from cstwa_dist.data.batch import Batch
-from cstwa_dist.models.registry import MODELS, get_model_spec
+from cstwa_dist.registry import MODELS, get_model_spec
 from cstwa_dist.train.wrapper import ModelTrain
 from tests.unit.model_fixtures import SPEC, loss_trajectory, random_batch
 
@@ -44,7 +44,8 @@ def test_cstwa_switches(sm, cp):
     model = get_model_spec("cstwa").build(SPEC, cfg, torch.device("cpu"))
     assert hasattr(model, "structure_embeddings") == sm
     assert hasattr(model, "info_layer") == cp
-    assert [t.side for t in model.structure_tables()] == (["user", "item"] if sm else [])
+    tables = get_model_spec("cstwa").structure_tables(cfg)
+    assert [t.side for t in tables] == (["user", "item"] if sm else [])
     out = model(_batch().features)
     assert out.purchase_logit.shape == (32,)
 

@@ -1,33 +1,21 @@
-"""Losses of the AITM and ESCM² baselines (method.md §3), over logits and real rows like ``losses.py``.
+"""ESCM² (docs/method.md §3): ESMM's objective plus a counterfactual CVR risk on the clicked space.
 
-* ``AITMLoss``: ``L_ctr + L_purchase + w_c · L_c`` with AITM's behavioural calibrator
-  ``L_c = mean max(p_purchase − p_click, 0)`` (the same constraint CSTWA borrows as Eq. 19).
-* ``ESCM2Loss``: ``L_ctr + L_ctcvr + w_cf · R`` where ``R`` is a counterfactual CVR risk on the
-  clicked space with ``p_ctr`` as propensity, by inverse propensity scoring (IPS) or doubly robust
-  (DR) estimation, plus, for DR, the imputation tower's own loss.
-
-Every mean is over all real impressions (``masked_mean``), the ``1/|D|`` of the estimators: unclicked
-rows enter IPS with weight 0 and DR through the imputed error only.
+``L = w_ctr·L_ctr + w_cvr·L_ctcvr + w_cf·R`` where ``R`` uses ``p_ctr`` as the propensity of a
+click, by inverse propensity scoring (IPS) or doubly robust (DR) estimation, plus, for DR, the
+imputation tower's own loss. Every mean is over all real impressions (``masked_mean``), the ``1/|D|``
+of the estimators: unclicked rows enter IPS with weight 0 and DR through the imputed error only.
 """
 
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from cstwa_dist.config import LossConfig
 from cstwa_dist.data.batch import Batch
+from cstwa_dist.losses.bce import TwoTaskLoss
+from cstwa_dist.losses.common import bce, masked_mean
 from cstwa_dist.models.escm2 import CVR_LOGIT, IMPUTED_ERROR
 from cstwa_dist.models.outputs import ModelOutput
-from cstwa_dist.train.losses import bce, masked_mean
-
-
-def calibrator(click_logit: torch.Tensor, purchase_logit: torch.Tensor) -> torch.Tensor:
-    """Per-sample ``max(p_purchase − p_click, 0)``: a purchase cannot be likelier than its click.
-
-    Both sides keep their gradients (AITM's calibrator constrains both towers).
-    """
-    return torch.relu(torch.sigmoid(purchase_logit) - torch.sigmoid(click_logit))
 
 
 def propensity(click_logit: torch.Tensor, clip: float) -> torch.Tensor:
@@ -42,28 +30,7 @@ def propensity(click_logit: torch.Tensor, clip: float) -> torch.Tensor:
     return torch.sigmoid(click_logit).detach().clamp(min=clip)
 
 
-class AITMLoss(nn.Module):
-    """``w_ctr·BCE(click) + w_cvr·BCE(purchase) + w_c·L_c``, all over the entire impression space.
-
-    AITM's purchase logit is the end-to-end ``P(z=1 | x)``, so its BCE runs over every impression.
-    """
-
-    def __init__(self, cfg: LossConfig) -> None:
-        super().__init__()
-        self.ctr_weight, self.cvr_weight = cfg.ctr_weight, cfg.cvr_weight
-        self.c_weight = cfg.constraint_weight
-
-    def forward(self, out: ModelOutput, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        if out.purchase_logit is None:
-            raise ValueError("AITMLoss needs a purchase logit")
-        l_ctr = masked_mean(bce(out.click_logit, batch.click), batch.mask)
-        l_cvr = masked_mean(bce(out.purchase_logit, batch.purchase), batch.mask)
-        l_c = masked_mean(calibrator(out.click_logit, out.purchase_logit), batch.mask)
-        loss = self.ctr_weight * l_ctr + self.cvr_weight * l_cvr + self.c_weight * l_c
-        return loss, {"ctr": l_ctr.detach(), "cvr": l_cvr.detach(), "calibrator": l_c.detach()}
-
-
-class ESCM2Loss(nn.Module):
+class ESCM2Loss(TwoTaskLoss):
     """``w_ctr·L_ctr + w_cvr·L_ctcvr + w_cf·R_{IPS|DR}`` (+ ``L_imp`` for DR), with ``e = BCE(cvr, z)``.
 
     * IPS: ``R = mean_D o·e / ô``.
@@ -81,19 +48,17 @@ class ESCM2Loss(nn.Module):
     """
 
     def __init__(self, cfg: LossConfig, variant: str) -> None:
-        super().__init__()
+        super().__init__(cfg)
         if variant not in ("ips", "dr"):
             raise ValueError(f"ESCM2 variant must be ips or dr, got {variant!r}")
         self.variant = variant
-        self.ctr_weight, self.cvr_weight = cfg.ctr_weight, cfg.cvr_weight
         self.cf_weight = cfg.counterfactual_weight
         self.clip = cfg.propensity_clip
 
     def forward(self, out: ModelOutput, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if out.purchase_logit is None or out.extras is None or CVR_LOGIT not in out.extras:
             raise ValueError(f"ESCM2Loss needs the purchase logit and extras[{CVR_LOGIT!r}]")
-        l_ctr = masked_mean(bce(out.click_logit, batch.click), batch.mask)
-        l_ctcvr = masked_mean(bce(out.purchase_logit, batch.purchase), batch.mask)
+        l_ctr, l_ctcvr = self.task_terms(out, batch)
         o = batch.click
         o_hat = propensity(out.click_logit, self.clip)  # [B]
         e = bce(out.extras[CVR_LOGIT], batch.purchase)  # [B]; only clicked rows carry a real label

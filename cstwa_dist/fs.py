@@ -1,0 +1,71 @@
+"""Atomic writes: every result file and data set appears whole or not at all.
+
+A reader that polls for a file (``dataset_complete``, ``structure_complete``, an experiment's finished
+cells, ``--resume``) must never see a half-written one, even when the writer is killed mid-write. Both
+helpers write next to the destination (same file system, so the final ``rename`` is atomic) under a
+name that carries the writer's pid, and only then rename into place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Writes ``text`` to ``path`` through a sibling temp file and a rename; creates parent folders."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_json(path: str | Path, payload: Any, *, sort_keys: bool = True) -> Path:
+    """``payload`` as indented JSON (non-JSON values through ``str``), written atomically."""
+    return atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=sort_keys, default=str))
+
+
+def check_fresh_output(out: str | Path, what: str = "data set") -> Path:
+    """Refuses an ``out`` that exists and is not an empty folder: a data set is never overwritten."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(
+            f"{out} already exists and is not an empty directory; a {what} is never overwritten. "
+            "Remove it or choose another output folder."
+        )
+    return out
+
+
+@contextlib.contextmanager
+def staged_directory(out: str | Path, what: str = "data set") -> Iterator[Path]:
+    """Yields a fresh sibling ``<out>.tmp-<pid>`` folder; renames it to ``out`` when the block succeeds.
+
+    On an exception the staging folder is removed and ``out`` is untouched, so a crash never leaves a
+    half-written ``out``. ``out`` must not exist or be empty, before and (checked again) after the work.
+    """
+    out = check_fresh_output(out, what)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+        check_fresh_output(out, what)  # someone may have created it meanwhile
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,55 @@
+# Sourced, not run: `source launchers/ray_runtime.sh; start_node_ray_runtime`.
+# Starts this node's Ray runtime (`ray start --head` on loopback), waits until a driver can attach,
+# exports RAY_ADDRESS for the ranks, and stops it (by its own pid) when the sourcing shell exits, so
+# other Ray runtimes on the machine are never touched. If RAY_ADDRESS is already set, an outer
+# launcher owns the runtime and nothing is started.
+# Env: RAY_NUM_CPUS (default 2): CPUs the runtime offers the readers' tasks.
+#      RAY_START_TIMEOUT (default 60): seconds to wait for the runtime before failing.
+# Needs `python` and `ray` on PATH (the launchers put the venv first).
+
+# A node-local runtime on loopback: Ray's token authentication would make ranks look for the token in
+# the runtime's temp dir; the runtime is private to this node (or pod), so it is switched off.
+export RAY_AUTH_MODE=disabled
+_node_ray_pid=""
+
+stop_node_ray_runtime() {
+  if [ -n "$_node_ray_pid" ]; then
+    kill "$_node_ray_pid" 2>/dev/null || true
+    wait "$_node_ray_pid" 2>/dev/null || true
+    _node_ray_pid=""
+  fi
+}
+
+start_node_ray_runtime() {
+  if [ -n "${RAY_ADDRESS:-}" ]; then
+    echo "ray_runtime: using the runtime at $RAY_ADDRESS" >&2
+    return 0
+  fi
+  local port tmp deadline
+  port=$(python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  tmp=$(mktemp -d /tmp/cstwa-ray.XXXXXX)
+  ray start --head --block --node-ip-address=127.0.0.1 --port="$port" --num-cpus="${RAY_NUM_CPUS:-2}" \
+    --include-dashboard=false --disable-usage-stats --temp-dir="$tmp" >"$tmp/ray-start.log" 2>&1 &
+  _node_ray_pid=$!
+  trap stop_node_ray_runtime EXIT
+  trap 'stop_node_ray_runtime; exit 130' INT TERM
+  deadline=$(( $(date +%s) + ${RAY_START_TIMEOUT:-60} ))
+  until python -c 'import ray, sys; ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False); ray.shutdown()' \
+      "127.0.0.1:$port" >/dev/null 2>&1; do
+    if ! kill -0 "$_node_ray_pid" 2>/dev/null; then
+      echo "ray_runtime: 'ray start' exited before the runtime answered; its log ($tmp/ray-start.log):" >&2
+      cat "$tmp/ray-start.log" >&2
+      _node_ray_pid=""
+      return 1
+    fi
+    if [ "$(date +%s)" -ge "$deadline" ]; then
+      echo "ray_runtime: the Ray runtime on 127.0.0.1:$port did not answer within ${RAY_START_TIMEOUT:-60}s" \
+        "(raise RAY_START_TIMEOUT on a loaded machine); its log: $tmp/ray-start.log" >&2
+      stop_node_ray_runtime
+      return 1
+    fi
+    sleep 0.5
+  done
+  export RAY_ADDRESS="127.0.0.1:$port"
+  echo "ray_runtime: node runtime ready at $RAY_ADDRESS (${RAY_NUM_CPUS:-2} CPUs, logs in $tmp)" >&2
+}

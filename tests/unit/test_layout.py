@@ -1,0 +1,147 @@
+"""The layout's promises, checked: which room imports what, light CLI start-up, docs that resolve.
+
+These are the rules a newcomer relies on when adding a model or a command; a change that breaks one
+fails here with the file and the import (or reference) that broke it.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cstwa_dist.cli import build_parser
+from cstwa_dist.registry import MODELS, table2_models, trainable_models
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGE = ROOT / "cstwa_dist"
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+def test_models_import_only_config_schema_and_their_own_blocks():
+    forbidden = ("cstwa_dist.train", "cstwa_dist.structure", "cstwa_dist.distributed", "cstwa_dist.losses",
+                 "cstwa_dist.registry", "ray")
+    bad = []
+    for path in sorted((PACKAGE / "models").glob("*.py")):
+        for name in _imports(path):
+            if any(name == f or name.startswith(f + ".") for f in forbidden):
+                bad.append(f"{path.relative_to(ROOT)} imports {name}")
+    assert not bad, bad
+
+
+def test_nothing_asks_a_model_instance_for_its_needs():
+    """Needs live in the registry: no code calls model methods that declare them."""
+    pattern = re.compile(r"\.(structure_tables|representation_source)\(\)")
+    hits = [
+        f"{p.relative_to(ROOT)}: {line.strip()}"
+        for p in sorted(PACKAGE.rglob("*.py"))
+        for line in p.read_text().splitlines()
+        if pattern.search(line)
+    ]
+    assert not hits, hits
+
+
+def test_cli_help_imports_no_torch_ray_or_torchrec():
+    code = (
+        "import sys\n"
+        "from cstwa_dist.cli import build_parser\n"
+        "build_parser()\n"
+        "heavy = sorted(m for m in ('torch', 'torchrec', 'ray', 'fbgemm_gpu', 'faiss') if m in sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_model_lists_come_from_the_registry():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    train = sub.choices["train"]
+    model_action = next(a for a in train._actions if a.dest == "model")
+    assert list(model_action.choices) == trainable_models()
+    assert "ctr_mlp" not in trainable_models()
+    assert table2_models() == ["mlp", "esmm", "omoe", "mmoe", "ple", "aitm", "escm2_ips", "cstwa"]
+    experiment_help = next(a for a in sub.choices["experiment"]._actions if a.dest == "models").help
+    assert ",".join(table2_models()) in experiment_help
+    for name in trainable_models():  # every trainable model's description reaches `train --help`
+        assert MODELS[name].description in model_action.help
+
+
+def _readme_command_rows() -> dict[str, str]:
+    rows = {}
+    in_table = False
+    for line in (ROOT / "README.md").read_text().splitlines():
+        if line.startswith("| command | what it does |"):
+            in_table = True
+            continue
+        if in_table:
+            if not line.startswith("|"):
+                break
+            m = re.match(r"\| `cstwa-dist ([a-z-]+)([^`]*)`", line)
+            if m:
+                rows[m.group(1)] = m.group(2)
+    return rows
+
+
+def test_readme_command_table_matches_the_cli():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    rows = _readme_command_rows()
+    assert sorted(rows) == sorted(sub.choices), "README command table and `cstwa-dist --help` differ"
+    for name, usage in rows.items():
+        sp = sub.choices[name]
+        known = {o for a in sp._actions for o in a.option_strings}
+        written = set(re.findall(r"(--[a-z][a-z0-9-]*)", usage))
+        assert written <= known, f"README row {name}: unknown options {sorted(written - known)}"
+        required = {a.option_strings[0] for a in sp._actions if a.required and a.option_strings}
+        missing = sorted(required - written)
+        assert not missing, f"README row {name}: required options missing {missing}"
+
+
+DOC_REF = re.compile(r"docs/([\w./-]+\.md)(?:\s*(§\s*[\d.]+))?")
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted(
+        p
+        for p in [
+            *PACKAGE.rglob("*.py"),
+            *(ROOT / "tests").rglob("*.py"),
+            *(ROOT / "launchers").glob("*.sh"),
+            *(ROOT / "configs").glob("*.yaml"),
+            ROOT / "README.md",
+            ROOT / "Makefile",
+        ]
+        if p.name != "test_layout.py"
+    ),
+    ids=lambda p: str(p.relative_to(ROOT)),
+)
+def test_doc_references_resolve_inside_the_repository(path: Path):
+    text = path.read_text()
+    assert "shared/docs" not in text and "../shared" not in text
+    # a bare `method.md` / `platform-notes.md` / `design.md` would point outside the repository
+    bare = re.findall(r"(?<![/\w])(method|platform-notes|design)\.md", text)
+    assert not bare, f"{path}: cite docs/<file>.md, not {bare}"
+    for doc, section in DOC_REF.findall(text):
+        target = ROOT / "docs" / doc
+        assert target.is_file(), f"{path} cites docs/{doc}, which does not exist"
+        if section:
+            number = section.replace("§", "").strip().rstrip(".")
+            headings = [h for h in target.read_text().splitlines() if h.startswith("#")]
+            assert any(re.match(rf"#+ {re.escape(number)}[. ]", h) for h in headings), (
+                f"{path} cites docs/{doc} {section}, which has no such section"
+            )
