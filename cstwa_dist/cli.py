@@ -68,17 +68,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 def cmd_synth(args: argparse.Namespace) -> int:
     from cstwa_dist.data.synth import generate
 
-    stats = generate(args.preset, args.scale, args.seed, args.out, rows_per_file=args.rows_per_file)
-    for split, s in stats.items():
-        logger.info(
-            "%s: %d rows, click %.4f, purchase %.5f, %d users, %d items",
-            split,
-            s.rows,
-            s.click_rate,
-            s.purchase_rate,
-            s.users,
-            s.items,
-        )
+    _log_stats(generate(args.preset, args.scale, args.seed, args.out, rows_per_file=args.rows_per_file))
     return 0
 
 

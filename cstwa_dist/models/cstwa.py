@@ -40,19 +40,13 @@ class CSTWA(SeparateEmbeddings):
         self.structure_embeddings = embedding_collection(
             [
                 EmbeddingBagConfig(
-                    name=SM_USER_TABLE,
-                    embedding_dim=u_dim,
-                    num_embeddings=spec.num_users,
-                    feature_names=[spec.user_id],
+                    name=table, embedding_dim=dim, num_embeddings=n, feature_names=[key],
                     pooling=PoolingType.SUM,
-                ),
-                EmbeddingBagConfig(
-                    name=SM_ITEM_TABLE,
-                    embedding_dim=i_dim,
-                    num_embeddings=spec.num_items,
-                    feature_names=[spec.item_id],
-                    pooling=PoolingType.SUM,
-                ),
+                )
+                for table, dim, n, key in (
+                    (SM_USER_TABLE, u_dim, spec.num_users, spec.user_id),
+                    (SM_ITEM_TABLE, i_dim, spec.num_items, spec.item_id),
+                )
             ],
             device,
         )
