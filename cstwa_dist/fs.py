@@ -17,18 +17,33 @@ from pathlib import Path
 from typing import Any
 
 
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Writes ``text`` to ``path`` through a sibling temp file and a rename; creates parent folders."""
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yields a sibling temp path to write; renames it to ``path`` when the block succeeds.
+
+    For writers that want a path or a file handle (``torch.save``, pyarrow); on an exception the temp
+    file is removed and ``path`` keeps its old content (or stays absent). The temp file is fsynced
+    before the rename, so after a crash ``path`` holds either the old or the complete new content.
+    Creates parent folders.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        tmp.write_text(text)
-        tmp.replace(path)
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Writes ``text`` to ``path`` through a sibling temp file and a rename; creates parent folders."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
 
 
 def atomic_write_json(path: str | Path, payload: Any, *, sort_keys: bool = True) -> Path:

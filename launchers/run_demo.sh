@@ -11,7 +11,7 @@ dataset=$(python -c "from cstwa_dist.config import load_config; print(load_confi
 run_dir=$(python -c "from cstwa_dist.config import load_config; print(load_config('$config').train.run_dir)")
 start=$(date +%s)
 
-if python -c "import sys; from cstwa_dist.data.synth import dataset_complete; sys.exit(0 if dataset_complete('$dataset') else 1)"; then
+if python -c "import sys; from cstwa_dist.data.writer import dataset_complete; sys.exit(0 if dataset_complete('$dataset') else 1)"; then
   echo "== dataset $dataset present"
 else
   echo "== generating the demo dataset into $dataset"

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,11 +42,10 @@ import torch
 from cstwa_dist.data.batch import Batch, make_kjt
 from cstwa_dist.data.spec import LABELS, DatasetSpec, split_files
 from cstwa_dist.data.validate import DataError, check_batch, check_schema, locate_first_error
-from cstwa_dist.distributed.runtime import RayRuntime, quiet_ray_loggers
+from cstwa_dist.distributed.runtime import quiet_ray_loggers
 
 __all__ = [
     "DataError",
-    "RayRuntime",
     "SplitReader",
     "measure_input_rate",
     "plan_shares",

@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from cstwa_dist.fs import atomic_write_json, atomic_write_text
+
 SIDES = ("user", "item", "context")
 LABELS = ("click", "purchase")
 SPLITS = ("train", "val", "test")
@@ -132,10 +134,7 @@ class DatasetSpec:
             raise SpecError(f"{source}: {e}") from e
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-        tmp.replace(path)
+        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     @classmethod
     def load(cls, path: str | Path) -> DatasetSpec:
@@ -160,11 +159,7 @@ class SplitStats:
 
 
 def save_stats(path: str | Path, stats: dict[str, SplitStats]) -> None:
-    path = Path(path)
-    payload = {split: asdict(s) for split, s in stats.items()}
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
-    tmp.replace(path)
+    atomic_write_json(path, {split: asdict(s) for split, s in stats.items()})
 
 
 def load_stats(path: str | Path) -> dict[str, SplitStats]:

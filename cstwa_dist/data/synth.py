@@ -47,42 +47,36 @@ Output layout (``spec.py``): ``<out>/{train,val,test}/part-NNNNN.parquet`` (int6
 int8 ``click`` / ``purchase``), ``spec.yaml``, ``stats.json`` and ``synth.json`` (preset, scale, seed,
 calibrated biases, for reproducibility). Rows are produced in fixed chunks of ``CHUNK_ROWS`` from a
 generator seeded by ``(seed, split, chunk index)``, so the rows do not depend on how they are cut
-into files; by default each split gets about 8 files (between 4,096 and 4M rows each) so several
-ranks get a share, with row groups of 128k rows. Memory is bounded by one chunk plus per-entity
-arrays (under 10 bytes per user, a few hundred bytes per item). The whole data set is written into a
-sibling temp directory and renamed into place at the end, so a crash never leaves a half data set
-that ``dataset_complete`` would accept.
+into files; the file cut (about 8 files per split, row groups of 128k rows) and the statistics are
+:mod:`cstwa_dist.data.writer`'s, shared with the importers. Memory is bounded by one chunk plus
+per-entity arrays (under 10 bytes per user, a few hundred bytes per item). The whole data set is
+written into a staging folder and renamed into place at the end (:func:`cstwa_dist.fs.staged_directory`),
+so a crash never leaves a half data set that :func:`cstwa_dist.data.writer.dataset_complete` would
+accept.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
-from cstwa_dist.data.spec import LABELS, SPLITS, DatasetSpec, FieldSpec, SplitStats, save_stats
+from cstwa_dist.data.progress import Progress
+from cstwa_dist.data.spec import SPLITS, DatasetSpec, FieldSpec, SplitStats
+from cstwa_dist.data.writer import SplitAccumulator, default_rows_per_file, write_metadata
+from cstwa_dist.fs import atomic_write_json, staged_directory
 
 logger = logging.getLogger(__name__)
 
 CHUNK_ROWS = 1 << 18  # rows generated per RNG stream; part of the generator's definition (determinism)
-ROW_GROUP_ROWS = 1 << 17  # 128k rows: big enough for fast scans, small enough for fine-grained shares
 MIN_ENTITIES = 50  # users / items at tiny scales, so clusters and kNN stay meaningful
 MIN_SPLIT_ROWS = 1000  # every split stays non-empty and has a few clicks at tiny scales
 PILOT_ROWS = 200_000  # sample the biases are calibrated on
-TARGET_FILES = 8
-MIN_FILE_ROWS = 4096
-MAX_FILE_ROWS = 1 << 22
-LOG_EVERY_CHUNKS = 16
 
 # Field vocabularies (kept small, like the profile fields of Ali-CCP).
 USER_PROFILE_VOCAB = {"user_age": 8, "user_gender": 3, "user_city": 100, "user_level": 10}
@@ -494,71 +488,6 @@ def _chunks(
         yield cols
 
 
-def default_rows_per_file(rows: int) -> int:
-    """About ``TARGET_FILES`` files per split, each 4,096..4M rows: several ranks get a share of even
-    a small split, and huge splits still give files big enough to read efficiently."""
-    return int(min(MAX_FILE_ROWS, max(MIN_FILE_ROWS, math.ceil(rows / TARGET_FILES))))
-
-
-class _SplitWriter:
-    """Cuts a stream of column chunks into ``part-NNNNN.parquet`` files of ``rows_per_file`` rows."""
-
-    def __init__(self, directory: Path, schema: pa.Schema, rows_per_file: int) -> None:
-        self.directory = directory
-        self.schema = schema
-        self.rows_per_file = rows_per_file
-        self.files = 0
-        self._writer: pq.ParquetWriter | None = None
-        self._in_file = 0
-
-    def write(self, cols: dict[str, np.ndarray]) -> None:
-        n = len(cols["click"])
-        start = 0
-        while start < n:
-            if self._writer is None:
-                path = self.directory / f"part-{self.files:05d}.parquet"
-                self._writer = pq.ParquetWriter(path, self.schema)
-                self.files += 1
-                self._in_file = 0
-            take = min(n - start, self.rows_per_file - self._in_file)
-            table = pa.Table.from_arrays(
-                [pa.array(cols[f.name][start : start + take], type=f.type) for f in self.schema],
-                schema=self.schema,
-            )
-            self._writer.write_table(table, row_group_size=ROW_GROUP_ROWS)
-            self._in_file += take
-            start += take
-            if self._in_file >= self.rows_per_file:
-                self.close()
-
-    def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-
-
-def _check_out(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(
-            f"{out} already exists and is not an empty directory; the generator never overwrites a "
-            f"data set. Remove it or choose another --out."
-        )
-
-
-def dataset_complete(out: str | Path) -> bool:
-    """True if ``out`` holds a finished data set (spec.yaml, stats.json and the three split dirs).
-
-    Safe as a 'skip generation' test because ``generate`` renames the data set into place only after
-    every file is written.
-    """
-    out = Path(out)
-    return (
-        (out / "spec.yaml").is_file()
-        and (out / "stats.json").is_file()
-        and all((out / s).is_dir() for s in SPLITS)
-    )
-
-
 def generate(
     preset: str | SynthPreset,
     scale: float,
@@ -579,41 +508,31 @@ def generate(
     if rows_per_file is not None and int(rows_per_file) < 1:
         raise ValueError(f"rows_per_file must be >= 1, got {rows_per_file}")
     out = Path(out)
-    _check_out(out)
-    t0 = time.perf_counter()
-    world = SynthWorld(p, scale, seed)
-    biases = calibrate(world)
-    spec = dataset_spec(world)
-    logger.info(
-        "synth %s scale=%g seed=%d: users=%d items=%d rows train/val/test=%d/%d/%d; "
-        "calibrated b_ctr=%.3f b_cvr=%.3f (setup %.1fs)",
-        preset_name,
-        scale,
-        seed,
-        world.num_users,
-        world.num_items,
-        world.sizes["train"],
-        world.sizes["val"],
-        world.sizes["test"],
-        biases["bias_ctr"],
-        biases["bias_cvr"],
-        time.perf_counter() - t0,
-    )
-    schema = pa.schema(
-        [pa.field(n, pa.int64()) for n in spec.names] + [pa.field(n, pa.int8()) for n in LABELS]
-    )
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        stats: dict[str, SplitStats] = {}
-        for split in SPLITS:
-            stats[split] = _write_split(world, biases, split, tmp / split, schema, rows_per_file, progress)
-        spec.save(tmp / "spec.yaml")
-        save_stats(tmp / "stats.json", stats)
+    with staged_directory(out, "data set") as tmp:  # refuses an existing data set before any work
+        t0 = time.perf_counter()
+        world = SynthWorld(p, scale, seed)
+        biases = calibrate(world)
+        spec = dataset_spec(world)
+        logger.info(
+            "synth %s scale=%g seed=%d: users=%d items=%d rows train/val/test=%d/%d/%d; "
+            "calibrated b_ctr=%.3f b_cvr=%.3f (setup %.1fs)",
+            preset_name,
+            scale,
+            seed,
+            world.num_users,
+            world.num_items,
+            world.sizes["train"],
+            world.sizes["val"],
+            world.sizes["test"],
+            biases["bias_ctr"],
+            biases["bias_cvr"],
+            time.perf_counter() - t0,
+        )
+        stats = {
+            split: _write_split(world, biases, spec, split, tmp / split, rows_per_file, progress)
+            for split in SPLITS
+        }
+        write_metadata(tmp, spec, stats)
         meta = {
             "preset_name": preset_name,
             "preset": asdict(p),
@@ -623,14 +542,7 @@ def generate(
             "chunk_rows": CHUNK_ROWS,
             **biases,
         }
-        (tmp / "synth.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
-        _check_out(out)  # someone may have created it meanwhile
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        atomic_write_json(tmp / "synth.json", meta)
     logger.info("synth %s written to %s in %.1fs", preset_name, out, time.perf_counter() - t0)
     return stats
 
@@ -638,52 +550,28 @@ def generate(
 def _write_split(
     world: SynthWorld,
     biases: dict[str, float],
+    spec: DatasetSpec,
     split: str,
     directory: Path,
-    schema: pa.Schema,
     rows_per_file: int | None,
     progress: bool,
 ) -> SplitStats:
     rows = world.sizes[split]
     rpf = int(rows_per_file) if rows_per_file is not None else default_rows_per_file(rows)
-    directory.mkdir()
-    writer = _SplitWriter(directory, schema, rpf)
-    seen_users = np.zeros(world.num_users, dtype=bool)
-    seen_items = np.zeros(world.num_items, dtype=bool)
-    clicks = purchases = written = 0
-    t0 = time.perf_counter()
-    level = logging.INFO if progress else logging.DEBUG
-    try:
-        for k, cols in enumerate(_chunks(world, biases, split, rows), start=1):
-            writer.write(cols)
-            seen_users[cols["user_id"]] = True
-            seen_items[cols["item_id"]] = True
-            clicks += int(cols["click"].sum(dtype=np.int64))
-            purchases += int(cols["purchase"].sum(dtype=np.int64))
-            written += len(cols["click"])
-            if k % LOG_EVERY_CHUNKS == 0:
-                dt = time.perf_counter() - t0
-                logger.log(
-                    level, "synth %s: %d/%d rows (%.0f rows/s)", split, written, rows, written / max(dt, 1e-9)
-                )
-    finally:
-        writer.close()
-    dt = time.perf_counter() - t0
+    # Chunks go to the files as generated (CHUNK_ROWS is part of the generator's definition).
+    acc = SplitAccumulator(directory, spec, rpf, zero_is_unknown=False, align_row_groups=False)
+    prog = Progress(f"synth {split}", rows, progress, unit="rows", log=logger)
+    for cols in _chunks(world, biases, split, rows):
+        acc.write(cols)
+        prog.step(len(cols["click"]))
+    stats = acc.close()
+    prog.finish()
     logger.log(
-        level,
-        "synth %s done: %d rows in %d files, click %.4f purchase %.5f (%.0f rows/s)",
+        prog.level,
+        "synth %s: %d files, click %.4f purchase %.5f",
         split,
-        written,
-        writer.files,
-        clicks / written,
-        purchases / written,
-        written / max(dt, 1e-9),
+        stats.extra["files"],
+        stats.click_rate,
+        stats.purchase_rate,
     )
-    return SplitStats(
-        rows=written,
-        click_rate=clicks / written,
-        purchase_rate=purchases / written,
-        users=int(seen_users.sum()),
-        items=int(seen_items.sum()),
-        extra={"clicks": clicks, "purchases": purchases, "files": writer.files, "rows_per_file": rpf},
-    )
+    return stats

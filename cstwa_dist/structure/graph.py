@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cstwa_dist.fs import atomic_path
 from cstwa_dist.structure.knn import exact_knn
 
 logger = logging.getLogger(__name__)
@@ -156,17 +157,8 @@ def save_graph(path: str | os.PathLike[str], a: torch.Tensor) -> None:
         "col_indices": csr.col_indices().to(torch.int64).contiguous(),
         "values": csr.values().contiguous(),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
     logger.debug("saved graph %s (shape %s, nnz %d)", path, payload["shape"], payload["values"].numel())
 
 

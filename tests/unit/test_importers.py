@@ -13,9 +13,9 @@ import pytest
 
 from cstwa_dist.data.aliccp import DEFAULT_FIELDS, FILES, import_aliccp, remap, val_mask
 from cstwa_dist.data.csv_import import import_csv
-from cstwa_dist.data.fixtures import common_line, feature_id, sample_line, write_raw_aliccp_fixture
 from cstwa_dist.data.spec import SPLITS, DatasetSpec, FieldSpec, load_stats, split_files
 from cstwa_dist.data.validate import DataError
+from tests.fixtures.aliccp_raw import common_line, feature_id, sample_line, write_raw_aliccp_fixture
 
 N_TRAIN, N_TEST = 3000, 600
 TIMING_KEYS = {"peak_rss_mb", "peak_rss_mb_worker", "parallel", "seconds", "lines_per_s"}

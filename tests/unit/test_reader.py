@@ -12,8 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from cstwa_dist.data.reader import DataError, RayRuntime, SplitReader, measure_input_rate, plan_shares
+from cstwa_dist.data.reader import DataError, SplitReader, measure_input_rate, plan_shares
 from cstwa_dist.data.spec import DatasetSpec, FieldSpec
+from cstwa_dist.distributed.runtime import RayRuntime
 
 SPEC = DatasetSpec(
     fields=(

@@ -17,10 +17,10 @@ from cstwa_dist.data.synth import (
     PRESETS,
     SynthPreset,
     build_world,
-    dataset_complete,
     dataset_spec,
     generate,
 )
+from cstwa_dist.data.writer import dataset_complete
 
 SCALE = 0.2  # demo: 60k/6k/20k rows, 1000 users, 400 items; about a second to write
 SEED = 7

@@ -1,0 +1,210 @@
+"""Validation that loses nothing: the quarantine and line accounting every importer runs under.
+
+Why: real input files have bad lines, and an importer that drops or repairs them silently makes every
+number computed on the data set unverifiable. So a bad line is never dropped silently nor repaired. It is
+counted by reason in ``stats.json`` (``extra.quarantine`` of its split), written with its file, 1-based
+line number, reason and raw text to ``<out>/quarantine/<split>.jsonl``, and summarised in the log;
+``strict=True`` raises a :class:`~cstwa_dist.data.validate.DataError` for the first one instead. Every
+input file balances: ``input_lines = written + quarantined``, asserted before the data set is renamed into
+place (the Ali-CCP specifics are in ``docs/method.md §6``).
+
+:func:`staged_import` is the frame both importers run in: a staging folder
+(:func:`cstwa_dist.fs.staged_directory`), the quarantine inside it, and at the end the accounting check,
+the peak RSS, ``spec.yaml`` + ``stats.json`` and the rename. It is written once so that the two importers
+cannot differ in what a finished import guarantees.
+
+This is a sibling of :mod:`cstwa_dist.data.writer` rather than part of it because the generator, which
+also writes through the writer, has no input lines and nothing to quarantine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from cstwa_dist.data.progress import peak_rss_mb
+from cstwa_dist.data.spec import SPLITS, DatasetSpec, SplitStats
+from cstwa_dist.data.validate import DataError
+from cstwa_dist.data.writer import write_metadata
+from cstwa_dist.fs import staged_directory
+
+logger = logging.getLogger(__name__)
+
+# Quarantine reasons (the keys of ``extra.quarantine`` in stats.json), across both importers.
+WRONG_COLUMN_COUNT = "wrong_column_count"
+BAD_FEATURE_LIST = "bad_feature_list"
+NON_INTEGER_ID = "non_integer_id"
+ID_OUT_OF_RANGE = "id_out_of_range"
+BAD_LABEL = "bad_label"
+PURCHASE_WITHOUT_CLICK = "purchase_without_click"
+UNKNOWN_COMMON_KEY = "unknown_common_key"
+COMMON_FEATURES_QUARANTINED = "common_features_quarantined"
+DUPLICATE_COMMON_KEY = "duplicate_common_key"
+REPEATED_FIELD = "repeated_field"
+BAD_KEY = "bad_key"
+
+
+class Quarantine:
+    """Bad input lines: one JSONL file per split under ``<out>/quarantine``, counts by split/file/reason.
+
+    ``strict=True`` makes :meth:`add` raise a :class:`DataError` instead of writing, so a pipeline that
+    must not run on imperfect data stops at the first bad line with its file, line and reason.
+    """
+
+    def __init__(self, directory: Path, *, strict: bool) -> None:
+        self.directory = directory
+        self.strict = strict
+        self.by_split: dict[str, Counter[str]] = {s: Counter() for s in SPLITS}
+        self.by_file: dict[str, Counter[str]] = {}
+        self.by_split_file: dict[tuple[str, str], Counter[str]] = {}
+        self._handles: dict[str, IO[str]] = {}
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def add(self, split: str, file: str, line: int, reason: str, raw: str, detail: str = "") -> None:
+        if self.strict:
+            suffix = f" ({detail})" if detail else ""
+            raise DataError(f"{file} line {line}: {reason}{suffix}; raw line: {raw[:200]!r}")
+        handle = self._handles.get(split)
+        if handle is None:
+            handle = self._handles[split] = open(self.directory / f"{split}.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+        record: dict[str, Any] = {"file": file, "line": int(line), "reason": reason, "raw": raw}
+        if detail:
+            record["detail"] = detail
+        handle.write(json.dumps(record) + "\n")
+        self.by_split[split][reason] += 1
+        self.by_file.setdefault(file, Counter())[reason] += 1
+        self.by_split_file.setdefault((split, file), Counter())[reason] += 1
+
+    def file_total(self, file: str) -> int:
+        return sum(self.by_file.get(file, Counter()).values())
+
+    def counts(self, split: str, file: str | None = None) -> dict[str, int]:
+        """Bad lines that went to one split (of one ``file``, or of all), by reason (sorted, JSON-ready)."""
+        found = self.by_split[split] if file is None else self.by_split_file.get((split, file), Counter())
+        return dict(sorted(found.items()))
+
+    def accounting(self, file: str, input_lines: int, written: int) -> dict[str, int]:
+        """One input file's side of the identity ``input_lines = written + quarantined``."""
+        return {"input_lines": input_lines, "written": written, "quarantined": self.file_total(file)}
+
+    def close(self) -> None:
+        """Closes the files and creates an empty one for every split without bad lines (a fixed layout)."""
+        for handle in self._handles.values():
+            handle.close()
+        self._handles.clear()
+        for split in SPLITS:
+            (self.directory / f"{split}.jsonl").touch()
+
+    def log_summary(self, what: str, directory: Path | None = None) -> None:
+        """Logs the counts per split; ``directory`` is where the files are now (after the rename)."""
+        directory = directory or self.directory
+        for split in SPLITS:
+            counts = self.by_split[split]
+            if counts:
+                logger.warning(
+                    "%s: %d %s lines quarantined (%s) -> %s",
+                    what,
+                    sum(counts.values()),
+                    split,
+                    ", ".join(f"{r}={n}" for r, n in sorted(counts.items())),
+                    directory / f"{split}.jsonl",
+                )
+        if not any(self.by_split.values()):
+            logger.info("%s: no line quarantined", what)
+
+
+def count_lines(path: Path, block: int = 16 << 20) -> int:
+    """Physical lines of a file (a last line without newline counts), read in blocks: bounded memory."""
+    n = 0
+    last = b"\n"
+    with open(path, "rb") as f:
+        while data := f.read(block):
+            n += data.count(b"\n")
+            last = data[-1:]
+    return n + (0 if last == b"\n" else 1)
+
+
+def check_accounting(files: dict[str, dict[str, int]]) -> None:
+    """The identity the importers promise: every input line is written or quarantined, per file."""
+    for name, acc in files.items():
+        if acc["input_lines"] != acc["written"] + acc["quarantined"]:
+            raise AssertionError(
+                f"{name}: {acc['input_lines']} input lines != {acc['written']} written + "
+                f"{acc['quarantined']} quarantined; the importer lost or invented lines (a bug)"
+            )
+
+
+@dataclass
+class ImportRun:
+    """An import in progress: its staging folder, its quarantine and the accounting of its input files.
+
+    ``files`` maps a name (as it should appear in error messages and ``stats.json``) to the file's
+    :meth:`Quarantine.accounting`; :meth:`finish` checks them all.
+    """
+
+    directory: Path
+    quarantine: Quarantine
+    files: dict[str, dict[str, int]] = field(default_factory=dict)
+    peak_rss_mb: float = 0.0
+    stats: dict[str, SplitStats] = field(default_factory=dict)
+    note: str = ""
+    finished: bool = False
+    t0: float = field(default_factory=time.perf_counter)
+
+    def finish(
+        self,
+        spec: DatasetSpec,
+        stats: dict[str, SplitStats],
+        extra: dict[str, Any] | None = None,
+        note: str = "",
+    ) -> None:
+        """Closes the quarantine, checks the accounting, stamps the peak RSS (and ``extra``) on every
+        split and writes ``spec.yaml`` + ``stats.json``: everything a finished import must hold.
+
+        ``note`` is appended to the closing log line (what the importer alone knows, e.g. its rate).
+        """
+        self.quarantine.close()
+        check_accounting(self.files)
+        self.peak_rss_mb = peak_rss_mb()
+        for s in stats.values():
+            s.extra["peak_rss_mb"] = round(self.peak_rss_mb, 1)
+            s.extra.update(extra or {})
+        write_metadata(self.directory, spec, stats)
+        self.stats, self.note, self.finished = stats, note, True
+
+
+@contextlib.contextmanager
+def staged_import(out: Path, *, strict: bool, command: str) -> Iterator[ImportRun]:
+    """The frame of an import into ``out``: yields an :class:`ImportRun` whose folder becomes ``out``.
+
+    The body must end with :meth:`ImportRun.finish`; the folder is then renamed to ``out``, and the
+    quarantine and the split sizes are logged under ``command``. On an exception nothing appears at
+    ``out``.
+    """
+    out = Path(out)
+    with staged_directory(out, "data set") as tmp:
+        run = ImportRun(tmp, Quarantine(tmp / "quarantine", strict=strict))
+        try:
+            yield run
+        except BaseException:
+            run.quarantine.close()  # release the open files; the staging folder is removed anyway
+            raise
+        if not run.finished:
+            raise AssertionError(f"{command}: the importer did not finish its run (a bug)")
+    run.quarantine.log_summary(f"{command} {out}", out / "quarantine")
+    logger.info(
+        "%s -> %s: train/val/test %d/%d/%d rows in %.1fs, peak RSS %.0f MiB%s",
+        command,
+        out,
+        *(run.stats[s].rows for s in SPLITS),
+        time.perf_counter() - run.t0,
+        run.peak_rss_mb,
+        run.note,
+    )
