@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # only for annotations: the heavy modules load when a builder
     from torch import nn
 
     from cstwa_dist.data.spec import DatasetSpec
-    from cstwa_dist.losses.common import Gather
+    from cstwa_dist.losses.common import Collectives
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,10 +49,10 @@ class StructureTable:
     init_from: str  # path of the FieldEmbeddings whose side concatenation initialises it (Eq. 8)
 
 
-LossKwargs = Callable[[ModelConfig, "Gather | None"], Mapping[str, Any]]
+LossKwargs = Callable[[ModelConfig], Mapping[str, Any]]
 
 
-def _no_kwargs(model_cfg: ModelConfig, gather: Gather | None) -> Mapping[str, Any]:
+def _no_kwargs(model_cfg: ModelConfig) -> Mapping[str, Any]:
     return {}
 
 
@@ -72,7 +72,7 @@ class ModelSpec:
     name: str
     description: str
     model: str  # "module:Class"; called as Class(spec, model_cfg, device, **model_kwargs)
-    loss: str  # "module:Class"; called as Class(loss_cfg, **loss_kwargs(model_cfg, gather))
+    loss: str  # "module:Class"; called as Class(loss_cfg, comm=comm, **loss_kwargs(model_cfg))
     model_kwargs: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     loss_kwargs: LossKwargs = _no_kwargs
     structure_tables: Callable[[ModelConfig], tuple[StructureTable, ...]] = _no_tables
@@ -93,9 +93,14 @@ class ModelSpec:
         """The model, built on ``device`` (``meta`` for DistributedModelParallel)."""
         return _load(self.model)(spec, model_cfg, device, **self.model_kwargs)
 
-    def build_loss(self, loss_cfg: LossConfig, model_cfg: ModelConfig, gather: Gather | None) -> nn.Module:
-        """The loss; ``gather`` concatenates a tensor over ranks for losses with global state (CE)."""
-        return _load(self.loss)(loss_cfg, **self.loss_kwargs(model_cfg, gather))
+    def build_loss(
+        self, loss_cfg: LossConfig, model_cfg: ModelConfig, comm: Collectives | None = None
+    ) -> nn.Module:
+        """The loss; ``comm`` (default: one process) lets it normalise by the global batch and gather."""
+        kwargs = dict(self.loss_kwargs(model_cfg))
+        if comm is not None:
+            kwargs["comm"] = comm
+        return _load(self.loss)(loss_cfg, **kwargs)
 
 
 def _cstwa_tables(model_cfg: ModelConfig) -> tuple[StructureTable, ...]:
@@ -156,14 +161,14 @@ _SPECS = (
         model="cstwa_dist.models.escm2:ESCM2",
         model_kwargs=MappingProxyType({"doubly_robust": False}),
         loss="cstwa_dist.losses.counterfactual:ESCM2Loss",
-        loss_kwargs=lambda mc, g: {"variant": "ips"},
+        loss_kwargs=lambda mc: {"variant": "ips"},
     ),
     ModelSpec(
         name="cstwa",
         description="CSTWA: Structure Migrator + Click Perceptron + Curse Escaper (each switchable)",
         model="cstwa_dist.models.cstwa:CSTWA",
         loss="cstwa_dist.losses.constrained:CSTWALoss",
-        loss_kwargs=lambda mc, g: {"curse_escaper": mc.curse_escaper, "gather": g},
+        loss_kwargs=lambda mc: {"curse_escaper": mc.curse_escaper},
         structure_tables=_cstwa_tables,
     ),
     # trainable, outside the paper's Table 2
@@ -173,7 +178,7 @@ _SPECS = (
         model="cstwa_dist.models.escm2:ESCM2",
         model_kwargs=MappingProxyType({"doubly_robust": True}),
         loss="cstwa_dist.losses.counterfactual:ESCM2Loss",
-        loss_kwargs=lambda mc, g: {"variant": "dr"},
+        loss_kwargs=lambda mc: {"variant": "dr"},
         in_table2=False,
     ),
     # used by `pretrain` only

@@ -36,9 +36,15 @@ def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sums ``t`` over ranks in place and returns it."""
     if world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def summed(t: torch.Tensor) -> torch.Tensor:
+    """The sum of ``t`` over ranks as a new tensor (``t`` is left as it was)."""
+    return all_reduce_sum(t.detach().clone()) if world_size() > 1 else t
 
 
 def broadcast_object(obj: object, src: int = 0) -> object:

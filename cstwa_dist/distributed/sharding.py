@@ -90,12 +90,43 @@ def shard_model(module: nn.Module, env: DistEnv, cfg: OptimConfig) -> ShardedMod
     )
     plan = planner.collective_plan(module, sharders, dist.GroupMember.WORLD)
     dmp = DistributedModelParallel(module=module, device=env.device, plan=plan, sharders=sharders)
+    sum_dense_gradients(dmp)
     dense = KeyedOptimizerWrapper(
         dict(in_backward_optimizer_filter(dmp.named_parameters())),
         lambda params: torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay),
     )
     optimizer = CombinedOptimizer([dmp.fused_optimizer, dense])
     return ShardedModel(dmp=dmp, optimizer=optimizer, embedding_optimizer=emb_opt, plan=str(plan))
+
+
+def _allreduce_sum_hook(state, bucket):  # noqa: ANN001, ANN202 - DDP rejects string annotations here
+    """DDP communication hook: sum the bucket over ranks (DDP's default also divides by the world size).
+
+    ``(state, bucket: dist.GradBucket) -> Future[Tensor]``; left unannotated because DDP checks the
+    annotation object, and this module's annotations are strings (``from __future__ import annotations``).
+    """
+    work = dist.all_reduce(bucket.buffer(), async_op=True)
+    assert work is not None
+    return work.get_future().then(lambda fut: fut.value()[0])
+
+
+def sum_dense_gradients(dmp: DistributedModelParallel) -> int:
+    """Makes DDP SUM dense gradients over ranks instead of averaging them; returns the hooks installed.
+
+    Each rank's loss is its share of the global batch's mean (``losses/common.py``), so the gradient
+    of one process on the concatenated batch is the SUM of the ranks' gradients. The sharded embedding
+    tables already get that sum (their backward adds every rank's lookups of a row); with DDP's
+    default averaging the dense parameters would get 1/W of it, and one real row in a rank's partial
+    batch would weigh as much as a full batch elsewhere.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    hooks = 0
+    for m in dmp.modules():
+        if isinstance(m, DistributedDataParallel):
+            m.register_comm_hook(state=None, hook=_allreduce_sum_hook)
+            hooks += 1
+    return hooks
 
 
 def submodule(dmp: DistributedModelParallel, path: str) -> nn.Module:

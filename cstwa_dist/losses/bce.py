@@ -11,7 +11,7 @@ from torch import nn
 
 from cstwa_dist.config import LossConfig
 from cstwa_dist.data.batch import Batch
-from cstwa_dist.losses.common import bce, masked_mean
+from cstwa_dist.losses.common import LOCAL, Collectives, bce, global_counts, global_mean
 from cstwa_dist.models.outputs import ModelOutput
 
 
@@ -21,11 +21,13 @@ class ClickLoss(nn.Module):
     Takes the loss config like every loss (the registry's one calling convention) but uses none of it.
     """
 
-    def __init__(self, cfg: LossConfig | None = None) -> None:
+    def __init__(self, cfg: LossConfig | None = None, comm: Collectives = LOCAL) -> None:
         super().__init__()
+        self.comm = comm
 
     def forward(self, out: ModelOutput, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        loss = masked_mean(bce(out.click_logit, batch.click), batch.mask)
+        (n_real,) = global_counts(self.comm, batch.mask)
+        loss = global_mean(bce(out.click_logit, batch.click), batch.mask, n_real)
         return loss, {"ctr": loss.detach()}
 
 
@@ -37,9 +39,10 @@ class TwoTaskLoss(nn.Module):
     purchase label counts) and ``purchase_weights`` (per-sample weights, e.g. the Curse Escaper's).
     """
 
-    def __init__(self, cfg: LossConfig) -> None:
+    def __init__(self, cfg: LossConfig, comm: Collectives = LOCAL) -> None:
         super().__init__()
         self.ctr_weight, self.cvr_weight = cfg.ctr_weight, cfg.cvr_weight
+        self.comm = comm
 
     def purchase_rows(self, batch: Batch) -> torch.Tensor:
         """``[B]`` bool: the rows whose purchase label enters ``L_purchase`` (default: every real row)."""
@@ -49,19 +52,23 @@ class TwoTaskLoss(nn.Module):
         """``[B]`` per-sample weights of the purchase BCE, or None for all ones."""
         return None
 
-    def task_terms(self, out: ModelOutput, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(L_ctr, L_purchase)`` as scalars."""
+    def task_terms(
+        self, out: ModelOutput, batch: Batch
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(L_ctr, L_purchase, global real-row count)``; the losses are this rank's shares."""
         if out.purchase_logit is None:
             raise ValueError(f"{type(self).__name__} needs a purchase logit")
-        l_ctr = masked_mean(bce(out.click_logit, batch.click), batch.mask)
+        rows = self.purchase_rows(batch)
+        n_real, n_purchase = global_counts(self.comm, batch.mask, rows)
+        l_ctr = global_mean(bce(out.click_logit, batch.click), batch.mask, n_real)
         per_sample = bce(out.purchase_logit, batch.purchase)
         weights = self.purchase_weights(out, batch)
         if weights is not None:
             per_sample = per_sample * weights
-        return l_ctr, masked_mean(per_sample, self.purchase_rows(batch))
+        return l_ctr, global_mean(per_sample, rows, n_purchase), n_real
 
     def forward(self, out: ModelOutput, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        l_ctr, l_cvr = self.task_terms(out, batch)
+        l_ctr, l_cvr, _ = self.task_terms(out, batch)
         loss = self.ctr_weight * l_ctr + self.cvr_weight * l_cvr
         return loss, {"ctr": l_ctr.detach(), "cvr": l_cvr.detach()}
 
@@ -78,8 +85,8 @@ class ClickedSpaceLoss(TwoTaskLoss):
 
     The purchase head is a conventional CVR model, trained where purchases are observable (``y = 1``;
     docs/method.md §3). Unclicked rows contribute nothing to ``L_cvr`` (their gradient is exactly
-    zero), yet the head still predicts them at evaluation. A batch (or rank shard) without a clicked
-    row gives ``L_cvr = 0`` rather than NaN (``masked_mean`` clamps the count).
+    zero), yet the head still predicts them at evaluation. ``L_cvr`` is the mean over the clicked rows
+    of the global batch; a global batch without a clicked row gives ``L_cvr = 0`` rather than NaN.
     """
 
     def purchase_rows(self, batch: Batch) -> torch.Tensor:

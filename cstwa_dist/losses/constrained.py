@@ -12,7 +12,7 @@ import torch
 from cstwa_dist.config import LossConfig
 from cstwa_dist.data.batch import Batch
 from cstwa_dist.losses.bce import TwoTaskLoss
-from cstwa_dist.losses.common import Gather, behaviour_constraint, masked_mean
+from cstwa_dist.losses.common import LOCAL, Collectives, behaviour_constraint, global_mean
 from cstwa_dist.losses.curse_escaper import CurseEscaper
 from cstwa_dist.models.outputs import ModelOutput
 
@@ -26,14 +26,14 @@ class ConstrainedLoss(TwoTaskLoss):
 
     part = "constraint"
 
-    def __init__(self, cfg: LossConfig) -> None:
-        super().__init__(cfg)
+    def __init__(self, cfg: LossConfig, comm: Collectives = LOCAL) -> None:
+        super().__init__(cfg, comm)
         self.c_weight = cfg.constraint_weight
 
     def forward(self, out: ModelOutput, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        l_ctr, l_cvr = self.task_terms(out, batch)
+        l_ctr, l_cvr, n_real = self.task_terms(out, batch)
         assert out.purchase_logit is not None  # task_terms checked it
-        l_c = masked_mean(behaviour_constraint(out.click_logit, out.purchase_logit), batch.mask)
+        l_c = global_mean(behaviour_constraint(out.click_logit, out.purchase_logit), batch.mask, n_real)
         loss = self.ctr_weight * l_ctr + self.cvr_weight * l_cvr + self.c_weight * l_c
         return loss, {"ctr": l_ctr.detach(), "cvr": l_cvr.detach(), self.part: l_c.detach()}
 
@@ -47,9 +47,9 @@ class AITMLoss(ConstrainedLoss):
 class CSTWALoss(ConstrainedLoss):
     """Eq. 20: ``L = w_ctr·L_ctr + w_cvr·L_cvr + w_c·L_c`` with the Curse Escaper's weights in ``L_cvr``."""
 
-    def __init__(self, cfg: LossConfig, curse_escaper: bool, gather: Gather | None = None) -> None:
-        super().__init__(cfg)
-        self.curse_escaper = CurseEscaper(cfg, gather) if curse_escaper else None
+    def __init__(self, cfg: LossConfig, curse_escaper: bool, comm: Collectives = LOCAL) -> None:
+        super().__init__(cfg, comm)
+        self.curse_escaper = CurseEscaper(cfg, comm) if curse_escaper else None
 
     def purchase_weights(self, out: ModelOutput, batch: Batch) -> torch.Tensor | None:
         if self.curse_escaper is None:

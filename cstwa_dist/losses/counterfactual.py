@@ -2,7 +2,7 @@
 
 ``L = w_ctr·L_ctr + w_cvr·L_ctcvr + w_cf·R`` where ``R`` uses ``p_ctr`` as the propensity of a
 click, by inverse propensity scoring (IPS) or doubly robust (DR) estimation, plus, for DR, the
-imputation tower's own loss. Every mean is over all real impressions (``masked_mean``), the ``1/|D|``
+imputation tower's own loss. Every mean is over all real impressions of the global batch, the ``1/|D|``
 of the estimators: unclicked rows enter IPS with weight 0 and DR through the imputed error only.
 """
 
@@ -13,7 +13,7 @@ import torch
 from cstwa_dist.config import LossConfig
 from cstwa_dist.data.batch import Batch
 from cstwa_dist.losses.bce import TwoTaskLoss
-from cstwa_dist.losses.common import bce, masked_mean
+from cstwa_dist.losses.common import LOCAL, Collectives, bce, global_mean
 from cstwa_dist.models.escm2 import CVR_LOGIT, IMPUTED_ERROR
 from cstwa_dist.models.outputs import ModelOutput
 
@@ -47,8 +47,8 @@ class ESCM2Loss(TwoTaskLoss):
     is turned down.
     """
 
-    def __init__(self, cfg: LossConfig, variant: str) -> None:
-        super().__init__(cfg)
+    def __init__(self, cfg: LossConfig, variant: str, comm: Collectives = LOCAL) -> None:
+        super().__init__(cfg, comm)
         if variant not in ("ips", "dr"):
             raise ValueError(f"ESCM2 variant must be ips or dr, got {variant!r}")
         self.variant = variant
@@ -58,20 +58,20 @@ class ESCM2Loss(TwoTaskLoss):
     def forward(self, out: ModelOutput, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if out.purchase_logit is None or out.extras is None or CVR_LOGIT not in out.extras:
             raise ValueError(f"ESCM2Loss needs the purchase logit and extras[{CVR_LOGIT!r}]")
-        l_ctr, l_ctcvr = self.task_terms(out, batch)
+        l_ctr, l_ctcvr, n_real = self.task_terms(out, batch)
         o = batch.click
         o_hat = propensity(out.click_logit, self.clip)  # [B]
         e = bce(out.extras[CVR_LOGIT], batch.purchase)  # [B]; only clicked rows carry a real label
         parts: dict[str, torch.Tensor] = {"ctr": l_ctr.detach(), "cvr": l_ctcvr.detach()}
         if self.variant == "ips":
-            risk = masked_mean(o * e / o_hat, batch.mask)
+            risk = global_mean(o * e / o_hat, batch.mask, n_real)
             extra = torch.zeros((), dtype=risk.dtype, device=risk.device)
         else:
             if IMPUTED_ERROR not in out.extras:
                 raise ValueError(f"ESCM2 DR needs extras[{IMPUTED_ERROR!r}] (build the model as escm2_dr)")
             e_hat = out.extras[IMPUTED_ERROR]
-            risk = masked_mean(e_hat.detach() + o * (e - e_hat.detach()) / o_hat, batch.mask)
-            extra = masked_mean(o * (e.detach() - e_hat) ** 2 / o_hat, batch.mask)
+            risk = global_mean(e_hat.detach() + o * (e - e_hat.detach()) / o_hat, batch.mask, n_real)
+            extra = global_mean(o * (e.detach() - e_hat) ** 2 / o_hat, batch.mask, n_real)
             parts["imputation"] = extra.detach()
         parts["counterfactual"] = risk.detach()
         loss = self.ctr_weight * l_ctr + self.cvr_weight * l_ctcvr + self.cf_weight * risk + extra

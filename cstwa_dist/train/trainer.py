@@ -31,14 +31,16 @@ from cstwa_dist.distributed.collectives import (
     all_gather_rows,
     all_reduce_sum,
     broadcast_object,
+    summed,
 )
 from cstwa_dist.distributed.env import DistEnv, init_distributed
 from cstwa_dist.distributed.sharding import ShardedModel, shard_model
 from cstwa_dist.fs import atomic_write_json
+from cstwa_dist.losses.common import Collectives
 from cstwa_dist.registry import ModelSpec, get_model_spec
 from cstwa_dist.structure.migrator import StructureMigrator
 from cstwa_dist.train.metrics import exact_auc
-from cstwa_dist.train.wrapper import ModelTrain
+from cstwa_dist.train.wrapper import ModelTrain, StepOutput
 
 logger = logging.getLogger(__name__)
 
@@ -64,8 +66,9 @@ def build_sharded(cfg: RunConfig, model_name: str, env: DistEnv, spec: DatasetSp
     mspec = get_model_spec(model_name)
     seed_everything(cfg.train.seed)
     model = mspec.build(spec, cfg.model, torch.device("meta"))
-    loss = mspec.build_loss(cfg.loss, cfg.model, all_gather_cat)
-    return shard_model(ModelTrain(model, loss), env, cfg.optim)
+    comm = Collectives(gather=all_gather_cat, sum=summed, world_size=env.world_size)
+    loss = mspec.build_loss(cfg.loss, cfg.model, comm)
+    return shard_model(ModelTrain(model, loss, comm), env, cfg.optim)
 
 
 @torch.no_grad()
@@ -75,13 +78,13 @@ def predict(dmp: DistributedModelParallel, reader: SplitReader, env: DistEnv) ->
     cols: dict[str, list[torch.Tensor]] = {"click": [], "purchase": [], "p_click": [], "p_purchase": []}
     for batch in reader.epoch(0):
         batch = batch.to(env.device)
-        _, (_, click_logit, purchase_logit) = dmp(batch)
+        _, step = dmp(batch)
         m = batch.mask
         cols["click"].append(batch.click[m])
         cols["purchase"].append(batch.purchase[m])
-        cols["p_click"].append(torch.sigmoid(click_logit)[m])
-        if purchase_logit is not None:
-            cols["p_purchase"].append(torch.sigmoid(purchase_logit)[m])
+        cols["p_click"].append(torch.sigmoid(step.click_logit)[m])
+        if step.purchase_logit is not None:
+            cols["p_purchase"].append(torch.sigmoid(step.purchase_logit)[m])
     dmp.train()
     out: dict[str, np.ndarray] = {}
     for k, parts in cols.items():
@@ -152,7 +155,7 @@ class Trainer:
             cfg.data.batch_size,
         )
         self.history: list[dict[str, Any]] = []
-        self.real_samples = torch.zeros((), dtype=torch.float64, device=self.env.device)
+        self.real_samples = torch.zeros((), dtype=torch.float64, device=self.env.device)  # global
         self.train_seconds = 0.0
         self.first_step_seconds = 0.0
 
@@ -170,15 +173,15 @@ class Trainer:
             prefetch_batches=self.cfg.data.prefetch_batches,
         )
 
-    def train_step(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Forward, backward and both optimizers on one batch; returns the (undetached) loss and parts."""
+    def train_step(self, batch: Batch) -> tuple[torch.Tensor, StepOutput]:
+        """Forward, backward and both optimizers on one batch; returns this rank's loss share and outputs."""
         batch = batch.to(self.env.device)
-        loss, (parts, _, _) = self.dmp(batch)
+        loss, out = self.dmp(batch)
         self.optimizer.zero_grad()
         loss.backward()
         self.optimizer.step()
-        self.real_samples += batch.mask.sum()
-        return loss, parts
+        self.real_samples += out.rows
+        return loss, out
 
     def epoch_boundary(self, epoch: int) -> None:
         """The Structure Migrator's β update before every epoch but the first (Eq. 9–10)."""
@@ -194,26 +197,29 @@ class Trainer:
         """One epoch of ``steps`` training steps (then validation); returns the epoch's record."""
         cfg = self.cfg
         t0 = time.perf_counter()
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.env.device)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.env.device)  # this rank's Σ row losses
+        rows = torch.zeros((), dtype=torch.float64, device=self.env.device)  # global real rows
         n_steps = 0
         for step, batch in enumerate(self.train_reader.epoch(epoch)):
-            loss, parts = self.train_step(batch)
-            loss_sum += loss.detach()
+            loss, out = self.train_step(batch)
+            loss_sum += loss.detach() * out.rows
+            rows += out.rows
             n_steps += 1
             if step == 0:  # the first step of an epoch also pays for starting the epoch's input stream
                 self.first_step_seconds += time.perf_counter() - t0
-            if step % cfg.train.log_every == 0 or step == self.steps - 1:
+            if step % cfg.train.log_every == 0 or step == self.steps - 1:  # every rank: a collective
+                names = list(out.parts)
+                step_loss, *step_parts = summed(torch.stack([loss.detach(), *out.parts.values()])).tolist()
                 elapsed = max(time.perf_counter() - t0, 1e-9)
-                rate = (step + 1) * cfg.data.batch_size * self.env.world_size / elapsed
                 logger.info(
                     "%s epoch %d step %d/%d loss %.4f (%s) ~%.0f samples/s",
                     self.model_name,
                     epoch + 1,
                     step + 1,
                     self.steps,
-                    loss.item(),
-                    " ".join(f"{k} {v.item():.4f}" for k, v in parts.items()),
-                    rate,
+                    step_loss,
+                    " ".join(f"{k} {v:.4f}" for k, v in zip(names, step_parts, strict=True)),
+                    float(rows) / elapsed,
                 )
         if n_steps != self.steps:
             raise RuntimeError(
@@ -224,7 +230,9 @@ class Trainer:
         record: dict[str, Any] = {
             "epoch": epoch + 1,
             "seconds": epoch_seconds,
-            "mean_loss": float(all_reduce_sum(loss_sum.clone()) / (self.steps * self.env.world_size)),
+            # mean over the epoch's real rows (all ranks); padding weighs nothing
+            "mean_loss": float(all_reduce_sum(loss_sum.clone()) / rows.clamp(min=1.0)),
+            "rows": int(rows.item()),
         }
         if validate:
             record["val"] = self.evaluate("val")
@@ -279,7 +287,7 @@ class Trainer:
 
     def _metrics(self) -> dict[str, Any]:
         cfg, env = self.cfg, self.env
-        total_real = int(all_reduce_sum(self.real_samples).item())
+        total_real = int(self.real_samples.item())  # already global: each step's rows are summed
         batch_rows = cfg.data.batch_size * env.world_size
         return {
             "model": self.model_name,

@@ -25,11 +25,11 @@ TINY = [
 ]
 
 
-def _spawn(fn, *args) -> None:
+def _spawn(fn, *args, world: int = WORLD) -> None:
     port = free_port()
     ctx = mp.get_context("spawn")
     errq = ctx.SimpleQueue()
-    procs = [ctx.Process(target=_entry, args=(fn, r, port, errq, *args)) for r in range(WORLD)]
+    procs = [ctx.Process(target=_entry, args=(fn, r, world, port, errq, *args)) for r in range(world)]
     for p in procs:
         p.start()
     for p in procs:
@@ -45,12 +45,12 @@ def _spawn(fn, *args) -> None:
     assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
 
 
-def _entry(fn, rank, port, errq, *args) -> None:
+def _entry(fn, rank, world, port, errq, *args) -> None:
     os.environ.update(
         RANK=str(rank),
-        WORLD_SIZE=str(WORLD),
+        WORLD_SIZE=str(world),
         LOCAL_RANK=str(rank),
-        LOCAL_WORLD_SIZE=str(WORLD),
+        LOCAL_WORLD_SIZE=str(world),
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
     )
@@ -67,23 +67,52 @@ def _entry(fn, rank, port, errq, *args) -> None:
 
 
 # --- 1. same loss on 1 and 2 ranks for identical weights and batch -----------------------------
-def _fixed_global_batch(spec, n: int):
+def _fixed_global_batch(spec, n: int, seed: int = 123, mask=None):
     from cstwa_dist.data.batch import Batch, make_kjt
 
-    g = torch.Generator().manual_seed(123)
+    g = torch.Generator().manual_seed(seed)
     cols = {f.name: torch.randint(0, f.vocab_size, (n,), generator=g) for f in spec.fields}
     click = (torch.rand(n, generator=g) < 0.3).float()
     purchase = click * (torch.rand(n, generator=g) < 0.3).float()
+    mask = torch.ones(n, dtype=torch.bool) if mask is None else mask
 
     def part(lo: int, hi: int) -> Batch:
         return Batch(
             features=make_kjt({k: v[lo:hi] for k, v in cols.items()}, spec.names),
             click=click[lo:hi],
             purchase=purchase[lo:hi],
-            mask=torch.ones(hi - lo, dtype=torch.bool),
+            mask=mask[lo:hi],
         )
 
     return part
+
+
+def _reference_weights(spec, cfg):
+    """An unsharded CSTWA on CPU with seed 0: the weights every sharded run starts from."""
+    from cstwa_dist.registry import get_model_spec
+    from cstwa_dist.train.wrapper import ModelTrain
+
+    mspec = get_model_spec("cstwa")
+    torch.manual_seed(0)
+    model = mspec.build(spec, cfg.model, torch.device("cpu"))
+    return ModelTrain(model, mspec.build_loss(cfg.loss, cfg.model))
+
+
+def _load_weights(sharded, ref_sd) -> None:
+    """The reference's weights into a sharded model: tables through the sharded write path."""
+    from cstwa_dist.distributed.sharding import submodule
+    from cstwa_dist.distributed.tables import write_full_table
+
+    for path in ("ctr_embeddings.ebc", "cvr_embeddings.ebc", "structure_embeddings"):
+        ebc = submodule(sharded.dmp, path)
+        prefix = f"model.{path}.embedding_bags."
+        for key, weight in ref_sd.items():
+            if key.startswith(prefix):
+                write_full_table(ebc, key[len(prefix) :].removesuffix(".weight"), weight)
+    with torch.no_grad():
+        for name, p in sharded.dmp.module.model.named_parameters():
+            if "embedding_bags" not in name:
+                p.copy_(ref_sd[f"model.{name}"])
 
 
 def _loss_worker(rank: int, dataset: str, graph_dir: str, out_dir: str) -> None:
@@ -94,33 +123,15 @@ def _loss_worker(rank: int, dataset: str, graph_dir: str, out_dir: str) -> None:
     from cstwa_dist.distributed.env import init_distributed
     from cstwa_dist.distributed.sharding import submodule
     from cstwa_dist.distributed.tables import write_full_table
-    from cstwa_dist.registry import get_model_spec
     from cstwa_dist.train.trainer import build_sharded
-    from cstwa_dist.train.wrapper import ModelTrain
 
     cfg = load_config(None, [*TINY, f"data.dataset={dataset}", f"structure.graph_dir={graph_dir}"])
     env = init_distributed()
     spec = DatasetSpec.load(dataset)
-    mspec = get_model_spec("cstwa")
-    torch.manual_seed(0)
-    ref = ModelTrain(
-        mspec.build(spec, cfg.model, torch.device("cpu")), mspec.build_loss(cfg.loss, cfg.model, None)
-    )
+    ref = _reference_weights(spec, cfg)
     ref_sd = ref.state_dict()
-
     sharded = build_sharded(cfg, "cstwa", env, spec)
-    model = sharded.dmp.module.model
-    # the same weights as the reference, tables through the sharded write path
-    for path in ("ctr_embeddings.ebc", "cvr_embeddings.ebc", "structure_embeddings"):
-        ebc = submodule(sharded.dmp, path)
-        prefix = f"model.{path}.embedding_bags."
-        for key, weight in ref_sd.items():
-            if key.startswith(prefix):
-                write_full_table(ebc, key[len(prefix) :].removesuffix(".weight"), weight)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "embedding_bags" not in name:
-                p.copy_(ref_sd[f"model.{name}"])
+    _load_weights(sharded, ref_sd)
 
     b = 64
     part = _fixed_global_batch(spec, WORLD * b)
@@ -129,10 +140,10 @@ def _loss_worker(rank: int, dataset: str, graph_dir: str, out_dir: str) -> None:
     for step in range(2):  # step 2 uses the CE window filled by step 1 (global on 2 ranks)
         loss, _ = sharded.dmp(mine)
         total = loss.detach().clone()
-        dist.all_reduce(total)
+        dist.all_reduce(total)  # each rank's loss is its share of the global batch's mean
         ref_loss, _ = ref(full)
-        assert math.isclose(total.item() / WORLD, ref_loss.item(), rel_tol=1e-5, abs_tol=1e-6), (
-            f"step {step}: 2-rank loss {total.item() / WORLD} != 1-rank loss {ref_loss.item()}"
+        assert math.isclose(total.item(), ref_loss.item(), rel_tol=1e-5, abs_tol=1e-6), (
+            f"step {step}: 2-rank loss {total.item()} != 1-rank loss {ref_loss.item()}"
         )
     # the structure steps on 2 ranks: table read-back, Eq. 8 read-out and the β update
     from cstwa_dist.distributed.tables import read_full_table
@@ -169,6 +180,101 @@ def _loss_worker(rank: int, dataset: str, graph_dir: str, out_dir: str) -> None:
 def test_two_rank_loss_equals_one_rank(tiny_dataset, tmp_path):
     _spawn(_loss_worker, str(tiny_dataset), str(tmp_path / "g"), str(tmp_path))
     assert (tmp_path / "loss_ok").exists()
+
+
+# --- 1b. N steps on W ranks leave the parameters one process leaves on the same global batches ---
+STEPS = 3
+ROWS = 64  # per rank per step; the global batch has WORLD * ROWS rows
+LAST_REAL = (40, 10)  # real rows of rank 0 and rank 1 in the last, uneven step (the rest is padding)
+
+
+def _global_mask(step: int) -> torch.Tensor:
+    mask = torch.ones(WORLD * ROWS, dtype=torch.bool)
+    if step == STEPS - 1:
+        for r, real in enumerate(LAST_REAL):
+            mask[r * ROWS + real : (r + 1) * ROWS] = False
+    return mask
+
+
+def _steps_worker(rank: int, dataset: str, out_dir: str) -> None:
+    from cstwa_dist.config import load_config
+    from cstwa_dist.data.spec import DatasetSpec
+    from cstwa_dist.distributed.env import init_distributed
+    from cstwa_dist.distributed.sharding import submodule
+    from cstwa_dist.distributed.tables import read_full_table
+    from cstwa_dist.train.trainer import build_sharded
+
+    # CE on with a window smaller than the global batch: its thresholds must not depend on W either
+    cfg = load_config(None, [*TINY, f"data.dataset={dataset}", "loss.window=100", "loss.high_percentile=80"])
+    env = init_distributed()
+    spec = DatasetSpec.load(dataset)
+    sharded = build_sharded(cfg, "cstwa", env, spec)
+    ref_sd = _reference_weights(spec, cfg).state_dict()
+    _load_weights(sharded, ref_sd)
+    share = WORLD * ROWS // env.world_size
+    losses = []
+    params: dict[str, torch.Tensor] = {}
+    model = sharded.dmp.module.model
+    for step in range(STEPS):
+        part = _fixed_global_batch(spec, WORLD * ROWS, seed=1000 + step, mask=_global_mask(step))
+        batch = part(env.rank * share, (env.rank + 1) * share)
+        loss, out = sharded.dmp(batch)
+        sharded.optimizer.zero_grad()
+        loss.backward()
+        for name, p in model.named_parameters():  # dense gradients after DDP's reduction
+            if "embedding_bags" not in name and p.grad is not None:
+                params[f"grad{step}:{name}"] = p.grad.detach().clone()
+        sharded.optimizer.step()
+        total = loss.detach().clone()
+        torch.distributed.all_reduce(total)
+        losses.append(total.item())
+        assert out.rows.item() == int(_global_mask(step).sum())
+    params["losses"] = torch.tensor(losses)
+    for path in ("ctr_embeddings.ebc", "cvr_embeddings.ebc", "structure_embeddings"):
+        ebc = submodule(sharded.dmp, path)
+        prefix = f"model.{path}.embedding_bags."
+        for key in ref_sd:
+            if key.startswith(prefix):
+                table = key[len(prefix) :].removesuffix(".weight")
+                params[table] = read_full_table(ebc, table, env.device)
+    for name, p in model.named_parameters():
+        if "embedding_bags" not in name:
+            params[name] = p.detach().clone()
+    if rank == 0:
+        torch.save(params, Path(out_dir) / f"params_w{env.world_size}.pt")
+
+
+def test_two_ranks_train_like_one_process_on_the_same_global_batches(tiny_dataset, tmp_path):
+    """Parameters after N steps (uneven last batch, CE on, dense Adam + fused embedding optimizer)
+    on 2 ranks equal those of 1 process fed the concatenated batches: losses are normalised by the
+    global real-row count and dense gradients summed, like the embedding gradients."""
+    _spawn(_steps_worker, str(tiny_dataset), str(tmp_path), world=1)
+    _spawn(_steps_worker, str(tiny_dataset), str(tmp_path), world=WORLD)
+    one = torch.load(tmp_path / "params_w1.pt")
+    two = torch.load(tmp_path / f"params_w{WORLD}.pt")
+    assert one.keys() == two.keys()
+    diffs = {k: float((one[k] - two[k]).abs().max()) for k in one}
+    # Dense gradients (what DDP hands the optimizer) and losses agree to float rounding. Weights agree
+    # to a looser bound: Adam and row-wise Adagrad divide each update by the gradient's own scale, so
+    # rounding differences in sums of opposite-signed terms (the reductions run in another order on 2
+    # ranks) grow to ~1e-5 of a 0.02 step; a wrong normalisation moves them by ~1e-3.
+    bad = [
+        k
+        for k in one
+        if not torch.allclose(one[k], two[k], rtol=1e-4, atol=1e-6 if k.startswith(("grad", "los")) else 2e-4)
+    ]
+    assert not bad, {k: diffs[k] for k in bad}
+    # the weights moved (the comparison is not between two untouched copies)
+    start = _reference_weights_state(tiny_dataset)
+    assert not torch.allclose(start["model.click_layer.weight"], one["click_layer.weight"])
+
+
+def _reference_weights_state(dataset: Path) -> dict[str, torch.Tensor]:
+    from cstwa_dist.config import load_config
+    from cstwa_dist.data.spec import DatasetSpec
+
+    cfg = load_config(None, [*TINY, f"data.dataset={dataset}"])
+    return _reference_weights(DatasetSpec.load(dataset), cfg).state_dict()
 
 
 # --- 2. uneven files: equal steps, every row once; gathered AUC = sklearn's ---------------------

@@ -67,7 +67,8 @@ def test_shapes_and_every_parameter_gets_a_finite_gradient(name):
         assert (IMPUTED_ERROR in out.extras) == (name == "escm2_dr")
         if name == "escm2_dr":
             assert (out.extras[IMPUTED_ERROR] >= 0).all()
-    loss, (parts, click, purchase) = module(b)
+    loss, out = module(b)
+    parts, click, purchase = out.parts, out.click_logit, out.purchase_logit
     assert click.shape == (32,) and purchase.shape == (32,)
     assert all(torch.isfinite(v) for v in parts.values())
     loss.backward()

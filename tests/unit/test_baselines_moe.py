@@ -52,7 +52,8 @@ def test_registry_builds_the_baseline_with_its_loss(name: str) -> None:
 def test_shapes_and_finite_gradient_for_every_parameter(name: str) -> None:
     torch.manual_seed(0)
     module = _train_module(name, _cfg())
-    loss, (parts, click, purchase) = module(_batch())
+    loss, out = module(_batch())
+    parts, click, purchase = out.parts, out.click_logit, out.purchase_logit
     assert click.shape == (32,) and purchase is not None and purchase.shape == (32,)
     assert torch.isfinite(loss) and set(parts) == {"ctr", "cvr"}
     loss.backward()

@@ -26,7 +26,8 @@ def test_shapes_and_every_parameter_gets_a_gradient(name):
     torch.manual_seed(0)
     module = ModelTrain(spec.build(SPEC, cfg, torch.device("cpu")), spec.build_loss(LossConfig(), cfg, None))
     b = _batch()
-    loss, (parts, click, purchase) = module(b)
+    loss, out = module(b)
+    click, purchase = out.click_logit, out.purchase_logit
     assert click.shape == (32,)
     assert (purchase is not None) == spec.predicts_purchase
     if purchase is not None:
