@@ -151,11 +151,17 @@ class TrainConfig:
     log_every: int = 50
     eval_split: str = "test"
     validate_every_epoch: bool = True
+    # "sparse_dist": TorchRec's TrainPipelineSparseDist (the next batch's device copy and input
+    # all-to-all overlap this batch's compute); "plain": forward/backward/step one batch at a time.
+    # Both compute the same parameters (tested); plain is for debugging and for measuring the overlap.
+    pipeline: str = "sparse_dist"
 
     def __post_init__(self) -> None:
         _positive(self, "epochs", "log_every")
         if self.eval_split not in ("val", "test"):
             raise ConfigError("train.eval_split must be val or test")
+        if self.pipeline not in ("sparse_dist", "plain"):
+            raise ConfigError(f"train.pipeline must be sparse_dist or plain, got {self.pipeline!r}")
 
 
 @dataclass(kw_only=True)

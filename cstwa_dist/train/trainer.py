@@ -11,9 +11,11 @@ steps.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
 from cstwa_dist.config import RunConfig
 from cstwa_dist.data.batch import Batch
@@ -154,6 +157,13 @@ class Trainer:
             self.steps,
             cfg.data.batch_size,
         )
+        # TorchRec's pipeline rewrites the sharded modules' forward; it is detached for evaluation and
+        # the structure step (both call the model directly) and re-attaches itself on the next step.
+        self.pipeline: TrainPipelineSparseDist | None = None
+        if cfg.train.pipeline == "sparse_dist":
+            self.pipeline = TrainPipelineSparseDist(
+                self.dmp, self.optimizer, self.env.device, execute_all_batches=True
+            )
         self.history: list[dict[str, Any]] = []
         self.real_samples = torch.zeros((), dtype=torch.float64, device=self.env.device)  # global
         self.train_seconds = 0.0
@@ -173,23 +183,38 @@ class Trainer:
             prefetch_batches=self.cfg.data.prefetch_batches,
         )
 
-    def train_step(self, batch: Batch) -> tuple[torch.Tensor, StepOutput]:
-        """Forward, backward and both optimizers on one batch; returns this rank's loss share and outputs."""
-        batch = batch.to(self.env.device)
-        loss, out = self.dmp(batch)
-        self.optimizer.zero_grad()
-        loss.backward()
-        self.optimizer.step()
+    def train_step(self, batches: Iterator[Batch]) -> StepOutput:
+        """One step: forward, backward and both optimizers on the next batch of ``batches``.
+
+        Through the pipeline the step also copies the batch after next to the device and starts the
+        next batch's input all-to-all; the parameters it leaves are those of the plain step.
+        Raises StopIteration when ``batches`` (and the pipeline) are exhausted.
+        """
+        if self.pipeline is not None:
+            out = self.pipeline.progress(batches)
+        else:
+            batch = next(batches).to(self.env.device)
+            loss, out = self.dmp(batch)
+            self.optimizer.zero_grad()
+            loss.backward()
+            self.optimizer.step()
         self.real_samples += out.rows
-        return loss, out
+        return out
+
+    def _detach_pipeline(self) -> None:
+        """Gives the model back its plain forward (for evaluation and the structure step)."""
+        if self.pipeline is not None:
+            self.pipeline.detach()
 
     def epoch_boundary(self, epoch: int) -> None:
         """The Structure Migrator's β update before every epoch but the first (Eq. 9–10)."""
         if self.migrator is not None and epoch > 0:
+            self._detach_pipeline()
             self.structure_seconds += self.migrator.epoch_boundary(epoch)
 
     def evaluate(self, split: str) -> dict[str, float | None]:
         """Click/Purchase AUC over every impression of ``split``, gathered from all ranks."""
+        self._detach_pipeline()
         reader = self.reader(split, False, self.cfg.data.eval_batch_size)
         return auc_report(predict(self.dmp, reader, self.env))
 
@@ -200,16 +225,20 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.env.device)  # this rank's Σ row losses
         rows = torch.zeros((), dtype=torch.float64, device=self.env.device)  # global real rows
         n_steps = 0
-        for step, batch in enumerate(self.train_reader.epoch(epoch)):
-            loss, out = self.train_step(batch)
-            loss_sum += loss.detach() * out.rows
+        batches = iter(self.train_reader.epoch(epoch))
+        for step in itertools.count():
+            try:
+                out = self.train_step(batches)
+            except StopIteration:
+                break
+            loss_sum += out.loss * out.rows
             rows += out.rows
             n_steps += 1
             if step == 0:  # the first step of an epoch also pays for starting the epoch's input stream
                 self.first_step_seconds += time.perf_counter() - t0
             if step % cfg.train.log_every == 0 or step == self.steps - 1:  # every rank: a collective
                 names = list(out.parts)
-                step_loss, *step_parts = summed(torch.stack([loss.detach(), *out.parts.values()])).tolist()
+                step_loss, *step_parts = summed(torch.stack([out.loss, *out.parts.values()])).tolist()
                 elapsed = max(time.perf_counter() - t0, 1e-9)
                 logger.info(
                     "%s epoch %d step %d/%d loss %.4f (%s) ~%.0f samples/s",
@@ -252,6 +281,7 @@ class Trainer:
         for epoch in range(self.epochs):
             self.epoch_boundary(epoch)
             self.history.append(self.train_epoch(epoch, evaluate and cfg.train.validate_every_epoch))
+        self._detach_pipeline()  # callers (pretrain's read-out, tests) use the model directly
         metrics = self._metrics()
         if evaluate:
             t0 = time.perf_counter()

@@ -16,15 +16,32 @@ from cstwa_dist.models.base import RecModel
 class StepOutput:
     """Everything detached a training or evaluation step reports besides the loss.
 
-    ``parts`` are this rank's shares of the named loss terms (their sum over ranks is the term's mean
-    over the global batch); ``rows`` is the number of real rows of the global batch, so that figures
-    can be weighted by real rows and padding never counts.
+    ``loss`` and ``parts`` are this rank's shares of the loss and of its named terms (their sum over
+    ranks is the mean over the global batch); ``rows`` is the number of real rows of the global batch,
+    so that figures can be weighted by real rows and padding never counts. The loss is repeated here
+    because TorchRec's train pipelines return only the output of a step, not its loss.
     """
 
+    loss: torch.Tensor  # scalar, this rank's share of the step's loss (detached)
     parts: dict[str, torch.Tensor]
     rows: torch.Tensor  # scalar float32, global real rows of this step
     click_logit: torch.Tensor  # [B]
     purchase_logit: torch.Tensor | None  # [B], None for click-only models
+
+
+class GlobalRowCount(nn.Module):
+    """Real rows of the global batch (a sum over ranks).
+
+    A module of its own so that TorchRec's train pipeline, which traces ``ModelTrain`` with torch.fx
+    to find the sharded modules' inputs, treats it as a leaf instead of tracing into a collective.
+    """
+
+    def __init__(self, comm: Collectives = LOCAL) -> None:
+        super().__init__()
+        self.comm = comm
+
+    def forward(self, mask: torch.Tensor) -> torch.Tensor:
+        return self.comm.sum(mask.to(torch.float32).sum())
 
 
 class ModelTrain(nn.Module):
@@ -34,11 +51,11 @@ class ModelTrain(nn.Module):
         super().__init__()
         self.model = model
         self.loss = loss
-        self.comm = comm
+        self.row_count = GlobalRowCount(comm)
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, StepOutput]:
         out = self.model(batch.features)
         loss, parts = self.loss(out, batch)
-        rows = self.comm.sum(batch.mask.to(torch.float32).sum())
+        rows = self.row_count(batch.mask)
         purchase = None if out.purchase_logit is None else out.purchase_logit.detach()
-        return loss, StepOutput(parts, rows, out.click_logit.detach(), purchase)
+        return loss, StepOutput(loss.detach(), parts, rows, out.click_logit.detach(), purchase)

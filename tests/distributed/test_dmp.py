@@ -196,7 +196,7 @@ def _global_mask(step: int) -> torch.Tensor:
     return mask
 
 
-def _steps_worker(rank: int, dataset: str, out_dir: str) -> None:
+def _steps_worker(rank: int, dataset: str, out_dir: str, pipeline: bool = False) -> None:
     from cstwa_dist.config import load_config
     from cstwa_dist.data.spec import DatasetSpec
     from cstwa_dist.distributed.env import init_distributed
@@ -215,9 +215,26 @@ def _steps_worker(rank: int, dataset: str, out_dir: str) -> None:
     losses = []
     params: dict[str, torch.Tensor] = {}
     model = sharded.dmp.module.model
-    for step in range(STEPS):
-        part = _fixed_global_batch(spec, WORLD * ROWS, seed=1000 + step, mask=_global_mask(step))
-        batch = part(env.rank * share, (env.rank + 1) * share)
+    batches = [
+        _fixed_global_batch(spec, WORLD * ROWS, seed=1000 + step, mask=_global_mask(step))(
+            env.rank * share, (env.rank + 1) * share
+        )
+        for step in range(STEPS)
+    ]
+    if pipeline:  # TorchRec's TrainPipelineSparseDist, as the trainer runs it
+        from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+        pipe = TrainPipelineSparseDist(sharded.dmp, sharded.optimizer, env.device, execute_all_batches=True)
+        it = iter(batches)
+        for _ in range(STEPS):
+            out = pipe.progress(it)
+            total = out.loss.clone()
+            torch.distributed.all_reduce(total)
+            losses.append(total.item())
+        with pytest.raises(StopIteration):
+            pipe.progress(it)
+        pipe.detach()
+    for step, batch in enumerate([] if pipeline else batches):
         loss, out = sharded.dmp(batch)
         sharded.optimizer.zero_grad()
         loss.backward()
@@ -241,7 +258,8 @@ def _steps_worker(rank: int, dataset: str, out_dir: str) -> None:
         if "embedding_bags" not in name:
             params[name] = p.detach().clone()
     if rank == 0:
-        torch.save(params, Path(out_dir) / f"params_w{env.world_size}.pt")
+        suffix = "_pipeline" if pipeline else ""
+        torch.save(params, Path(out_dir) / f"params_w{env.world_size}{suffix}.pt")
 
 
 def test_two_ranks_train_like_one_process_on_the_same_global_batches(tiny_dataset, tmp_path):
@@ -264,6 +282,12 @@ def test_two_ranks_train_like_one_process_on_the_same_global_batches(tiny_datase
         if not torch.allclose(one[k], two[k], rtol=1e-4, atol=1e-6 if k.startswith(("grad", "los")) else 2e-4)
     ]
     assert not bad, {k: diffs[k] for k in bad}
+    # TorchRec's train pipeline (input all-to-all of the next batch overlapping this one) leaves the
+    # same parameters as the plain loop on the same ranks
+    _spawn(_steps_worker, str(tiny_dataset), str(tmp_path), True, world=WORLD)
+    piped = torch.load(tmp_path / f"params_w{WORLD}_pipeline.pt")
+    for k, v in piped.items():
+        assert torch.allclose(v, two[k], rtol=1e-6, atol=1e-7), (k, float((v - two[k]).abs().max()))
     # the weights moved (the comparison is not between two untouched copies)
     start = _reference_weights_state(tiny_dataset)
     assert not torch.allclose(start["model.click_layer.weight"], one["click_layer.weight"])
