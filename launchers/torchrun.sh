@@ -1,17 +1,39 @@
 #!/usr/bin/env bash
 # Runs a cstwa-dist command on this node under torchrun, with one Ray runtime for the node.
 #   launchers/torchrun.sh NPROC COMMAND [ARGS...]      e.g. launchers/torchrun.sh 2 train --model cstwa
-# Multi-node: set NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT (the k8s manifests do) and run it on
-# every node. The node's Ray runtime comes from launchers/ray_runtime.sh (reused if RAY_ADDRESS is set).
+# Multi-node, static: set NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT on every node.
+# Multi-node, c10d rendezvous (the k8s/ manifests): set NNODES, RDZV_ENDPOINT (host:port), JOB_ID,
+# NODE_RANK (0 hosts the rendezvous store) and optionally MAX_RESTARTS.
+# The node's Ray runtime comes from launchers/ray_runtime.sh (reused if RAY_ADDRESS is set).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ $# -ge 2 ] || { sed -n 2,5p "$0"; exit 2; }
+[ $# -ge 2 ] || { sed -n 2,7p "$0"; exit 2; }
 nproc=$1; shift
 venv=${VENV:-.venv}
 export PATH="$PWD/$venv/bin:$PATH"
 
 source launchers/ray_runtime.sh
 start_node_ray_runtime
-torchrun --nnodes="${NNODES:-1}" --node_rank="${NODE_RANK:-0}" --nproc_per_node="$nproc" \
-  --master_addr="${MASTER_ADDR:-127.0.0.1}" --master_port="${MASTER_PORT:-29511}" \
-  -m cstwa_dist.cli "$@"
+
+if [ -n "${RDZV_ENDPOINT:-}" ]; then
+  # c10d rendezvous: NODE_RANK 0 hosts the store (said explicitly: guessing it from the endpoint's DNS
+  # fails while pod 0's record is not yet published); the rendezvous assigns the node ranks.
+  if [ "${NODE_RANK:-0}" = 0 ]; then is_host=1; else is_host=0; fi
+  rdzv=(--rdzv_backend=c10d --rdzv_endpoint="$RDZV_ENDPOINT"
+        --rdzv_id="${JOB_ID:?JOB_ID is required with RDZV_ENDPOINT}" --rdzv_conf="is_host=$is_host"
+        --max_restarts="${MAX_RESTARTS:-0}")
+else
+  rdzv=(--node_rank="${NODE_RANK:-0}" --master_addr="${MASTER_ADDR:-127.0.0.1}"
+        --master_port="${MASTER_PORT:-29511}")
+fi
+# torchrun runs in the background so that a stop signal (a pod being deleted) reaches it at once
+# instead of waiting for it to exit; the Ray runtime is stopped by ray_runtime.sh's EXIT trap.
+torchrun --nnodes="${NNODES:-1}" --nproc_per_node="$nproc" "${rdzv[@]}" -m cstwa_dist.cli "$@" &
+torchrun_pid=$!
+trap 'kill -TERM "$torchrun_pid" 2>/dev/null || true' INT TERM
+status=0
+wait "$torchrun_pid" || status=$?
+if kill -0 "$torchrun_pid" 2>/dev/null; then  # woken by a signal: wait for torchrun to finish stopping
+  wait "$torchrun_pid" || status=$?
+fi
+exit "$status"

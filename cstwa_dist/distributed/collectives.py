@@ -53,3 +53,12 @@ def broadcast_object(obj: object, src: int = 0) -> object:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def gather_objects(obj: object) -> list[object]:
+    """Every rank's ``obj``, in rank order, on every rank (small metadata only: pickled)."""
+    if world_size() == 1:
+        return [obj]
+    out: list[object] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out

@@ -64,10 +64,20 @@ class RayRuntime:
         else:
             # address="local" always starts a new runtime: never reads Ray's current-cluster file.
             ray.init(address="local", include_dashboard=False, num_cpus=self.num_cpus, **common)
-            self.address = "local"
+            # the runtime's own address, so that child processes (bench's ranks) can attach to it
+            self.address = ray.get_runtime_context().gcs_address
             log.info("started a private local Ray runtime (num_cpus=%s)", self.num_cpus)
         self._owned = True
         return self
+
+    @staticmethod
+    def current_address() -> str | None:
+        """The address of the runtime this process is attached to (or started), for child processes."""
+        import ray
+
+        if not ray.is_initialized():
+            return None
+        return ray.get_runtime_context().gcs_address
 
     def __exit__(self, *exc: object) -> None:
         import ray
