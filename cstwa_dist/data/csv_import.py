@@ -16,6 +16,13 @@ Reasons here: ``wrong_column_count`` (found by the CSV parser), ``non_integer_id
 ``id_out_of_range`` (outside ``[0, vocab_size)``), ``bad_label`` (not 0/1), ``purchase_without_click``.
 The first problem in column order (fields in spec order, then labels) names the line's reason.
 
+Bad input stops before any row is written, with one line naming the file: a missing or empty file
+(``file is empty (no header line)``), a header without a spec column, a file with a header but no data
+rows (unless ``allow_empty_splits``). A UTF-8 byte-order mark before the header (spreadsheet exports
+write one) is accepted and skipped. After each file, more than ``max_quarantine_fraction`` of its rows
+quarantined fails the import (:mod:`cstwa_dist.data.quarantine`): a spec with the wrong vocabulary
+quarantines most rows, and a data set built from the rest would be silently wrong.
+
 Line numbers come from pyarrow's invalid-row callback (physical line numbers, exact with
 ``use_threads=False`` and no quoted newlines, which this importer does not accept) and from counting the
 valid rows in between. For value problems the ``raw`` text is rebuilt from the parsed cells (quotes
@@ -40,11 +47,13 @@ import pyarrow.csv as pacsv
 from cstwa_dist.data.progress import Progress
 from cstwa_dist.data.quarantine import (
     BAD_LABEL,
+    DEFAULT_MAX_QUARANTINE_FRACTION,
     ID_OUT_OF_RANGE,
     NON_INTEGER_ID,
     PURCHASE_WITHOUT_CLICK,
     WRONG_COLUMN_COUNT,
     ImportRun,
+    check_fraction,
     count_lines,
     staged_import,
 )
@@ -111,19 +120,39 @@ def _row_problems(
     return code, messages, ints
 
 
-def _import_csv_file(path: Path, split: str, spec: DatasetSpec, run: ImportRun, progress: bool) -> SplitStats:
-    """Streams one CSV file into the run's ``<split>`` folder; returns its stats (with its accounting)."""
-    quarantine = run.quarantine
-    input_lines = max(count_lines(path) - 1, 0)  # the header is not a data line
-    with open(path, encoding="utf-8", errors="replace") as f:
-        header = f.readline().rstrip("\r\n").split(",")
+def read_header(path: Path, spec: DatasetSpec, *, allow_empty: bool = False) -> list[str]:
+    """The header of a CSV file, checked before anything is written: present, holding every spec field
+    and both labels, and followed by at least one line (unless ``allow_empty``). A UTF-8 byte-order
+    mark is skipped (pyarrow's reader skips it too, so the column names agree)."""
     columns = [*spec.names, *LABELS]
+    expected = f"expected a header like {','.join(columns)}"
+    if not path.is_file():
+        raise FileNotFoundError(f"CSV file not found: {path}")
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
+        first = f.readline()
+        has_rows = f.readline() != ""
+    if not first.strip("\r\n"):
+        what = "file is empty (no header line)" if not first else "line 1 is empty (no header line)"
+        raise DataError(f"{path}: {what}; {expected}")
+    header = first.rstrip("\r\n").split(",")
     missing = [c for c in columns if c not in header]
     if missing:
-        raise DataError(f"{path} line 1: header lacks columns {missing}; header is {header}")
+        raise DataError(f"{path} line 1: header lacks columns {missing}; header is {header}; {expected}")
+    if not has_rows and not allow_empty:
+        raise DataError(f"{path}: has a header but no data rows; every split needs rows")
     ignored = [c for c in header if c not in columns]
     if ignored:
         logger.warning("%s: columns %s are not in the spec and are not imported", path, ignored)
+    return header
+
+
+def _import_csv_file(
+    path: Path, split: str, spec: DatasetSpec, header: list[str], run: ImportRun, progress: bool
+) -> SplitStats:
+    """Streams one CSV file into the run's ``<split>`` folder; returns its stats (with its accounting)."""
+    quarantine = run.quarantine
+    input_lines = max(count_lines(path) - 1, 0)  # the header is not a data line
+    columns = [*spec.names, *LABELS]
 
     invalid: list[int] = []  # physical line numbers of rows the parser rejected, in file order
     pending: list[tuple[int, str, str, str]] = []  # (line, reason, raw, detail) not yet quarantined
@@ -178,31 +207,50 @@ def _import_csv_file(path: Path, split: str, spec: DatasetSpec, run: ImportRun, 
     flush(None)
     stats = acc.close()
     prog.finish()
-    accounting = run.files[str(path)] = quarantine.accounting(str(path), input_lines, stats.rows)
+    accounting = quarantine.accounting(str(path), input_lines, stats.rows)
     stats.extra.update(accounting)
     stats.extra["source"] = str(path)
     stats.extra["quarantine"] = quarantine.counts(split)
+    run.add_file(str(path), str(path), accounting)  # fails here if too much of the file was quarantined
     return stats
 
 
 def import_csv(
-    train: Path, val: Path, test: Path, spec: Path, out: Path, *, strict: bool = False, progress: bool = True
+    train: Path,
+    val: Path,
+    test: Path,
+    spec: Path,
+    out: Path,
+    *,
+    strict: bool = False,
+    max_quarantine_fraction: float = DEFAULT_MAX_QUARANTINE_FRACTION,
+    allow_empty_splits: bool = False,
+    progress: bool = True,
 ) -> dict[str, SplitStats]:
     """Imports three preprocessed CSV files (header = spec field names + ``click`` + ``purchase``).
 
     ``spec`` is a spec.yaml (or a directory holding one) giving each field's side and vocab size; ids
     must already be integers in ``[0, vocab_size)`` (0 is a normal id here). Returns the per-split
-    statistics, also written to ``<out>/stats.json``. See the module docstring for validation.
+    statistics, also written to ``<out>/stats.json``. See the module docstring for validation; the spec
+    and all three headers are checked before anything is written.
     """
     train, val, test, out = Path(train), Path(val), Path(test), Path(out)
+    max_quarantine_fraction = check_fraction(max_quarantine_fraction)
     dataset_spec = DatasetSpec.load(spec)
     sources = {"train": train, "val": val, "test": test}
-    for p in sources.values():
-        if not p.is_file():
-            raise FileNotFoundError(f"CSV file not found: {p}")
-    with staged_import(out, strict=strict, command="import-csv") as run:
+    headers = {
+        split: read_header(path, dataset_spec, allow_empty=allow_empty_splits)
+        for split, path in sources.items()
+    }
+    with staged_import(
+        out,
+        strict=strict,
+        command="import-csv",
+        max_quarantine_fraction=max_quarantine_fraction,
+        allow_empty_splits=allow_empty_splits,
+    ) as run:
         stats = {
-            split: _import_csv_file(path, split, dataset_spec, run, progress)
+            split: _import_csv_file(path, split, dataset_spec, headers[split], run, progress)
             for split, path in sources.items()
         }
         run.finish(dataset_spec, stats)

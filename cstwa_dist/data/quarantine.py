@@ -13,6 +13,15 @@ place (the Ali-CCP specifics are in ``docs/method.md §6``).
 the peak RSS, ``spec.yaml`` + ``stats.json`` and the rename. It is written once so that the two importers
 cannot differ in what a finished import guarantees.
 
+Bad input stops early and clearly. Quarantining a few stray lines is right, but an import that
+quarantines a large share of a file (a spec with the wrong vocabulary, the wrong file, a missing common
+file) would otherwise end with exit 0 and a data set that silently lacks most of its rows. So after each
+input file's pass, and for each split at the end, the share of quarantined lines is compared with
+``max_quarantine_fraction`` (:data:`DEFAULT_MAX_QUARANTINE_FRACTION`): above it the import fails with a
+:class:`QuarantineLimitError` naming the file, the share, the top reasons and the first bad line, and the
+quarantine files are moved to ``<out>.quarantine/`` so the bad lines can be read, while nothing appears at
+``out``. A split that ends up with 0 rows is an error too, unless ``allow_empty_splits``.
+
 This is a sibling of :mod:`cstwa_dist.data.writer` rather than part of it because the generator, which
 also writes through the writer, has no input lines and nothing to quarantine.
 """
@@ -22,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import shutil
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -50,6 +60,22 @@ DUPLICATE_COMMON_KEY = "duplicate_common_key"
 REPEATED_FIELD = "repeated_field"
 BAD_KEY = "bad_key"
 
+# A sound export has no bad line or a few stray ones; more than 1 % of a file means a systematic problem
+# (wrong spec or vocabulary, wrong file, wrong format) that training on the remaining rows would hide.
+DEFAULT_MAX_QUARANTINE_FRACTION = 0.01
+
+
+class QuarantineLimitError(DataError):
+    """More of an input file (or split) was quarantined than ``max_quarantine_fraction`` allows."""
+
+
+def check_fraction(value: float) -> float:
+    """``max_quarantine_fraction`` must be a share: 0 fails on any bad line, 1 never fails."""
+    value = float(value)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"--max-quarantine-fraction must be in [0, 1], got {value:g}")
+    return value
+
 
 class Quarantine:
     """Bad input lines: one JSONL file per split under ``<out>/quarantine``, counts by split/file/reason.
@@ -64,7 +90,10 @@ class Quarantine:
         self.by_split: dict[str, Counter[str]] = {s: Counter() for s in SPLITS}
         self.by_file: dict[str, Counter[str]] = {}
         self.by_split_file: dict[tuple[str, str], Counter[str]] = {}
+        # first bad line per (split, file), in the order first seen: (line, reason, detail)
+        self.first: dict[tuple[str, str], tuple[int, str, str]] = {}
         self._handles: dict[str, IO[str]] = {}
+        self._closed = False
         directory.mkdir(parents=True, exist_ok=True)
 
     def add(self, split: str, file: str, line: int, reason: str, raw: str, detail: str = "") -> None:
@@ -81,6 +110,9 @@ class Quarantine:
         self.by_split[split][reason] += 1
         self.by_file.setdefault(file, Counter())[reason] += 1
         self.by_split_file.setdefault((split, file), Counter())[reason] += 1
+        seen = self.first.get((split, file))
+        if seen is None or line < seen[0]:
+            self.first[(split, file)] = (int(line), reason, detail)
 
     def file_total(self, file: str) -> int:
         return sum(self.by_file.get(file, Counter()).values())
@@ -95,7 +127,13 @@ class Quarantine:
         return {"input_lines": input_lines, "written": written, "quarantined": self.file_total(file)}
 
     def close(self) -> None:
-        """Closes the files and creates an empty one for every split without bad lines (a fixed layout)."""
+        """Closes the files and creates an empty one for every split without bad lines (a fixed layout).
+
+        Idempotent: a failed import closes it, moves the folder away, and the frame closes it again.
+        """
+        if self._closed:
+            return
+        self._closed = True
         for handle in self._handles.values():
             handle.close()
         self._handles.clear()
@@ -146,17 +184,112 @@ class ImportRun:
     """An import in progress: its staging folder, its quarantine and the accounting of its input files.
 
     ``files`` maps a name (as it should appear in error messages and ``stats.json``) to the file's
-    :meth:`Quarantine.accounting`; :meth:`finish` checks them all.
+    :meth:`Quarantine.accounting`; importers record each file with :meth:`add_file` right after its pass,
+    which also applies ``max_quarantine_fraction`` to it, and :meth:`finish` checks them all again, plus
+    every split's share and that no split is empty (unless ``allow_empty_splits``).
     """
 
     directory: Path
     quarantine: Quarantine
+    out: Path = Path(".")
+    command: str = "import"
+    max_quarantine_fraction: float = DEFAULT_MAX_QUARANTINE_FRACTION
+    allow_empty_splits: bool = False
     files: dict[str, dict[str, int]] = field(default_factory=dict)
+    sources: dict[str, str] = field(default_factory=dict)  # name in ``files`` -> file key in the quarantine
     peak_rss_mb: float = 0.0
     stats: dict[str, SplitStats] = field(default_factory=dict)
     note: str = ""
     finished: bool = False
     t0: float = field(default_factory=time.perf_counter)
+
+    def add_file(self, name: str, source: str, accounting: dict[str, int]) -> None:
+        """Records one input file's accounting (``source``: its name in the quarantine) and fails the
+        import now if too much of it was quarantined, before later passes spend time on a lost cause."""
+        self.files[name] = accounting
+        self.sources[name] = source
+        self._check_file(name)
+
+    def _check_file(self, name: str) -> None:
+        acc = self.files[name]
+        source = self.sources.get(name, name)
+        reasons: Counter[str] = self.quarantine.by_file.get(source, Counter())
+        firsts = [(v, f) for (_, f), v in self.quarantine.first.items() if f == source]
+        first = min(firsts) if firsts else None
+        splits = sorted({s for (s, f) in self.quarantine.by_split_file if f == source}, key=SPLITS.index)
+        self._check_share(source, acc["input_lines"], acc["quarantined"], reasons, first, splits)
+
+    def _check_split(self, split: str, st: SplitStats) -> None:
+        e = st.extra
+        firsts = [(v, f) for (s, f), v in self.quarantine.first.items() if s == split]
+        self._check_share(
+            f"split {split!r} ({e.get('source', '?')})",
+            int(e.get("input_lines", 0)),
+            int(e.get("quarantined", 0)),
+            Counter(e.get("quarantine", {})),
+            firsts[0] if firsts else None,
+            [split],
+        )
+
+    def _check_share(
+        self,
+        what: str,
+        total: int,
+        bad: int,
+        reasons: Counter[str],
+        first: tuple[tuple[int, str, str], str] | None,
+        splits: list[str],
+    ) -> None:
+        """Raises :class:`QuarantineLimitError` (one line) if ``bad / total`` exceeds the limit."""
+        limit = self.max_quarantine_fraction
+        if total == 0 or bad / total <= limit:
+            return
+        top = ", ".join(f"{r}={n}" for r, n in reasons.most_common(3)) or "-"
+        example = ""
+        if first is not None:
+            (line, reason, detail), file = first
+            example = f"; first: {Path(file).name} line {line}: {reason}" + (f" ({detail})" if detail else "")
+        kept = self.keep_quarantine()
+        where = (
+            "bad lines kept in " + ", ".join(str(kept / f"{s}.jsonl") for s in splits)
+            if kept is not None
+            else f"quarantine not kept ({self.quarantine_keep_path} exists and is not a quarantine folder)"
+        )
+        raise QuarantineLimitError(
+            f"{self.command}: {bad} of {total} lines ({bad / total:.1%}) of {what} were quarantined, above "
+            f"--max-quarantine-fraction {limit:g} (reasons: {top}{example}); {where}; nothing was written "
+            f"to {self.out}. Fix the input (or spec), or raise --max-quarantine-fraction if this is expected."
+        )
+
+    @property
+    def quarantine_keep_path(self) -> Path:
+        return self.out.parent / f"{self.out.name}.quarantine"
+
+    def keep_quarantine(self) -> Path | None:
+        """Moves the quarantine out of the staging folder (which a failed import removes) to
+        ``<out>.quarantine/``, so the bad lines that failed the import can be read; replaces an earlier
+        failed import's folder there, but nothing else (returns ``None`` then)."""
+        self.quarantine.close()
+        dest = self.quarantine_keep_path
+        if dest.exists():
+            names = {f"{s}.jsonl" for s in SPLITS}
+            if not dest.is_dir() or any(not (q.is_file() and q.name in names) for q in dest.iterdir()):
+                return None
+            shutil.rmtree(dest)
+        shutil.move(str(self.quarantine.directory), dest)
+        return dest
+
+    def _check_not_empty(self, stats: dict[str, SplitStats]) -> None:
+        if self.allow_empty_splits:
+            return
+        for split in SPLITS:
+            e = stats[split].extra
+            if stats[split].rows == 0:
+                lines, bad, source = e.get("input_lines", 0), e.get("quarantined", 0), e.get("source", "?")
+                raise DataError(
+                    f"{self.command}: split {split!r} would have 0 rows ({lines} input lines of {source}, "
+                    f"{bad} quarantined); nothing was written to {self.out}"
+                )
 
     def finish(
         self,
@@ -165,32 +298,54 @@ class ImportRun:
         extra: dict[str, Any] | None = None,
         note: str = "",
     ) -> None:
-        """Closes the quarantine, checks the accounting, stamps the peak RSS (and ``extra``) on every
-        split and writes ``spec.yaml`` + ``stats.json``: everything a finished import must hold.
+        """Closes the quarantine, checks the accounting, the quarantined share of every file and split and
+        that no split is empty, stamps the peak RSS (and ``extra``) on every split and writes ``spec.yaml``
+        + ``stats.json``: everything a finished import must hold.
 
         ``note`` is appended to the closing log line (what the importer alone knows, e.g. its rate).
         """
         self.quarantine.close()
         check_accounting(self.files)
+        for name in self.files:
+            self._check_file(name)
+        for split in SPLITS:
+            self._check_split(split, stats[split])
+        self._check_not_empty(stats)
         self.peak_rss_mb = peak_rss_mb()
         for s in stats.values():
             s.extra["peak_rss_mb"] = round(self.peak_rss_mb, 1)
+            s.extra["max_quarantine_fraction"] = self.max_quarantine_fraction
             s.extra.update(extra or {})
         write_metadata(self.directory, spec, stats)
         self.stats, self.note, self.finished = stats, note, True
 
 
 @contextlib.contextmanager
-def staged_import(out: Path, *, strict: bool, command: str) -> Iterator[ImportRun]:
+def staged_import(
+    out: Path,
+    *,
+    strict: bool,
+    command: str,
+    max_quarantine_fraction: float = DEFAULT_MAX_QUARANTINE_FRACTION,
+    allow_empty_splits: bool = False,
+) -> Iterator[ImportRun]:
     """The frame of an import into ``out``: yields an :class:`ImportRun` whose folder becomes ``out``.
 
     The body must end with :meth:`ImportRun.finish`; the folder is then renamed to ``out``, and the
     quarantine and the split sizes are logged under ``command``. On an exception nothing appears at
-    ``out``.
+    ``out`` (a :class:`QuarantineLimitError` leaves the bad lines in ``<out>.quarantine/``).
     """
     out = Path(out)
+    limit = check_fraction(max_quarantine_fraction)
     with staged_directory(out, "data set") as tmp:
-        run = ImportRun(tmp, Quarantine(tmp / "quarantine", strict=strict))
+        run = ImportRun(
+            tmp,
+            Quarantine(tmp / "quarantine", strict=strict),
+            out=out,
+            command=command,
+            max_quarantine_fraction=limit,
+            allow_empty_splits=allow_empty_splits,
+        )
         try:
             yield run
         except BaseException:

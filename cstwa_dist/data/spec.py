@@ -24,7 +24,34 @@ SPLITS = ("train", "val", "test")
 
 
 class SpecError(ValueError):
-    """A spec file that cannot describe a valid dataset."""
+    """A spec file that cannot describe a valid dataset (a ``ValueError``: the CLI prints one line)."""
+
+
+_SPEC_KEYS = ("fields", "user_id", "item_id")
+_FIELD_KEYS = ("name", "side", "vocab_size")
+# One line of valid YAML, quoted in every spec error so a hand-written spec can be fixed from the message.
+SPEC_EXAMPLE = (
+    "'fields: [{name: uid, side: user, vocab_size: 1000}, {name: iid, side: item, vocab_size: 5000}, "
+    "{name: hour, side: context, vocab_size: 24}]' plus 'user_id: uid' and 'item_id: iid'"
+)
+
+
+def _kind(value: Any) -> str:
+    """The YAML word for a parsed value's type, for messages about hand-written specs."""
+    if isinstance(value, dict):
+        return "mapping"
+    if isinstance(value, list):
+        return "list"
+    if value is None:
+        return "null"
+    return {bool: "boolean", int: "integer", float: "number", str: "string"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def _is_name(value: Any) -> bool:
+    """Field names may be written bare in YAML (``name: 101`` parses as an integer)."""
+    return isinstance(value, (str, int)) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -116,22 +143,60 @@ class DatasetSpec:
         }
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any], source: str = "<dict>") -> DatasetSpec:
+    def from_dict(cls, raw: Any, source: str = "<dict>") -> DatasetSpec:
+        """A spec from parsed YAML; any problem is one :class:`SpecError` line naming ``source``, what is
+        wrong, and what is expected (:data:`SPEC_EXAMPLE`), never a ``TypeError`` from deep inside."""
+
+        def bad(problem: str) -> SpecError:
+            return SpecError(f"{source}: {problem}; expected e.g. {SPEC_EXAMPLE}")
+
+        if raw is None:
+            raise bad("the spec is empty")
         if not isinstance(raw, dict):
-            raise SpecError(f"{source}: expected a mapping at top level")
-        unknown = set(raw) - {"user_id", "item_id", "fields"}
+            raise bad(f"the top level is a {_kind(raw)}, not a mapping of fields, user_id, item_id")
+        unknown = set(raw) - set(_SPEC_KEYS)
         if unknown:
-            raise SpecError(f"{source}: unknown keys {sorted(unknown)}; valid: fields, user_id, item_id")
+            raise bad(f"unknown keys {sorted(map(str, unknown))} (valid: {', '.join(_SPEC_KEYS)})")
+        missing = [k for k in _SPEC_KEYS if k not in raw]
+        if missing:
+            raise bad(f"missing key(s) {missing}")
+        entries = raw["fields"]
+        if not isinstance(entries, list) or not entries:
+            shape = "an empty list" if isinstance(entries, list) else f"a {_kind(entries)}"
+            raise bad(f"'fields' is {shape}; it must be a list with one {{name, side, vocab_size}} per field")
+        fields = []
+        for i, entry in enumerate(entries):
+            where = f"fields[{i}]"
+            if not isinstance(entry, dict):
+                raise bad(f"{where} is {entry!r}, not a mapping with keys {', '.join(_FIELD_KEYS)}")
+            if isinstance(entry.get("name"), (str, int)) and not isinstance(entry.get("name"), bool):
+                where += f" ({entry['name']})"
+            extra = set(entry) - set(_FIELD_KEYS)
+            if extra:
+                raise bad(
+                    f"{where}: unknown keys {sorted(map(str, extra))} (valid: {', '.join(_FIELD_KEYS)})"
+                )
+            lacking = [k for k in _FIELD_KEYS if k not in entry]
+            if lacking:
+                raise bad(f"{where}: missing key(s) {lacking}")
+            name, side, vocab = entry["name"], entry["side"], entry["vocab_size"]
+            if not _is_name(name):
+                raise bad(f"{where}: name {name!r} is a {_kind(name)}, not a string")
+            if not isinstance(side, str):
+                raise bad(f"{where}: side {side!r} is a {_kind(side)}, not one of {', '.join(SIDES)}")
+            if isinstance(vocab, bool) or not isinstance(vocab, int):
+                raise bad(f"{where}: vocab_size {vocab!r} is a {_kind(vocab)}, not an integer")
+            try:
+                fields.append(FieldSpec(name=str(name), side=side, vocab_size=vocab))
+            except SpecError as e:
+                raise bad(f"{where}: {e}") from None
+        for role in ("user_id", "item_id"):
+            if not _is_name(raw[role]):
+                raise bad(f"{role} {raw[role]!r} is a {_kind(raw[role])}, not a field name")
         try:
-            fields = tuple(
-                FieldSpec(name=str(f["name"]), side=str(f["side"]), vocab_size=int(f["vocab_size"]))
-                for f in raw["fields"]
-            )
-            return cls(fields=fields, user_id=str(raw["user_id"]), item_id=str(raw["item_id"]))
-        except KeyError as e:
-            raise SpecError(f"{source}: missing key {e}") from e
+            return cls(fields=tuple(fields), user_id=str(raw["user_id"]), item_id=str(raw["item_id"]))
         except SpecError as e:
-            raise SpecError(f"{source}: {e}") from e
+            raise bad(str(e)) from None
 
     def save(self, path: str | Path) -> None:
         atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
@@ -143,7 +208,16 @@ class DatasetSpec:
             path = path / "spec.yaml"
         if not path.exists():
             raise SpecError(f"spec file not found: {path}")
-        return cls.from_dict(yaml.safe_load(path.read_text()), source=str(path))
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
+        except UnicodeDecodeError as e:
+            raise SpecError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise SpecError(f"{path}: not valid YAML{at}: {problem}; expected e.g. {SPEC_EXAMPLE}") from None
+        return cls.from_dict(raw, source=str(path))
 
 
 @dataclass(kw_only=True)

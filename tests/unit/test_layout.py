@@ -6,6 +6,7 @@ fails here with the file and the import (or reference) that broke it.
 
 from __future__ import annotations
 
+import argparse
 import ast
 import re
 import subprocess
@@ -103,6 +104,11 @@ def test_readme_command_table_matches_the_cli():
     assert sorted(rows) == sorted(sub.choices), "README command table and `cstwa-dist --help` differ"
     for name, usage in rows.items():
         sp = sub.choices[name]
+        nested = [a for a in sp._actions if isinstance(a, argparse._SubParsersAction)]
+        if nested:  # `bench train ...`: check the options against the named sub-subcommand
+            word, _, usage = usage.strip().partition(" ")
+            assert word in nested[0].choices, f"README row {name}: unknown subcommand {word!r}"
+            sp = nested[0].choices[word]
         known = {o for a in sp._actions for o in a.option_strings}
         written = set(re.findall(r"(--[a-z][a-z0-9-]*)", usage))
         assert written <= known, f"README row {name}: unknown options {sorted(written - known)}"

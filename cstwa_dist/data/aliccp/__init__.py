@@ -53,6 +53,11 @@ is assigned to; bad common lines to that of the file's split (train or test). Pe
 ``input_lines = written + quarantined`` (for a common file, ``written`` = keys kept), asserted at the end
 and recorded under ``extra.input_files``; each split also records its own share (``input_lines``,
 ``written``, ``quarantined``, ``quarantine``).
+
+Bad input stops early, with one error line and nothing at ``out`` (:func:`import_aliccp`): an empty raw
+file, a field id not in :data:`DEFAULT_FIELDS` or :data:`MULTI_VALUED_FIELDS`, a kept field on no train
+line, an empty split, and more than ``max_quarantine_fraction`` of any file or split quarantined
+(checked after each file's pass; the bad lines are then kept in ``<out>.quarantine/``).
 """
 
 from cstwa_dist.data.aliccp.fields import (

@@ -40,8 +40,15 @@ def field_side(name: str) -> str:
 
 
 def resolve_fields(fields: Iterable[str] | None) -> tuple[str, ...]:
-    """The fields to keep (``None``: :data:`DEFAULT_FIELDS`), checked against what the layout can hold."""
+    """The fields to keep (``None``: :data:`DEFAULT_FIELDS`), checked against the documented Ali-CCP field
+    ids and what the layout can hold."""
     out = tuple(str(f) for f in (DEFAULT_FIELDS if fields is None else fields))
+    unknown = [f for f in out if f not in DEFAULT_FIELDS and f not in MULTI_VALUED_FIELDS]
+    if unknown:  # an unknown id would import as a column of constant 0: refuse it, with the valid ones
+        raise ValueError(
+            f"--fields {unknown}: not Ali-CCP field ids (docs/method.md §6); fields that can be kept: "
+            f"{' '.join(DEFAULT_FIELDS)} (multi-valued, not importable: {' '.join(MULTI_VALUED_FIELDS)})"
+        )
     if len(set(out)) != len(out):
         raise ValueError(f"fields has duplicates: {list(out)}")
     multi = [f for f in out if f in MULTI_VALUED_FIELDS]

@@ -17,8 +17,14 @@ from cstwa_dist.data.aliccp.fields import FILES, resolve_fields
 from cstwa_dist.data.aliccp.passes import build_common, count_pass, number_chunks, write_pass
 from cstwa_dist.data.aliccp.tasks import Context, run_chunk
 from cstwa_dist.data.aliccp.vocab import build_vocab
-from cstwa_dist.data.quarantine import ImportRun, staged_import
+from cstwa_dist.data.quarantine import (
+    DEFAULT_MAX_QUARANTINE_FRACTION,
+    ImportRun,
+    check_fraction,
+    staged_import,
+)
 from cstwa_dist.data.spec import SPLITS, DatasetSpec, SplitStats
+from cstwa_dist.data.validate import DataError
 from cstwa_dist.data.writer import SplitAccumulator, default_rows_per_file
 
 logger = logging.getLogger(__name__)
@@ -36,6 +42,8 @@ def import_aliccp(
     val_fraction: float = 0.1,
     seed: int = 0,
     strict: bool = False,
+    max_quarantine_fraction: float = DEFAULT_MAX_QUARANTINE_FRACTION,
+    allow_empty_splits: bool = False,
     parallel: bool | None = None,
     progress: bool = True,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
@@ -46,6 +54,13 @@ def import_aliccp(
     :data:`PARALLEL_THRESHOLD_BYTES`; ``chunk_bytes`` only changes how work is cut, never the output.
     Returns the per-split statistics (also in ``<out>/stats.json``). Raises ``FileExistsError`` if
     ``out`` is a non-empty directory and, with ``strict``, a ``DataError`` at the first bad line.
+
+    Bad input stops early, with one line naming the file and the cause (a ``ValueError``): an unknown
+    field id, an empty raw file (checked before any pass), a kept field that occurs on no train line,
+    more than ``max_quarantine_fraction`` of any file or split quarantined
+    (:class:`~cstwa_dist.data.quarantine.QuarantineLimitError`, checked after each file's pass) and a
+    split with 0 rows (unless ``allow_empty_splits``, for hand-made test inputs). Nothing is written to
+    ``out`` then.
     """
     raw, out = Path(raw), Path(out)
     kept = resolve_fields(fields)
@@ -55,11 +70,18 @@ def import_aliccp(
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     if int(chunk_bytes) < 1:
         raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
+    max_quarantine_fraction = check_fraction(max_quarantine_fraction)
     paths = {role: raw / name for role, name in FILES.items()}
     missing = [str(p) for p in paths.values() if not p.is_file()]
     if missing:
         raise FileNotFoundError(
             f"Ali-CCP raw files not found: {missing}; download and unpack the Tianchi data set (id 408)"
+        )
+    empty = [str(p) for p in paths.values() if p.stat().st_size == 0]
+    if empty:  # every Ali-CCP file has lines; an empty one is a failed download or unpack
+        raise DataError(
+            f"Ali-CCP raw files are empty (0 bytes, no line): {empty}; every one of the four must hold "
+            "data: unpack sample_train.tar.gz and sample_test.tar.gz (Tianchi data set 408) again"
         )
     total = sum(p.stat().st_size for p in paths.values())
     if parallel is None:
@@ -75,7 +97,13 @@ def import_aliccp(
         val_fraction,
         seed,
     )
-    with staged_import(out, strict=strict, command="import-aliccp") as run:
+    with staged_import(
+        out,
+        strict=strict,
+        command="import-aliccp",
+        max_quarantine_fraction=max_quarantine_fraction,
+        allow_empty_splits=allow_empty_splits,
+    ) as run:
         with ChunkExecutor(run_chunk, parallel) as ex:
             stats, spec = _import(
                 ex,
@@ -115,18 +143,22 @@ def _import(
     chunk_bytes: int,
 ) -> tuple[dict[str, SplitStats], DatasetSpec]:
     quarantine = run.quarantine
-    files = run.files
 
     # train file: common table, pass 1 (vocab), pass 2 (train + val)
     skel = paths["skeleton_train"]
-    table, files[paths["common_train"].name] = build_common(
-        ex, paths["common_train"], "train", fields, chunk_bytes, quarantine, progress
-    )
+    table, acc = build_common(ex, paths["common_train"], "train", fields, chunk_bytes, quarantine, progress)
+    run.add_file(paths["common_train"].name, str(paths["common_train"]), acc)
     chunks, n_train_lines = number_chunks(ex, skel, chunk_bytes)
     ctx = Context(fields, seed, val_fraction, table=table)
     counts, rows = count_pass(ex, chunks, n_train_lines, ctx, skel, quarantine, progress)
     vocab, spec, vocab_info = build_vocab(fields, counts, min_count)
     del counts
+    absent = [f for f, d in vocab_info.items() if d["raw_distinct"] == 0]
+    if absent and rows[0]:  # no good train line at all is reported after pass 2, with its reasons
+        raise DataError(
+            f"fields {absent} occur on none of the {rows[0]} good train lines of {skel} (nor in "
+            f"{paths['common_train'].name}): their columns would be constant 0; drop them from --fields"
+        )
     logger.log(
         logging.INFO if progress else logging.DEBUG,
         "aliccp vocab (min_count=%d): %s",
@@ -138,7 +170,7 @@ def _import(
         for s, n in zip(("train", "val"), rows, strict=True)
     }
     ctx = Context(fields, seed, val_fraction, table=table, vocab=vocab)
-    share, files[skel.name] = write_pass(
+    share, acc = write_pass(
         ex,
         chunks,
         n_train_lines,
@@ -150,22 +182,28 @@ def _import(
         progress,
         "pass 2 (write)",
     )
+    run.add_file(skel.name, str(skel), acc)
+    if share["val"] == 0 and n_train_lines and not run.allow_empty_splits:
+        raise DataError(
+            f"val_fraction {val_fraction:g} puts none of the {n_train_lines} lines of {skel} into the "
+            "validation split; raise --val-fraction"
+        )
     del table, ctx
     stats = {s: writers[s].close() for s in ("train", "val")}
 
     # test file: its own common table, one pass with the train vocabulary
     skel_t = paths["skeleton_test"]
-    table, files[paths["common_test"].name] = build_common(
-        ex, paths["common_test"], "test", fields, chunk_bytes, quarantine, progress
-    )
+    table, acc = build_common(ex, paths["common_test"], "test", fields, chunk_bytes, quarantine, progress)
+    run.add_file(paths["common_test"].name, str(paths["common_test"]), acc)
     chunks, n_test_lines = number_chunks(ex, skel_t, chunk_bytes)
     writers["test"] = SplitAccumulator(
         run.directory / "test", spec, default_rows_per_file(max(n_test_lines, 1)), zero_is_unknown=True
     )
     ctx = Context(fields, seed, 0.0, table=table, vocab=vocab)
-    share_t, files[skel_t.name] = write_pass(
+    share_t, acc = write_pass(
         ex, chunks, n_test_lines, ctx, skel_t, ("test", "test"), writers, quarantine, progress, "(write test)"
     )
+    run.add_file(skel_t.name, str(skel_t), acc)
     del table, ctx
     stats["test"] = writers["test"].close()
     share.update(share_t)
@@ -188,7 +226,7 @@ def _import(
                 "written": s.rows,
                 "quarantined": sum(samples_bad.values()),
                 "quarantine": samples_bad,
-                "input_files": {name: files[name] for name in sources[split]},
+                "input_files": {name: run.files[name] for name in sources[split]},
                 "source": skel_name,
             }
         )
