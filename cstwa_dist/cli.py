@@ -97,16 +97,35 @@ def cmd_import_aliccp(args: argparse.Namespace) -> int:
         val_fraction=args.val_fraction,
         seed=args.seed,
         strict=args.strict,
+        max_quarantine_fraction=args.max_quarantine_fraction,
         parallel=args.parallel,
     )
     _log_stats(stats)
     return 0
 
 
+_QUARANTINE_HELP = (
+    "fail the import, writing nothing, if more than this share of any input file's (or split's) lines "
+    "is quarantined (default 0.01: a sound export has no or a few stray bad lines; more means a wrong "
+    "spec, vocabulary, file or format, and a data set built from the rest would be silently biased); "
+    "0 fails on any bad line after the full pass, 1 never fails; the bad lines are then kept in "
+    "<out>.quarantine/"
+)
+
+
 def cmd_import_csv(args: argparse.Namespace) -> int:
     from cstwa_dist.data.csv_import import import_csv
 
-    _log_stats(import_csv(args.train, args.val, args.test, args.spec, args.out, strict=args.strict))
+    stats = import_csv(
+        args.train,
+        args.val,
+        args.test,
+        args.spec,
+        args.out,
+        strict=args.strict,
+        max_quarantine_fraction=args.max_quarantine_fraction,
+    )
+    _log_stats(stats)
     return 0
 
 
@@ -126,7 +145,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from cstwa_dist.distributed.runtime import command_runtime
     from cstwa_dist.train.trainer import train
 
-    cfg = load_config(args.config, args.overrides)
+    overrides = [*args.overrides, *([f"train.resume={args.resume}"] if args.resume else [])]
+    cfg = load_config(args.config, overrides)
     with command_runtime(cfg.data.ray_num_cpus):
         train(cfg, args.model, run_dir=args.run_dir)
     return 0
@@ -151,6 +171,80 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from cstwa_dist.bench.train import compute_only, ranks_phase, verdict
+    from cstwa_dist.config import load_config
+    from cstwa_dist.distributed.runtime import RayRuntime, command_runtime
+    from cstwa_dist.fs import atomic_write_json
+
+    if args.ranks < 1 or args.threads < args.ranks:
+        raise ValueError(f"need 1 <= --ranks <= --threads; got {args.ranks} ranks, {args.threads} threads")
+    cfg = load_config(args.config, args.overrides)
+    threads_per_rank = max(1, args.threads // args.ranks)
+    kw = {"epochs": args.epochs, "profile_steps": args.profile_steps}
+    if args.ranks_phase_out:  # a rank started by the parent below
+        torch.set_num_threads(threads_per_rank)
+        with command_runtime(cfg.data.ray_num_cpus) as env:
+            report = ranks_phase(cfg, args.model, **kw)
+            if env.is_main:
+                atomic_write_json(args.ranks_phase_out, report)
+        return 0
+    torch.set_num_threads(args.threads)
+    with command_runtime(cfg.data.ray_num_cpus):
+        compute = compute_only(cfg, args.model, batches=args.compute_batches, steps=args.compute_steps)
+        logger.info(
+            "compute only: %.0f samples/s (1 process, %d threads)", compute["samples_per_s"], args.threads
+        )
+        torch.set_num_threads(threads_per_rank)
+        if args.ranks == 1:
+            ranks = ranks_phase(cfg, args.model, **kw)
+        else:
+            ranks = _bench_ranks(args, RayRuntime.current_address())
+    baseline = json.loads(Path(args.baseline).read_text()) if args.baseline else None
+    report = {
+        "model": args.model,
+        "ranks_requested": args.ranks,
+        "threads_total": args.threads,
+        "compute_only": compute,
+        "ranks": ranks,
+        "config": cfg.to_dict(),
+        "command": "cstwa-dist " + " ".join(sys.argv[1:]),
+    }
+    report["verdict"] = verdict(report, baseline)
+    atomic_write_json(args.out, report, sort_keys=False)
+    sys.stdout.write(json.dumps({k: report[k] for k in ("model", "verdict")}, indent=2) + "\n")
+    logger.info("wrote %s", args.out)
+    return 0
+
+
+def _bench_ranks(args: argparse.Namespace, ray_address: str | None) -> dict:
+    """Runs the ranks phase as ``torchrun --nproc_per_node R`` children attached to this Ray runtime."""
+    import subprocess
+    import tempfile
+
+    from cstwa_dist.distributed.env import free_port
+
+    with tempfile.TemporaryDirectory(prefix="cstwa-bench-") as tmp:
+        out = Path(tmp) / "ranks.json"
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.ranks}",
+            "--master_addr=127.0.0.1", f"--master_port={free_port()}",
+            "-m", "cstwa_dist.cli", "bench", "train", "--model", args.model, "--config", args.config,
+            "--ranks", str(args.ranks), "--threads", str(args.threads), "--epochs", str(args.epochs),
+            "--profile-steps", str(args.profile_steps), "--ranks-phase-out", str(out), "--out", args.out,
+        ]  # fmt: skip
+        for o in args.overrides:
+            cmd += ["--set", o]
+        env = dict(os.environ, OMP_NUM_THREADS=str(max(1, args.threads // args.ranks)))
+        if ray_address:
+            env["RAY_ADDRESS"] = ray_address
+        logger.info("starting %d ranks: %s", args.ranks, " ".join(cmd))
+        subprocess.run(cmd, check=True, env=env)
+        return json.loads(out.read_text())
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     rows = []
     for d in args.runs:
@@ -168,6 +262,32 @@ def cmd_report(args: argparse.Namespace) -> int:
             f"{m['world_size']:>6} {m['samples_per_s']:>10.0f}  {run}"
         )
     sys.stdout.write("\n".join(lines) + "\n")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Sharding dry run: no process group, no data, no table memory (the model is built on ``meta``)."""
+    from cstwa_dist.config import load_config
+    from cstwa_dist.distributed.plan import dry_run, resolve_spec  # imports torch and TorchRec
+
+    cfg = load_config(args.config, args.overrides)
+    spec, source = resolve_spec(args.spec, cfg.data.dataset)
+    result = dry_run(
+        cfg,
+        spec,
+        model_name=args.model,
+        world_size=args.world_size,
+        gpus_per_node=args.gpus_per_node,
+        hbm_gb=args.hbm_gb,
+        ddr_gb=args.ddr_gb,
+        spec_source=source,
+    )
+    sys.stdout.write(result.render())
+    if args.json_out is not None:
+        from cstwa_dist.fs import atomic_write_json
+
+        atomic_write_json(args.json_out, result.to_dict(), sort_keys=False)
+        logger.info("plan written to %s", args.json_out)
     return 0
 
 
@@ -225,12 +345,20 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=None,
         metavar="FIELD",
-        help="Ali-CCP field ids to keep (default: the AITM single-valued set)",
+        help="Ali-CCP field ids to keep (default: the AITM single-valued set of docs/method.md §6); an id "
+        "not documented there is an error that lists the valid ones",
     )
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of train lines used as validation")
     p.add_argument("--seed", type=int, default=0, help="seed of the validation split")
     p.add_argument(
         "--strict", action="store_true", help="fail at the first bad line instead of quarantining it"
+    )
+    p.add_argument(
+        "--max-quarantine-fraction",
+        type=float,
+        default=0.01,
+        metavar="F",
+        help=_QUARANTINE_HELP,
     )
     p.add_argument(
         "--parallel",
@@ -256,6 +384,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="dataset folder to create")
     p.add_argument(
         "--strict", action="store_true", help="fail at the first bad row instead of quarantining it"
+    )
+    p.add_argument(
+        "--max-quarantine-fraction",
+        type=float,
+        default=0.01,
+        metavar="F",
+        help=_QUARANTINE_HELP,
     )
     p.set_defaults(func=cmd_import_csv)
 
@@ -285,6 +420,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--run-dir", default=None, help="where metrics.json goes (default: <train.run_dir>/<model>)"
+    )
+    p.add_argument(
+        "--resume",
+        default=None,
+        metavar="auto|never|DIR",
+        help="continue from a checkpoint: auto = the newest complete one under train.checkpoint_dir "
+        "(default <run dir>/checkpoints), or a checkpoint folder (same as --set train.resume=...)",
     )
     p.set_defaults(func=cmd_train)
 
@@ -319,9 +461,90 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="experiment directory (cells, structure, reports)")
     p.set_defaults(func=cmd_experiment)
 
+    p = sub.add_parser(
+        "bench",
+        help="throughput benchmarks writing JSON (bench train)",
+        description="Benchmarks that write JSON; `bench train --help` for the training step.",
+    )
+    bench_sub = p.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
+    p = bench_sub.add_parser(
+        "train",
+        help="end-to-end, compute-only and input-only rates and per-stage times of a model",
+        description="Measures one model on the config's data set: the end-to-end training rate on --ranks "
+        "ranks, the compute-only bound (forward + backward + optimizer on in-memory batches, 1 process), the "
+        "input-only rate of every rank's reader, and the time per pipeline stage; writes --out JSON with a "
+        "verdict (and, with --baseline, the stage to blame when R ranks are slower than 1 process).",
+    )
+    _add_config_args(p)
+    p.add_argument(
+        "--model", required=True, choices=trainable_models(), metavar="MODEL", help="registered model"
+    )
+    p.add_argument("--ranks", type=int, default=1, help="training ranks on this node (default 1)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="total CPU threads, split evenly over the ranks (default: this machine's cores)",
+    )
+    p.add_argument("--epochs", type=int, default=1, help="end-to-end epochs (default 1)")
+    p.add_argument("--profile-steps", type=int, default=20, help="steps profiled for the stage times")
+    p.add_argument("--compute-batches", type=int, default=20, help="batches held in memory (compute only)")
+    p.add_argument("--compute-steps", type=int, default=60, help="steps timed for the compute-only bound")
+    p.add_argument(
+        "--baseline", default=None, help="a 1-process bench JSON of the same model to compare with"
+    )
+    p.add_argument("--out", required=True, help="JSON file to write")
+    p.add_argument("--ranks-phase-out", default=None, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_bench_train)
+
     p = sub.add_parser("report", help="print the Click/Purchase AUC table of finished runs")
     p.add_argument("runs", nargs="+", help="run directories (or metrics.json files)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser(
+        "plan",
+        help="sharding dry run: the plan and per-rank memory at a world size, without training",
+        description="Build the model on the meta device, plan its embedding tables with TorchRec's planner "
+        "for --world-size ranks (no process group, no data, no GPU needed) and print every table's "
+        "sharding type, kernel, ranks and bytes, then per rank: embedding storage, dense state and the "
+        "structure step's peak as the current code would need it (formulas included).",
+    )
+    _add_config_args(p)
+    p.add_argument("--world-size", type=int, required=True, help="number of ranks to plan for")
+    p.add_argument(
+        "--gpus-per-node",
+        type=int,
+        default=0,
+        help="plan CUDA ranks, this many per node (default 0: CPU ranks on one node)",
+    )
+    p.add_argument(
+        "--hbm-gb", type=float, default=None, help="HBM per GPU in GiB (default: TorchRec's 32)"
+    )
+    p.add_argument(
+        "--ddr-gb", type=float, default=None, help="host memory per rank in GiB (default: TorchRec's 128)"
+    )
+    p.add_argument(
+        "--model",
+        default="cstwa",
+        choices=sorted(MODELS),
+        metavar="MODEL",
+        help=f"registered model (default cstwa): {', '.join(sorted(MODELS))}",
+    )
+    p.add_argument(
+        "--spec",
+        default=None,
+        help="spec.yaml or dataset folder, or synth:PRESET[:SCALE] (default: <data.dataset>/spec.yaml, "
+        "else the synth preset that folder is named after, e.g. data/industrial-like)",
+    )
+    p.add_argument(
+        "--json",
+        dest="json_out",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="also write the report as JSON",
+    )
+    p.set_defaults(func=cmd_plan)
     return parser
 
 

@@ -3,7 +3,7 @@
 #   launchers/torchrun.sh NPROC COMMAND [ARGS...]      e.g. launchers/torchrun.sh 2 train --model cstwa
 # Multi-node, static: set NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT on every node.
 # Multi-node, c10d rendezvous (the k8s/ manifests): set NNODES, RDZV_ENDPOINT (host:port), JOB_ID,
-# NODE_RANK (0 hosts the rendezvous store) and optionally MAX_RESTARTS.
+# NODE_RANK (0 hosts the rendezvous store). Both: MAX_RESTARTS (default 0) restarts of a failed group.
 # The node's Ray runtime comes from launchers/ray_runtime.sh (reused if RAY_ADDRESS is set).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,15 +20,17 @@ if [ -n "${RDZV_ENDPOINT:-}" ]; then
   # fails while pod 0's record is not yet published); the rendezvous assigns the node ranks.
   if [ "${NODE_RANK:-0}" = 0 ]; then is_host=1; else is_host=0; fi
   rdzv=(--rdzv_backend=c10d --rdzv_endpoint="$RDZV_ENDPOINT"
-        --rdzv_id="${JOB_ID:?JOB_ID is required with RDZV_ENDPOINT}" --rdzv_conf="is_host=$is_host"
-        --max_restarts="${MAX_RESTARTS:-0}")
+        --rdzv_id="${JOB_ID:?JOB_ID is required with RDZV_ENDPOINT}" --rdzv_conf="is_host=$is_host")
 else
   rdzv=(--node_rank="${NODE_RANK:-0}" --master_addr="${MASTER_ADDR:-127.0.0.1}"
         --master_port="${MASTER_PORT:-29511}")
 fi
 # torchrun runs in the background so that a stop signal (a pod being deleted) reaches it at once
 # instead of waiting for it to exit; the Ray runtime is stopped by ray_runtime.sh's EXIT trap.
-torchrun --nnodes="${NNODES:-1}" --nproc_per_node="$nproc" "${rdzv[@]}" -m cstwa_dist.cli "$@" &
+# MAX_RESTARTS > 0: a failed rank restarts the whole worker group, which continues from the newest
+# checkpoint when the command has `--resume auto`.
+torchrun --nnodes="${NNODES:-1}" --nproc_per_node="$nproc" --max_restarts="${MAX_RESTARTS:-0}" "${rdzv[@]}" \
+  -m cstwa_dist.cli "$@" &
 torchrun_pid=$!
 trap 'kill -TERM "$torchrun_pid" 2>/dev/null || true' INT TERM
 status=0

@@ -155,13 +155,23 @@ class TrainConfig:
     # all-to-all overlap this batch's compute); "plain": forward/backward/step one batch at a time.
     # Both compute the same parameters (tested); plain is for debugging and for measuring the overlap.
     pipeline: str = "sparse_dist"
+    # checkpoints (torch.distributed.checkpoint): every N steps (0 = only at epoch ends) and at every
+    # epoch end, under checkpoint_dir (default <run dir>/checkpoints), the newest keep_checkpoints kept
+    checkpoint_every: int = 0
+    checkpoint_dir: str | None = None
+    keep_checkpoints: int = 2
+    # "never": start fresh; "auto": continue from the newest complete checkpoint if there is one;
+    # any other value: the checkpoint folder to continue from
+    resume: str = "never"
 
     def __post_init__(self) -> None:
-        _positive(self, "epochs", "log_every")
+        _positive(self, "epochs", "log_every", "keep_checkpoints")
         if self.eval_split not in ("val", "test"):
             raise ConfigError("train.eval_split must be val or test")
         if self.pipeline not in ("sparse_dist", "plain"):
             raise ConfigError(f"train.pipeline must be sparse_dist or plain, got {self.pipeline!r}")
+        if self.checkpoint_every < 0:
+            raise ConfigError("train.checkpoint_every must be >= 0 (0: only at epoch ends)")
 
 
 @dataclass(kw_only=True)

@@ -52,9 +52,13 @@ def init_distributed(backend: str | None = None) -> DistEnv:
     return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=device, backend=backend)
 
 
-def shutdown_distributed() -> None:
-    """Barrier before destroy: without it gloo occasionally aborts at exit (docs/platform-notes.md)."""
-    if dist.is_initialized():
+def shutdown_distributed(barrier: bool = True) -> None:
+    """Barrier before destroy: without it gloo occasionally aborts at exit (docs/platform-notes.md).
+
+    ``barrier=False`` (a rank leaving with an error) leaves the group alone: a barrier or a destroy
+    could wait for peers that are blocked in a collective this rank will never join.
+    """
+    if dist.is_initialized() and barrier:
         dist.barrier()
         dist.destroy_process_group()
 

@@ -96,8 +96,13 @@ def command_runtime(ray_num_cpus: int | None = None) -> Iterator[DistEnv]:
     was sized by its launcher.
     """
     env = init_distributed()
+    failed = True
     try:
         with RayRuntime(num_cpus=ray_num_cpus):
             yield env
+        failed = False
     finally:
-        shutdown_distributed()
+        # After an error, no barrier: the other ranks may be blocked in a collective this rank will
+        # never join. This rank exits at once with its error; torchrun then stops the rest within
+        # seconds instead of letting them wait out the collective timeout.
+        shutdown_distributed(barrier=not failed)

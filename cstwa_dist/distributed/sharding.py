@@ -64,9 +64,18 @@ def _collections(module: nn.Module) -> list[tuple[str, EmbeddingBagCollection]]:
     return [(n, m) for n, m in module.named_modules() if isinstance(m, EmbeddingBagCollection)]
 
 
-def shard_model(module: nn.Module, env: DistEnv, cfg: OptimConfig) -> ShardedModel:
-    """Applies the fused optimizer to every embedding table, plans, shards, builds the dense Adam."""
-    emb_opt = embedding_optimizer_name(cfg, env.device)
+def dense_parameter_bytes(module: nn.Module) -> int:
+    """Bytes of the parameters outside the embedding collections (fp32): replicated on every rank."""
+    table_params = {id(p) for _, ebc in _collections(module) for p in ebc.parameters()}
+    return sum(p.numel() * 4 for p in module.parameters() if id(p) not in table_params)
+
+
+def prepare_tables(module: nn.Module, cfg: OptimConfig, emb_opt: str) -> dict[str, ParameterConstraints]:
+    """Puts the fused optimizer on every embedding table and returns the table-wise constraints.
+
+    The planner reads the optimizer class off the parameters (Adam: 2 extra states per weight;
+    row-wise Adagrad: one float per row), so this must run before planning, dry run included.
+    """
     constraints: dict[str, ParameterConstraints] = {}
     for _, ebc in _collections(module):
         if emb_opt == "adam":
@@ -75,19 +84,62 @@ def shard_model(module: nn.Module, env: DistEnv, cfg: OptimConfig) -> ShardedMod
             apply_optimizer_in_backward(RowWiseAdagrad, ebc.parameters(), {"lr": cfg.embedding_lr})
         for t in ebc.embedding_bag_configs():
             constraints[t.name] = ParameterConstraints(sharding_types=[ShardingType.TABLE_WISE.value])
-    topology = TopologyFactory.create_topology(
-        trainer_config=TrainerConfig(world_size=env.world_size, local_world_size=_local_world_size(env)),
-        kernel_config=KernelConfig(compute_device=env.device.type),
+    return constraints
+
+
+def build_planner(
+    module: nn.Module,
+    constraints: dict[str, ParameterConstraints],
+    *,
+    world_size: int,
+    local_world_size: int,
+    compute_device: str,
+    hbm_cap_bytes: int | None = None,
+    ddr_cap_bytes: int | None = None,
+) -> EmbeddingShardingPlanner:
+    """The planner ``shard_model`` uses; ``cstwa-dist plan`` builds the same one for any topology.
+
+    Without capacities the topology is TorchRec's default for the device (what training uses); with
+    them it is a dry-run topology (``TrainerConfig.is_dry_run``) with those per-device capacities. The
+    storage reservation keeps 15 % of each device plus 6 x the dense parameter bytes (weights, grads,
+    Adam state, DDP buckets) out of the tables' reach.
+    """
+    dry_run = hbm_cap_bytes is not None or ddr_cap_bytes is not None
+    trainer_config = (
+        TrainerConfig(
+            world_size=world_size,
+            local_world_size=local_world_size,
+            is_dry_run=True,
+            dry_run_hbm_bytes=hbm_cap_bytes,
+            dry_run_ddr_bytes=ddr_cap_bytes,
+        )
+        if dry_run
+        else TrainerConfig(world_size=world_size, local_world_size=local_world_size)
     )
-    sharders = [EmbeddingBagCollectionSharder()]
-    table_params = {id(p) for _, ebc in _collections(module) for p in ebc.parameters()}
-    dense_bytes = sum(p.numel() * 4 for p in module.parameters() if id(p) not in table_params)
+    topology = TopologyFactory.create_topology(
+        trainer_config=trainer_config, kernel_config=KernelConfig(compute_device=compute_device)
+    )
+    dense_bytes = dense_parameter_bytes(module)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # its deprecation notice; the estimate below is what it asks for
         reservation = HeuristicalStorageReservation(percentage=0.15, dense_tensor_estimate=6 * dense_bytes)
-    planner = EmbeddingShardingPlanner(
+    return EmbeddingShardingPlanner(
         topology=topology, constraints=constraints, storage_reservation=reservation
     )
+
+
+def shard_model(module: nn.Module, env: DistEnv, cfg: OptimConfig) -> ShardedModel:
+    """Applies the fused optimizer to every embedding table, plans, shards, builds the dense Adam."""
+    emb_opt = embedding_optimizer_name(cfg, env.device)
+    constraints = prepare_tables(module, cfg, emb_opt)
+    planner = build_planner(
+        module,
+        constraints,
+        world_size=env.world_size,
+        local_world_size=_local_world_size(env),
+        compute_device=env.device.type,
+    )
+    sharders = [EmbeddingBagCollectionSharder()]
     plan = planner.collective_plan(module, sharders, dist.GroupMember.WORLD)
     dmp = DistributedModelParallel(module=module, device=env.device, plan=plan, sharders=sharders)
     sum_dense_gradients(dmp)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import torch
 from torch import nn
 
@@ -34,6 +36,20 @@ class CurseEscaper(nn.Module):
         self.q_low = cfg.low_percentile / 100.0
         self.comm = comm
         self.window = torch.empty(0)  # not a buffer: DDP must not broadcast it every step
+
+    def get_extra_state(self) -> bytes:
+        """The window, so that a resumed run weighs its next batch as the uninterrupted one would.
+
+        Serialised to bytes because its length varies (it fills up over the first steps): DCP loads
+        tensors into pre-allocated ones of the saved shape, and a fresh run's window is empty.
+        """
+        buf = io.BytesIO()
+        torch.save(self.window.detach().cpu(), buf)
+        return buf.getvalue()
+
+    def set_extra_state(self, state: bytes) -> None:
+        window = torch.load(io.BytesIO(state), weights_only=True)
+        self.window = window.to(self.window.device)
 
     def thresholds(self) -> torch.Tensor | None:
         """``[τ_low, τ_high]`` on the window's device, or None while the window is empty."""

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import random
+import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -42,6 +44,7 @@ from cstwa_dist.fs import atomic_write_json
 from cstwa_dist.losses.common import Collectives
 from cstwa_dist.registry import ModelSpec, get_model_spec
 from cstwa_dist.structure.migrator import StructureMigrator
+from cstwa_dist.train.checkpoint import Checkpointer, TrainState
 from cstwa_dist.train.metrics import exact_auc
 from cstwa_dist.train.wrapper import ModelTrain, StepOutput
 
@@ -168,6 +171,51 @@ class Trainer:
         self.real_samples = torch.zeros((), dtype=torch.float64, device=self.env.device)  # global
         self.train_seconds = 0.0
         self.first_step_seconds = 0.0
+        self.global_step = 0
+        self.structure_epochs_applied = 0  # the β updates of epochs 1..this are in the tables
+        self.position = (0, 0)  # (epoch, steps of it done) the run continues at
+        self._resumed_epoch: tuple[float, float] = (0.0, 0.0)  # global Σ row losses, rows so far
+        self.checkpointer = Checkpointer(
+            cfg.train.checkpoint_dir or self.run_dir / "checkpoints", self.env, cfg.train.keep_checkpoints
+        )
+        path = self.checkpointer.find(cfg.train.resume)
+        if path is not None:
+            self._restore(self.checkpointer.load(self.dmp, self.optimizer, path))
+        elif cfg.train.resume == "auto":
+            logger.info("no checkpoint under %s: starting from scratch", self.checkpointer.root)
+
+    # --- checkpoint state ------------------------------------------------------------------------
+    def _state(
+        self, epoch: int, step: int, epoch_end: bool, loss_sum: torch.Tensor, rows: torch.Tensor
+    ) -> TrainState:
+        return TrainState(
+            epoch=epoch,
+            step=step,
+            global_step=self.global_step,
+            world_size=self.env.world_size,
+            epoch_end=epoch_end,
+            structure_epochs_applied=self.structure_epochs_applied,
+            real_samples=float(self.real_samples),
+            train_seconds=self.train_seconds,
+            first_step_seconds=self.first_step_seconds,
+            structure_seconds=self.structure_seconds,
+            epoch_loss_sum=float(summed(loss_sum)),
+            epoch_rows=float(rows),
+            history=list(self.history),
+        )
+
+    def _restore(self, state: TrainState) -> None:
+        self.position = state.next_position()
+        self.global_step = state.global_step
+        self.structure_epochs_applied = state.structure_epochs_applied
+        self.real_samples.fill_(state.real_samples)
+        self.train_seconds = state.train_seconds
+        self.first_step_seconds = state.first_step_seconds
+        self.structure_seconds = state.structure_seconds
+        self.history = list(state.history)
+        if not state.epoch_end:
+            # the global sum goes to rank 0 alone: the epoch's all-reduce adds it back once
+            self._resumed_epoch = (state.epoch_loss_sum if self.env.is_main else 0.0, state.epoch_rows)
 
     def reader(self, split: str, shuffle: bool, batch_size: int) -> SplitReader:
         """This rank's share of ``split`` in fixed-size batches."""
@@ -207,10 +255,14 @@ class Trainer:
             self.pipeline.detach()
 
     def epoch_boundary(self, epoch: int) -> None:
-        """The Structure Migrator's β update before every epoch but the first (Eq. 9–10)."""
-        if self.migrator is not None and epoch > 0:
+        """The Structure Migrator's β update before every epoch but the first (Eq. 9–10), once each.
+
+        A run resumed in the middle of an epoch finds that epoch's update already in the tables.
+        """
+        if self.migrator is not None and epoch > self.structure_epochs_applied:
             self._detach_pipeline()
             self.structure_seconds += self.migrator.epoch_boundary(epoch)
+            self.structure_epochs_applied = epoch
 
     def evaluate(self, split: str) -> dict[str, float | None]:
         """Click/Purchase AUC over every impression of ``split``, gathered from all ranks."""
@@ -218,15 +270,25 @@ class Trainer:
         reader = self.reader(split, False, self.cfg.data.eval_batch_size)
         return auc_report(predict(self.dmp, reader, self.env))
 
-    def train_epoch(self, epoch: int, validate: bool) -> dict[str, Any]:
-        """One epoch of ``steps`` training steps (then validation); returns the epoch's record."""
+    def train_epoch(self, epoch: int, validate: bool, start_step: int = 0) -> dict[str, Any]:
+        """One epoch of ``steps`` training steps (then validation); returns the epoch's record.
+
+        ``start_step`` > 0 continues a resumed epoch: its first batches are read and dropped (the
+        input position is a function of seed, epoch and rank), so no row is trained twice or lost.
+        """
         cfg = self.cfg
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.env.device)  # this rank's Σ row losses
         rows = torch.zeros((), dtype=torch.float64, device=self.env.device)  # global real rows
-        n_steps = 0
+        if start_step:
+            loss_sum += self._resumed_epoch[0]
+            rows += self._resumed_epoch[1]
+        n_steps = start_step
         batches = iter(self.train_reader.epoch(epoch))
-        for step in itertools.count():
+        for _ in range(start_step):
+            next(batches)
+        every = cfg.train.checkpoint_every
+        for step in itertools.count(start_step):
             try:
                 out = self.train_step(batches)
             except StopIteration:
@@ -234,6 +296,12 @@ class Trainer:
             loss_sum += out.loss * out.rows
             rows += out.rows
             n_steps += 1
+            self.global_step += 1
+            _fault_injection(self.global_step, self.env.rank)
+            if every and self.global_step % every == 0 and n_steps < self.steps:
+                self.checkpointer.save(
+                    self.dmp, self.optimizer, self._state(epoch, n_steps, False, loss_sum, rows)
+                )
             if step == 0:  # the first step of an epoch also pays for starting the epoch's input stream
                 self.first_step_seconds += time.perf_counter() - t0
             if step % cfg.train.log_every == 0 or step == self.steps - 1:  # every rank: a collective
@@ -278,9 +346,15 @@ class Trainer:
         """All epochs, then (``evaluate``) the test pass; rank 0 writes ``<run_dir>/metrics.json``."""
         cfg, env = self.cfg, self.env
         self.dmp.train()
-        for epoch in range(self.epochs):
+        first_epoch, first_step = self.position
+        for epoch in range(first_epoch, self.epochs):
             self.epoch_boundary(epoch)
-            self.history.append(self.train_epoch(epoch, evaluate and cfg.train.validate_every_epoch))
+            start = first_step if epoch == first_epoch else 0
+            self.history.append(self.train_epoch(epoch, evaluate and cfg.train.validate_every_epoch, start))
+            zero = torch.zeros((), dtype=torch.float64, device=env.device)
+            self.checkpointer.save(
+                self.dmp, self.optimizer, self._state(epoch, self.steps, True, zero, zero)
+            )
         self._detach_pipeline()  # callers (pretrain's read-out, tests) use the model directly
         metrics = self._metrics()
         if evaluate:
@@ -350,6 +424,25 @@ def train(
 ) -> TrainResult:
     """Trains and (``evaluate``) tests ``model_name`` per ``cfg``: ``Trainer(...).fit(...)``."""
     return Trainer(cfg, model_name, run_dir=run_dir, epochs=epochs).fit(evaluate)
+
+
+FAULT_ENV = "CSTWA_FAULT_KILL_AT_STEP"
+
+
+def _fault_injection(global_step: int, rank: int) -> None:
+    """``CSTWA_FAULT_KILL_AT_STEP=<step>:<rank>``: that rank SIGKILLs itself after that global step.
+
+    Only in a job's first attempt (torchrun's ``TORCHELASTIC_RESTART_COUNT`` is 0 or unset), so a
+    restarted job runs through. The operability test uses it to kill one rank mid-epoch, the way a
+    lost node or an OOM kill would; nothing else sets it.
+    """
+    spec = os.environ.get(FAULT_ENV)
+    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return
+    step, _, who = spec.partition(":")
+    if global_step == int(step) and rank == int(who or 0):
+        logger.warning("fault injection: rank %d kills itself after step %d", rank, global_step)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _fmt(x: float | None) -> str:

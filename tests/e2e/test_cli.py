@@ -13,6 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from tests.conftest import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
@@ -21,11 +23,15 @@ def _env() -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = f"{BIN}:{env['PATH']}"
     env.pop("RAY_ADDRESS", None)
+    env["MASTER_PORT"] = str(free_port())  # torchrun.sh's default port may be taken by another job
     return env
 
 
-def _run(args: list[str], timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(args, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+def _run(
+    args: list[str], timeout: int = 600, check: bool = True, env_extra: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    env = {**_env(), **(env_extra or {})}
+    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc

@@ -1,0 +1,692 @@
+"""Sharding dry run (``cstwa-dist plan``): the plan TorchRec makes at a world size, and memory per rank.
+
+Why: a multi-node retrain should fail on paper, not after the job has queued for 64 GPUs. The dry run
+builds the model on ``meta`` exactly as training does (registry → ``ModelTrain`` → fused optimizer +
+table-wise constraints, :func:`~cstwa_dist.distributed.sharding.build_planner`), asks TorchRec's
+planner for a plan at any topology without a process group (``plan``, not ``collective_plan``: the
+planner only does arithmetic, so a CPU-only machine plans for CUDA nodes), and adds what the planner
+does not see:
+
+* **embedding bytes per table and rank**: weights plus fused-optimizer state (Adam: 2 x weights;
+  row-wise Adagrad: one fp32 per row), from the plan's shards;
+* **dense parameters**: replicated on every rank, as weights + grads + Adam's two moments = 4 x P;
+* **the structure step's peak** (:func:`train_structure_estimate`, :func:`mining_structure_estimate`),
+  estimated from the *current* code, which keeps whole graphs and whole ``U``/``I`` on every rank: the
+  baseline the scalable structure path has to shrink. Its coefficients were counted from the code and
+  checked by peak-RSS measurements at 2-4M rows (``l2_normalise`` 24.4 B per N·w, ``structure_migrate``
+  5.0 x N·w·4, adjacency + normalisation 54 B per N·k on top of the kNN lists).
+
+Nothing here allocates a table: memory is that of the meta model and the planner (well under 1 GB at
+30M users), and planning 64 ranks takes well under a second.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.planner import EmbeddingShardingPlanner
+from torchrec.distributed.planner.constants import DDR_CAP, HBM_CAP
+from torchrec.distributed.planner.types import PlannerError
+from torchrec.distributed.types import ShardingPlan
+from torchrec.modules.embedding_configs import data_type_to_dtype
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+from cstwa_dist.config import RunConfig
+from cstwa_dist.data.spec import DatasetSpec, FieldSpec, SpecError
+from cstwa_dist.distributed.sharding import (
+    build_planner,
+    dense_parameter_bytes,
+    embedding_optimizer_name,
+    prepare_tables,
+)
+from cstwa_dist.registry import get_model_spec
+from cstwa_dist.train.wrapper import ModelTrain
+
+logger = logging.getLogger(__name__)
+
+GIB = 1024**3
+SYNTH_PREFIX = "synth:"
+_PRESET_DIR = re.compile(r"^(?P<preset>.+?)(?:-(?P<scale>\d+(?:\.\d+)?))?$")
+
+# Bytes per entity of the structure step, per unit of N·w (representation width) or N·k (graph degree).
+BETA_UPDATE_COPIES = 5  # U, Â^L·U, (1−β)·U, β·Â^L·U and the new U, all [N, w] fp32 at once
+NORMALISE_BYTES_PER_NW = 24  # gathered reps fp32 4 + float64 copy 8 + float64 quotient 8 + fp32 result 4
+SEARCH_BYTES_PER_NW = 12  # reps, normalised copy, Faiss's own copy (fp32 each)
+KNN_LIST_BYTES_PER_NK = 12  # scores fp32 + ids int64
+GRAPH_BUILD_BYTES_PER_NK = 66  # kNN lists 12 + COO sort / normalisation temporaries and the CSR (measured 54)
+
+
+# --- the spec: a dataset's spec.yaml, or the one a synth preset would write ----------------------------
+def synth_spec(preset: str, scale: float = 1.0) -> DatasetSpec:
+    """The spec ``cstwa-dist synth --preset PRESET --scale SCALE`` writes, without generating anything.
+
+    Mirrors ``synth.dataset_spec`` from the preset's sizes alone (building the synth world would draw
+    30M user clusters); ``tests/unit/test_plan.py`` checks the two agree.
+    """
+    from cstwa_dist.data import synth
+
+    if preset not in synth.PRESETS:
+        raise ValueError(f"unknown synth preset {preset!r}; valid: {sorted(synth.PRESETS)}")
+    sizes = synth.PRESETS[preset].sizes(scale)
+    fields = [FieldSpec(name="user_id", side="user", vocab_size=sizes["num_users"])]
+    fields += [FieldSpec(name=n, side="user", vocab_size=v) for n, v in synth.USER_PROFILE_VOCAB.items()]
+    fields.append(FieldSpec(name="item_id", side="item", vocab_size=sizes["num_items"]))
+    fields += [FieldSpec(name=n, side="item", vocab_size=v) for n, v in synth.ITEM_PROFILE_VOCAB.items()]
+    fields += [FieldSpec(name=n, side="context", vocab_size=v) for n, v in synth.CONTEXT_VOCAB.items()]
+    return DatasetSpec(fields=tuple(fields), user_id="user_id", item_id="item_id")
+
+
+def _parse_synth(text: str) -> tuple[str, float]:
+    preset, _, scale = text.partition(":")
+    try:
+        return preset, float(scale) if scale else 1.0
+    except ValueError:
+        raise ValueError(f"--spec {SYNTH_PREFIX}{text}: scale {scale!r} is not a number") from None
+
+
+def resolve_spec(spec_arg: str | None, dataset: str) -> tuple[DatasetSpec, str]:
+    """The spec to plan with and where it came from; no data is read.
+
+    ``spec_arg``: a ``spec.yaml``, a dataset folder, or ``synth:PRESET[:SCALE]``. Without it:
+    ``<dataset>/spec.yaml`` when the data set exists, else the spec of the synth preset the folder is
+    named after (``data/industrial-like`` → ``industrial-like``, ``data/aliccp-like-0.01`` →
+    ``aliccp-like`` at scale 0.01), which is what ``cstwa-dist synth`` would write there.
+    """
+    if spec_arg is not None:
+        if spec_arg.startswith(SYNTH_PREFIX):
+            preset, scale = _parse_synth(spec_arg[len(SYNTH_PREFIX) :])
+            return synth_spec(preset, scale), f"synth preset {preset} at scale {scale:g}"
+        return DatasetSpec.load(spec_arg), str(spec_arg)
+    path = Path(dataset) / "spec.yaml"
+    if path.exists():
+        return DatasetSpec.load(path), str(path)
+    from cstwa_dist.data.synth import PRESETS
+
+    m = _PRESET_DIR.match(Path(dataset).name)
+    if m and m["preset"] in PRESETS:
+        scale = float(m["scale"]) if m["scale"] else 1.0
+        return (
+            synth_spec(m["preset"], scale),
+            f"synth preset {m['preset']} at scale {scale:g} ({path} does not exist)",
+        )
+    raise SpecError(
+        f"{path} not found and {Path(dataset).name!r} names no synth preset ({sorted(PRESETS)}): "
+        "give --spec FILE|DIR or --spec synth:PRESET[:SCALE]"
+    )
+
+
+# --- the structure step -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StructureSide:
+    """One side's sizes as the structure step sees them."""
+
+    side: str
+    entities: int  # N
+    fields: int  # M: the side's fields (profile columns)
+    width: int  # w: the representation / structure-table width (M·D for the current models)
+    k: int
+
+    @property
+    def graph_bytes(self) -> int:
+        """Â as CSR: crow (N+1)·8 + nnz·(8 col + 4 value), nnz <= N·k (self counts among the k)."""
+        return (self.entities + 1) * 8 + self.entities * self.k * 12
+
+    @property
+    def table_bytes(self) -> int:
+        """One whole [N, w] fp32 table (U, or the gathered representations)."""
+        return self.entities * self.width * 4
+
+    @property
+    def profile_bytes(self) -> int:
+        """``entity_profiles``: [N, M] int64."""
+        return self.entities * self.fields * 8
+
+
+@dataclass(frozen=True)
+class StructureEstimate:
+    """Peak memory of one structure phase, per rank: the sizes, terms, formulas and dominant term.
+
+    ``host_rank0`` and ``host_other`` differ only where rank 0 does extra work (graph mining).
+    ``device`` is the transient on the rank's accelerator; on CPU ranks it is host memory and is
+    contained in the host peak (it happens before the larger host phase).
+    """
+
+    phase: str  # "train" (SM initialisation + epoch boundary) | "pretrain" (graph mining) | "none"
+    host_rank0: int
+    host_other: int
+    device: int
+    sides: list[StructureSide] = field(default_factory=list)
+    terms: dict[str, int] = field(default_factory=dict)
+    formulas: list[str] = field(default_factory=list)
+    dominant: str = ""
+
+
+NO_STRUCTURE = StructureEstimate(phase="none", host_rank0=0, host_other=0, device=0)
+
+
+def train_structure_estimate(sides: list[StructureSide]) -> StructureEstimate:
+    """SM during training (``StructureMigrator``), every rank alike.
+
+    Resident from start to end: both graphs (``load_graph`` on every rank) and both sides' profiles.
+    At each epoch boundary, per side: ``read_full_table`` gives every rank the whole ``U``; the β update
+    ``(1−β)·U + β·Â^L·U`` then holds 5 [N, w] fp32 tables at once. Device transient: the SM
+    initialisation's all-gather (the gathered parts + their concatenation, 2·N·w·4).
+    """
+    if not sides:
+        return NO_STRUCTURE
+    terms: dict[str, int] = {}
+    for s in sides:
+        terms[f"graph Â_{s.side}"] = s.graph_bytes
+    for s in sides:
+        terms[f"profiles {s.side}"] = s.profile_bytes
+    big = max(sides, key=lambda s: s.table_bytes)
+    terms[f"β update {big.side} ({BETA_UPDATE_COPIES} x [N, w] fp32)"] = BETA_UPDATE_COPIES * big.table_bytes
+    host = sum(terms.values())
+    formulas = [
+        "host, every rank   = Σ_sides (N+1)·8 + N·k·12   whole Â as CSR, loaded by every rank",
+        "                   + Σ_sides N·M·8              entity profiles (int64)",
+        f"                   + max_side {BETA_UPDATE_COPIES}·N·w·4           "
+        "whole U + the β-update temporaries",
+        "device, every rank = max_side 2·N·w·4           SM init: all-gathered parts + concatenation",
+    ]
+    return StructureEstimate(
+        phase="train",
+        host_rank0=host,
+        host_other=host,
+        device=max(2 * s.table_bytes for s in sides),
+        sides=list(sides),
+        terms=terms,
+        formulas=formulas,
+        dominant=max(terms, key=lambda t: terms[t]),
+    )
+
+
+def _mining_stages(s: StructureSide) -> dict[str, int]:
+    """Rank 0's host bytes in each stage of ``build_graph`` for one side (gathered reps included)."""
+    n, w, k = s.entities, s.width, s.k
+    return {
+        f"L2 normalisation {s.side} (24·N·w)": NORMALISE_BYTES_PER_NW * n * w,
+        f"Faiss search {s.side} (12·N·w + 12·N·k)": (
+            SEARCH_BYTES_PER_NW * n * w + KNN_LIST_BYTES_PER_NK * n * k
+        ),
+        f"graph build {s.side} (4·N·w + 66·N·k)": 4 * n * w + GRAPH_BUILD_BYTES_PER_NK * n * k,
+    }
+
+
+def mining_structure_estimate(sides: list[StructureSide]) -> StructureEstimate:
+    """Graph mining after pre-training (``mine_structure``), one side at a time.
+
+    Every rank: the side's profiles and the all-gathered representations ``[N, w]``. Rank 0 also runs
+    the exact kNN and builds ``Â``: the peak is the largest of L2 normalisation (24·N·w), the Faiss
+    search (12·N·w + 12·N·k) and the COO → normalised CSR build (4·N·w + 66·N·k).
+    """
+    if not sides:
+        return NO_STRUCTURE
+
+    def rank0_terms(s: StructureSide) -> dict[str, int]:
+        stages = _mining_stages(s)
+        stage = max(stages, key=lambda t: stages[t])
+        return {f"profiles {s.side}": s.profile_bytes, stage: stages[stage]}
+
+    terms = max((rank0_terms(s) for s in sides), key=lambda t: sum(t.values()))
+    formulas = [
+        "host, rank 0       = max_side [N·M·8 + max(24·N·w, 12·N·w + 12·N·k, 4·N·w + 66·N·k)]",
+        "                     profiles + the largest of L2 normalisation, Faiss search, Â build",
+        "host, other ranks  = max_side [N·M·8 + N·w·4]   profiles + all-gathered representations",
+        "device, every rank = max_side 2·N·w·4           all-gathered parts + concatenation",
+    ]
+    return StructureEstimate(
+        phase="pretrain",
+        host_rank0=sum(terms.values()),
+        host_other=max(s.profile_bytes + s.table_bytes for s in sides),
+        device=max(2 * s.table_bytes for s in sides),
+        sides=list(sides),
+        terms=terms,
+        formulas=formulas,
+        dominant=max(terms, key=lambda t: terms[t]),
+    )
+
+
+def _collection_at(module: nn.Module, path: str) -> nn.Module:
+    m = module
+    for part in path.split("."):
+        m = getattr(m, part)
+    return m
+
+
+def structure_sides(
+    model: nn.Module, model_name: str, spec: DatasetSpec, cfg: RunConfig
+) -> tuple[list[StructureSide], list[StructureSide]]:
+    """(sides the training job smooths, sides graph mining reads out) for this model and config.
+
+    Training sides come from the registry's structure tables, sized by the model's own tables; mining
+    sides from the spec (``r_u`` = the side's field embeddings concatenated, width M·D).
+    """
+    mspec = get_model_spec(model_name)
+    k, dim = cfg.structure.k, cfg.model.embedding_dim
+    train_sides = []
+    for t in mspec.structure_tables(cfg.model):
+        ebc = _collection_at(model, t.collection)
+        conf = next(c for c in ebc.embedding_bag_configs() if c.name == t.table)
+        train_sides.append(
+            StructureSide(
+                side=t.side,
+                entities=conf.num_embeddings,
+                fields=len(spec.side_fields(t.side)),
+                width=conf.embedding_dim,
+                k=k,
+            )
+        )
+    mine_sides = [
+        StructureSide(
+            side=side,
+            entities=spec.num_users if side == "user" else spec.num_items,
+            fields=len(spec.side_fields(side)),
+            width=len(spec.side_fields(side)) * dim,
+            k=k,
+        )
+        for side in ("user", "item")
+    ]
+    return train_sides, mine_sides
+
+
+# --- the dry run ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TablePlan:
+    """One embedding table in the plan; ``bytes`` = weights + fused-optimizer state, all shards."""
+
+    collection: str
+    name: str
+    rows: int
+    dim: int
+    sharding_type: str
+    compute_kernel: str
+    ranks: list[int]
+    bytes: int
+    bytes_per_rank: dict[int, int]
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    """One rank's memory: embeddings (ours and the planner's storage), dense state, structure step."""
+
+    rank: int
+    tables: list[str]
+    embedding_bytes: int  # weights + optimizer state of the shards placed here
+    plan_hbm: int  # the planner's storage estimate (adds input/output buffers)
+    plan_ddr: int
+    dense_bytes: int  # weights + grads + Adam moments
+    structure_host: int
+    structure_device: int
+    device_total: int
+    host_total: int
+
+
+@dataclass
+class DryRun:
+    """Everything ``cstwa-dist plan`` prints; ``to_dict`` is the ``--json`` file."""
+
+    model: str
+    spec_source: str
+    world_size: int
+    local_world_size: int
+    compute_device: str
+    hbm_cap: int  # per device (0 on CPU)
+    ddr_cap: int  # per rank
+    embedding_optimizer: str
+    batch_size: int
+    dense_params: int  # bytes of the dense weights (fp32)
+    tables: list[TablePlan]
+    ranks: list[RankPlan]
+    structure: StructureEstimate  # the job's own structure phase (per-rank columns)
+    mining: StructureEstimate  # graph mining in `pretrain`, which this job needs first (if it uses graphs)
+    exact_knn_madds: int  # N²·w of the largest side: the work of the exact kNN on rank 0
+    plan_seconds: float
+    plan_text: str
+
+    @property
+    def total_embedding_bytes(self) -> int:
+        return sum(t.bytes for t in self.tables)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        for t in out["tables"]:
+            t["bytes_per_rank"] = {str(r): b for r, b in t["bytes_per_rank"].items()}
+        out["total_embedding_bytes"] = self.total_embedding_bytes
+        return out
+
+    def render(self) -> str:
+        """The plain-text report (tables, ranks, structure step), one string."""
+        return _render(self)
+
+
+def _optimizer_state_bytes(emb_opt: str, rows: int, cols: int, elem: int) -> int:
+    if emb_opt == "adam":
+        return 2 * rows * cols * elem  # FBGEMM fused Adam: two moments per weight
+    return rows * 4  # exact row-wise Adagrad: one fp32 per row
+
+
+def _tables_from_plan(module: nn.Module, plan: ShardingPlan, emb_opt: str) -> list[TablePlan]:
+    out: list[TablePlan] = []
+    for path, ebc in module.named_modules():
+        if not isinstance(ebc, EmbeddingBagCollection):
+            continue
+        module_plan = plan.plan.get(path)
+        if module_plan is None:
+            raise RuntimeError(f"the plan has no entry for collection {path!r}")
+        for conf in ebc.embedding_bag_configs():
+            ps = module_plan[conf.name]  # type: ignore[index]
+            elem = data_type_to_dtype(conf.data_type).itemsize
+            per_rank: dict[int, int] = {}
+            if ps.sharding_spec is None:  # data-parallel would have no spec (never allowed here)
+                raise RuntimeError(f"table {conf.name!r} has no sharding spec ({ps.sharding_type})")
+            for shard in ps.sharding_spec.shards:  # type: ignore[union-attr]
+                rows, cols = shard.shard_sizes
+                rank = shard.placement.rank()  # type: ignore[union-attr]
+                b = rows * cols * elem + _optimizer_state_bytes(emb_opt, rows, cols, elem)
+                per_rank[rank] = per_rank.get(rank, 0) + b
+            out.append(
+                TablePlan(
+                    collection=path,
+                    name=conf.name,
+                    rows=conf.num_embeddings,
+                    dim=conf.embedding_dim,
+                    sharding_type=ps.sharding_type,
+                    compute_kernel=ps.compute_kernel,
+                    ranks=sorted(ps.ranks or per_rank),
+                    bytes=sum(per_rank.values()),
+                    bytes_per_rank=per_rank,
+                )
+            )
+    return out
+
+
+def _planner_storage(planner: EmbeddingShardingPlanner, world_size: int) -> tuple[list[int], list[int]]:
+    """Per-rank (HBM, DDR) of the chosen plan, from the planner's sharding options.
+
+    TorchRec keeps them in ``_best_plan`` only (no public accessor in 1.8.0); a missing attribute is
+    an error here so that a TorchRec upgrade that moves it fails the tests, not a report silently.
+    """
+    best = getattr(planner, "_best_plan", None)
+    if best is None:
+        raise RuntimeError("EmbeddingShardingPlanner._best_plan is missing: update plan.py for this TorchRec")
+    hbm, ddr = [0] * world_size, [0] * world_size
+    for option in best:
+        for shard in option.shards:
+            hbm[shard.rank] += int(shard.storage.hbm)
+            ddr[shard.rank] += int(shard.storage.ddr)
+    return hbm, ddr
+
+
+def dry_run(
+    cfg: RunConfig,
+    spec: DatasetSpec,
+    *,
+    model_name: str = "cstwa",
+    world_size: int,
+    gpus_per_node: int = 0,
+    hbm_gb: float | None = None,
+    ddr_gb: float | None = None,
+    spec_source: str = "",
+) -> DryRun:
+    """Plans ``model_name`` for ``world_size`` ranks without a process group and estimates memory.
+
+    ``gpus_per_node > 0`` plans CUDA ranks (local world size = GPUs per node), else CPU ranks on one
+    node. ``hbm_gb`` (GiB per GPU) and ``ddr_gb`` (GiB per rank) default to TorchRec's 32 and 128.
+    """
+    if world_size < 1:
+        raise ValueError(f"--world-size must be >= 1, got {world_size}")
+    if gpus_per_node < 0:
+        raise ValueError(f"--gpus-per-node must be >= 0, got {gpus_per_node}")
+    if gpus_per_node and world_size % gpus_per_node:
+        raise ValueError(f"--world-size {world_size} is not a multiple of --gpus-per-node {gpus_per_node}")
+    for name, v in (("--hbm-gb", hbm_gb), ("--ddr-gb", ddr_gb)):
+        if v is not None and not v > 0:
+            raise ValueError(f"{name} must be > 0, got {v}")
+    compute_device = "cuda" if gpus_per_node else "cpu"
+    local_world_size = gpus_per_node or world_size
+    hbm_cap = (int(hbm_gb * GIB) if hbm_gb is not None else HBM_CAP) if compute_device == "cuda" else 0
+    ddr_cap = int(ddr_gb * GIB) if ddr_gb is not None else DDR_CAP
+
+    mspec = get_model_spec(model_name)
+    emb_opt = embedding_optimizer_name(cfg.optim, torch.device(compute_device))
+    model = mspec.build(spec, cfg.model, torch.device("meta"))
+    module = ModelTrain(model, mspec.build_loss(cfg.loss, cfg.model))
+    constraints = prepare_tables(module, cfg.optim, emb_opt)
+    planner = build_planner(
+        module,
+        constraints,
+        world_size=world_size,
+        local_world_size=local_world_size,
+        compute_device=compute_device,
+        hbm_cap_bytes=hbm_cap if compute_device == "cuda" else None,
+        ddr_cap_bytes=ddr_cap,
+    )
+    t0 = time.perf_counter()
+    try:
+        plan = planner.plan(module, [EmbeddingBagCollectionSharder()])
+    except PlannerError as e:
+        raise ValueError(f"no sharding plan fits {world_size} ranks: {e}") from None
+    seconds = time.perf_counter() - t0
+    logger.info("planned %s for %d %s ranks in %.2fs", model_name, world_size, compute_device, seconds)
+
+    tables = _tables_from_plan(module, plan, emb_opt)
+    hbm, ddr = _planner_storage(planner, world_size)
+    dense_params = dense_parameter_bytes(module)
+    dense_state = 4 * dense_params  # weights + grads + Adam exp_avg + exp_avg_sq
+
+    train_sides, mine_sides = structure_sides(model, model_name, spec, cfg)
+    mining = mining_structure_estimate(mine_sides if train_sides or mspec.representation_source else [])
+    if train_sides:
+        structure = train_structure_estimate(train_sides)
+    elif mspec.representation_source is not None:
+        structure = mining
+    else:
+        structure = NO_STRUCTURE
+
+    ranks: list[RankPlan] = []
+    for r in range(world_size):
+        emb = sum(t.bytes_per_rank.get(r, 0) for t in tables)
+        s_host = structure.host_rank0 if r == 0 else structure.host_other
+        if compute_device == "cuda":
+            device_total = hbm[r] + dense_state + structure.device
+            host_total = ddr[r] + s_host
+        else:
+            device_total = 0
+            host_total = ddr[r] + dense_state + s_host
+        ranks.append(
+            RankPlan(
+                rank=r,
+                tables=[t.name for t in tables if r in t.bytes_per_rank],
+                embedding_bytes=emb,
+                plan_hbm=hbm[r],
+                plan_ddr=ddr[r],
+                dense_bytes=dense_state,
+                structure_host=s_host,
+                structure_device=structure.device if compute_device == "cuda" else 0,
+                device_total=device_total,
+                host_total=host_total,
+            )
+        )
+    knn = max(mine_sides, key=lambda s: s.entities)
+    return DryRun(
+        model=model_name,
+        spec_source=spec_source,
+        world_size=world_size,
+        local_world_size=local_world_size,
+        compute_device=compute_device,
+        hbm_cap=hbm_cap,
+        ddr_cap=ddr_cap,
+        embedding_optimizer=emb_opt,
+        batch_size=cfg.data.batch_size,
+        dense_params=dense_params,
+        tables=tables,
+        ranks=ranks,
+        structure=structure,
+        mining=mining,
+        exact_knn_madds=knn.entities**2 * knn.width if mining.phase != "none" else 0,
+        plan_seconds=seconds,
+        plan_text=str(plan),
+    )
+
+
+# --- rendering --------------------------------------------------------------------------------------
+def fmt_bytes(b: float) -> str:
+    """Human-readable binary size: 1.50 GiB, 312.0 MiB, 4.0 KiB, 12 B."""
+    for unit, size in (("TiB", 1024**4), ("GiB", GIB), ("MiB", 1024**2), ("KiB", 1024)):
+        if abs(b) >= size:
+            return f"{b / size:.2f} {unit}" if unit in ("TiB", "GiB") else f"{b / size:.1f} {unit}"
+    return f"{int(b)} B"
+
+
+def _ranks_text(ranks: list[int]) -> str:
+    if len(ranks) <= 4:
+        return ",".join(map(str, ranks))
+    return f"{ranks[0]}..{ranks[-1]} ({len(ranks)})"
+
+
+def _render(d: DryRun) -> str:
+    nodes = d.world_size // d.local_world_size
+    if d.compute_device == "cuda":
+        topo = (
+            f"{d.world_size} ranks = {nodes} node(s) x {d.local_world_size} GPUs, "
+            f"HBM {fmt_bytes(d.hbm_cap)} per GPU, host {fmt_bytes(d.ddr_cap)} per rank"
+        )
+    else:
+        topo = f"{d.world_size} CPU ranks, host {fmt_bytes(d.ddr_cap)} per rank"
+    opt_state = "2 x weights" if d.embedding_optimizer == "adam" else "one fp32 per row"
+    lines = [
+        f"sharding dry run: model {d.model}, spec from {d.spec_source}",
+        f"topology: {topo}",
+        f"embedding optimizer: fused {d.embedding_optimizer} (state {opt_state}); dense: Adam; "
+        f"batch {d.batch_size} per rank; planned in {d.plan_seconds:.2f}s",
+        "",
+        f"embedding tables ({len(d.tables)}); bytes = weights + optimizer state",
+    ]
+    rows = [("table", "rows x dim", "sharding", "kernel", "ranks", "bytes")]
+    for t in d.tables:
+        rows.append(
+            (
+                t.name,
+                f"{t.rows:,} x {t.dim}",
+                t.sharding_type,
+                t.compute_kernel,
+                _ranks_text(t.ranks),
+                fmt_bytes(t.bytes),
+            )
+        )
+    rows.append(("total", "", "", "", "", fmt_bytes(d.total_embedding_bytes)))
+    lines += _table(rows, right={1, 5})
+
+    cuda = d.compute_device == "cuda"
+    lines += [
+        "",
+        "per rank: emb w+opt = this rank's shards, weights + optimizer state; "
+        f"plan {'HBM' if cuda else 'DDR'} = the planner's storage for them (adds input/output buffers);",
+        f"  dense = {fmt_bytes(d.dense_params)} of dense weights x 4 (weights, grads, Adam's 2 moments) on "
+        "every rank; struct = the structure step's peak (below); totals leave out the process itself "
+        "(torch, CUDA context) and the node's Ray runtime"
+        + ("" if cuda else ", its device transients included (host memory on CPU ranks)"),
+    ]
+    header: tuple[str, ...] = ("rank", "tables", "emb w+opt")
+    if cuda:
+        header += ("plan HBM", "dense", "struct dev", "device total", "plan DDR", "struct host", "host total")
+    else:
+        header += ("plan DDR", "dense", "struct host", "host total")
+    rows = [header]
+    over_device = over_host = 0
+    for r in d.ranks:
+        dflag = "!" if cuda and r.device_total > d.hbm_cap else ""
+        hflag = "!" if r.host_total > d.ddr_cap else ""
+        over_device += bool(dflag)
+        over_host += bool(hflag)
+        row: tuple[str, ...] = (
+            str(r.rank),
+            (",".join(r.tables) if len(r.tables) <= 2 else f"{len(r.tables)} tables") or "-",
+            fmt_bytes(r.embedding_bytes),
+        )
+        if cuda:
+            row += (
+                fmt_bytes(r.plan_hbm),
+                fmt_bytes(r.dense_bytes),
+                fmt_bytes(r.structure_device),
+                fmt_bytes(r.device_total) + dflag,
+            )
+        else:
+            row += (fmt_bytes(r.plan_ddr), fmt_bytes(r.dense_bytes))
+        row += ((fmt_bytes(r.plan_ddr),) if cuda else ()) + (
+            fmt_bytes(r.structure_host),
+            fmt_bytes(r.host_total) + hflag,
+        )
+        rows.append(row)
+    lines += _table(rows, right=set(range(2, len(header))))
+    per_node = d.local_world_size
+    node_host = max(
+        sum(r.host_total for r in d.ranks[i : i + per_node]) for i in range(0, d.world_size, per_node)
+    )
+    if cuda:
+        worst = max(d.ranks, key=lambda r: r.device_total)
+        lines.append(
+            f"  largest device total: rank {worst.rank}, {fmt_bytes(worst.device_total)} of "
+            f"{fmt_bytes(d.hbm_cap)}; ranks over the HBM cap: {over_device}"
+        )
+    worst = max(d.ranks, key=lambda r: r.host_total)
+    lines.append(
+        f"  largest host total: rank {worst.rank}, {fmt_bytes(worst.host_total)} of {fmt_bytes(d.ddr_cap)}; "
+        f"ranks over the host cap: {over_host}; busiest node ({per_node} ranks): {fmt_bytes(node_host)} host"
+    )
+
+    lines += [
+        "",
+        "structure step, estimated from the current code (whole graphs and whole U/I on every rank):",
+        "the baseline the scalable structure path shrinks",
+    ]
+    lines += _structure_lines(d.structure, "this job")
+    if d.mining.phase != "none" and d.mining is not d.structure:
+        lines += _structure_lines(d.mining, "before it, `pretrain`")
+    if d.exact_knn_madds:
+        lines.append(f"  exact kNN on rank 0 (largest side): N²·w = {d.exact_knn_madds:.2e} multiply-adds")
+    return "\n".join(lines) + "\n"
+
+
+def _structure_lines(s: StructureEstimate, title: str) -> list[str]:
+    if s.phase == "none":
+        return [f"  {title}: this model reads no graphs, no structure step"]
+    what = "SM initialisation + epoch-boundary β update" if s.phase == "train" else "graph mining"
+    sizes = "; ".join(f"{x.side}: N={x.entities:,} M={x.fields} w={x.width} k={x.k}" for x in s.sides)
+    out = [f"  {title}: {what} ({sizes})"]
+    out += [f"    {f}" for f in s.formulas]
+    total = sum(s.terms.values())
+    width = max(len(n) for n in s.terms)
+    for name, b in s.terms.items():
+        out.append(f"    {name:<{width}}  {fmt_bytes(b):>10}  {100 * b / total:5.1f} %")
+    peak = (
+        f"host {fmt_bytes(s.host_rank0)} on every rank"
+        if s.host_rank0 == s.host_other
+        else f"host {fmt_bytes(s.host_rank0)} on rank 0, {fmt_bytes(s.host_other)} on the others"
+    )
+    out.append(f"    peak: {peak}; device transient {fmt_bytes(s.device)} per rank")
+    out.append(f"    dominant term: {s.dominant}")
+    return out
+
+
+def _table(rows: list[tuple[str, ...]], right: set[int]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+
+    def line(r: tuple[str, ...]) -> str:
+        cells = [
+            c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        ]
+        return "  " + "  ".join(cells).rstrip()
+
+    out = [line(rows[0]), "  " + "  ".join("-" * w for w in widths)]
+    out += [line(r) for r in rows[1:]]
+    return out
