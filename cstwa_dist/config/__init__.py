@@ -163,6 +163,8 @@ class TrainConfig:
     # "never": start fresh; "auto": continue from the newest complete checkpoint if there is one;
     # any other value: the checkpoint folder to continue from
     resume: str = "never"
+    # TensorBoard scalars under <run dir>/tb on rank 0 (docs: README, "Watching a run")
+    tensorboard: bool = True
 
     def __post_init__(self) -> None:
         _positive(self, "epochs", "log_every", "keep_checkpoints")

@@ -46,6 +46,7 @@ from cstwa_dist.registry import ModelSpec, get_model_spec
 from cstwa_dist.structure.migrator import StructureMigrator
 from cstwa_dist.train.checkpoint import Checkpointer, TrainState
 from cstwa_dist.train.metrics import exact_auc
+from cstwa_dist.train.monitor import RunMonitor
 from cstwa_dist.train.wrapper import ModelTrain, StepOutput
 
 logger = logging.getLogger(__name__)
@@ -178,6 +179,13 @@ class Trainer:
         self.checkpointer = Checkpointer(
             cfg.train.checkpoint_dir or self.run_dir / "checkpoints", self.env, cfg.train.keep_checkpoints
         )
+        self.monitor = RunMonitor(
+            self.run_dir,
+            enabled=self.env.is_main,
+            total_steps=self.epochs * self.steps,
+            desc=model_name,
+            tensorboard=cfg.train.tensorboard,
+        )
         path = self.checkpointer.find(cfg.train.resume)
         if path is not None:
             self._restore(self.checkpointer.load(self.dmp, self.optimizer, path))
@@ -261,8 +269,10 @@ class Trainer:
         """
         if self.migrator is not None and epoch > self.structure_epochs_applied:
             self._detach_pipeline()
-            self.structure_seconds += self.migrator.epoch_boundary(epoch)
+            seconds = self.migrator.epoch_boundary(epoch)
+            self.structure_seconds += seconds
             self.structure_epochs_applied = epoch
+            self.monitor.scalars("structure", {"beta_update_s": seconds}, epoch)
 
     def evaluate(self, split: str) -> dict[str, float | None]:
         """Click/Purchase AUC over every impression of ``split``, gathered from all ranks."""
@@ -297,6 +307,7 @@ class Trainer:
             rows += out.rows
             n_steps += 1
             self.global_step += 1
+            self.monitor.advance()
             _fault_injection(self.global_step, self.env.rank)
             if every and self.global_step % every == 0 and n_steps < self.steps:
                 self.checkpointer.save(
@@ -308,6 +319,10 @@ class Trainer:
                 names = list(out.parts)
                 step_loss, *step_parts = summed(torch.stack([out.loss, *out.parts.values()])).tolist()
                 elapsed = max(time.perf_counter() - t0, 1e-9)
+                rate = float(rows) / elapsed
+                terms = dict(zip(names, step_parts, strict=True))
+                self.monitor.scalars("train", {"loss": step_loss, **terms}, self.global_step)
+                self.monitor.scalars("throughput", {"samples_per_s": rate}, self.global_step)
                 logger.info(
                     "%s epoch %d step %d/%d loss %.4f (%s) ~%.0f samples/s",
                     self.model_name,
@@ -315,8 +330,8 @@ class Trainer:
                     step + 1,
                     self.steps,
                     step_loss,
-                    " ".join(f"{k} {v:.4f}" for k, v in zip(names, step_parts, strict=True)),
-                    float(rows) / elapsed,
+                    " ".join(f"{k} {v:.4f}" for k, v in terms.items()),
+                    rate,
                 )
         if n_steps != self.steps:
             raise RuntimeError(
@@ -331,8 +346,13 @@ class Trainer:
             "mean_loss": float(all_reduce_sum(loss_sum.clone()) / rows.clamp(min=1.0)),
             "rows": int(rows.item()),
         }
+        self.monitor.scalars(
+            "epoch", {"mean_loss": record["mean_loss"], "seconds": epoch_seconds}, epoch + 1
+        )
         if validate:
             record["val"] = self.evaluate("val")
+            aucs = {k: record["val"][k] for k in ("click_auc", "purchase_auc")}
+            self.monitor.scalars("val", aucs, epoch + 1)
             logger.info(
                 "%s epoch %d val: click AUC %.4f purchase AUC %s",
                 self.model_name,
@@ -375,6 +395,10 @@ class Trainer:
                 _fmt(test["purchase_auc"]),
                 test["rows"],
             )
+        if evaluate:
+            aucs = {k: metrics[k] for k in ("click_auc", "purchase_auc")}
+            self.monitor.scalars("test", aucs, self.epochs)
+        self.monitor.close()
         metrics["wall_seconds"] = time.perf_counter() - self.t_start
         if env.is_main:
             atomic_write_json(self.run_dir / "metrics.json", metrics)

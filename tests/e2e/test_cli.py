@@ -96,6 +96,16 @@ def test_pipeline_under_torchrun(tmp_path):
         assert m["world_size"] == 2 and m["epochs"] == 2 and m["model"] == model
         assert m["train_samples"] == 2 * json.loads((data / "stats.json").read_text())["train"]["rows"]
         assert 0.0 <= m["click_auc"] <= 1.0 and 0.0 <= m["purchase_auc"] <= 1.0
+        # live curves for TensorBoard (rank 0) and the epoch-end checkpoints
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        acc = EventAccumulator(str(tmp_path / "runs" / model / "tb"))
+        acc.Reload()
+        tags = set(acc.Tags()["scalars"])
+        for tag in ("train/loss", "throughput/samples_per_s", "val/purchase_auc", "test/click_auc"):
+            assert tag in tags, (tag, tags)
+        assert len(acc.Scalars("val/click_auc")) == 2
+        assert sorted(p.name for p in (tmp_path / "runs" / model / "checkpoints").iterdir())
     report = _run(
         [str(BIN / "cstwa-dist"), "report", str(tmp_path / "runs" / "cstwa"), str(tmp_path / "runs" / "esmm")]
     ).stdout
