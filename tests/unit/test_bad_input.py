@@ -19,20 +19,13 @@ import pytest
 from cstwa_dist import cli
 from cstwa_dist.data.aliccp import DEFAULT_FIELDS, FILES, MULTI_VALUED_FIELDS
 from cstwa_dist.data.quarantine import DEFAULT_MAX_QUARANTINE_FRACTION
-from cstwa_dist.data.spec import DatasetSpec, FieldSpec
+from cstwa_dist.data.spec import DatasetSpec
 from tests.fixtures.aliccp_raw import write_raw_aliccp_fixture
+from tests.unit.test_importers import CSV_SPEC
 
 ROOT = Path(__file__).resolve().parents[2]
 HEADER = "uid,iid,hour,click,purchase"
-SPEC = DatasetSpec(
-    fields=(
-        FieldSpec(name="uid", side="user", vocab_size=10),
-        FieldSpec(name="iid", side="item", vocab_size=20),
-        FieldSpec(name="hour", side="context", vocab_size=24),
-    ),
-    user_id="uid",
-    item_id="iid",
-)
+SPEC = CSV_SPEC  # the importer tests' hand-written spec: uid, iid, hour
 
 
 def run_cli(argv: list[str], caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch):
