@@ -219,6 +219,64 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_knn(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from cstwa_dist.bench.knn import representation_dims, run_bench
+    from cstwa_dist.fs import atomic_write_json
+    from cstwa_dist.structure.ivf import IVFParams
+
+    if args.representations:
+        rows, dim = representation_dims(args.representations)
+        users = rows if args.users is None else args.users
+        if users > rows:
+            raise ValueError(f"--users {users} exceeds the {rows} rows of {args.representations}")
+    else:
+        if args.users is None:
+            raise ValueError("--users is required without --representations")
+        users, dim = args.users, args.dim
+    if users < 1 or args.k < 1 or args.ranks < 1 or args.threads < 1:
+        raise ValueError("--users, --k, --ranks and --threads must be >= 1")
+    params = IVFParams(nlist=args.nlist, quantizer=args.quantizer, pq_m=args.pq_m, seed=args.seed)
+    if args.nprobe is not None:
+        params = IVFParams(**{**asdict(params), "nprobe": args.nprobe})
+    spec = {
+        "users": users,
+        "dim": dim,
+        "k": args.k,
+        "clusters": args.clusters,
+        "spread": args.spread,
+        "seed": args.seed,
+        "representations": args.representations,
+    }
+    ivf = {"params": asdict(params), "recall_queries": args.recall_queries, "block_rows": args.block_rows}
+    exact_queries = args.exact_queries
+    if exact_queries is None:
+        exact_queries = 0 if users <= 100_000 else 10_000
+    report = run_bench(
+        spec,
+        ivf,
+        ranks=args.ranks,
+        threads=args.threads,
+        exact_queries=exact_queries,
+        skip_exact=args.no_exact,
+        repeats=max(1, args.repeats),
+    )
+    report["command"] = "cstwa-dist " + " ".join(sys.argv[1:])
+    atomic_write_json(args.out, report, sort_keys=False)
+    summary = {
+        "users": users,
+        "exact_s": report.get("exact", {}).get("total_s"),
+        "ivf_build_s": report["ivf"]["build_s"],
+        "ivf_search_s": report["ivf"]["search_s"],
+        "recall_at_k": report["ivf"]["recall_at_k"],
+        "peak_rss_mb_per_rank": report["ivf"]["peak_rss_mb_max"],
+    }
+    sys.stdout.write(json.dumps(summary, indent=2) + "\n")
+    logger.info("wrote %s", args.out)
+    return 0
+
+
 def _bench_ranks(args: argparse.Namespace, ray_address: str | None) -> dict:
     """Runs the ranks phase as ``torchrun --nproc_per_node R`` children attached to this Ray runtime."""
     import subprocess
@@ -496,6 +554,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="JSON file to write")
     p.add_argument("--ranks-phase-out", default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_bench_train)
+
+    p = bench_sub.add_parser(
+        "knn",
+        help="exact vs distributed IVF kNN: build/search time, recall@k, peak memory per rank",
+        description="Times exact Faiss kNN (the pretrain path: one process, IndexFlatIP; at large --users on "
+        "a sample of --exact-queries queries, extrapolated linearly) against the distributed IVF kNN on "
+        "--ranks spawned gloo ranks, on clustered Gaussian-mixture vectors or on --representations; writes "
+        "--out JSON (docs/structure-scaling.md).",
+    )
+    p.add_argument("--users", type=int, default=None, help="rows N (default: all rows of --representations)")
+    p.add_argument("--dim", type=int, default=45, help="width of generated vectors (default 45)")
+    p.add_argument("--k", type=int, default=8, help="neighbours per row (default 8)")
+    p.add_argument("--ranks", type=int, default=1, help="IVF ranks (spawned processes, gloo; default 1)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="total CPU threads: exact uses all, IVF splits them over the ranks (default: all cores)",
+    )
+    p.add_argument("--nlist", type=int, default=0, help="IVF cells (default 0: 4·sqrt(N))")
+    p.add_argument("--nprobe", type=int, default=None, help="cells searched per query (default: IVFParams')")
+    p.add_argument(
+        "--quantizer", choices=("flat", "hnsw"), default="flat", help="coarse quantizer (default flat)"
+    )
+    p.add_argument("--pq-m", type=int, default=0, help="PQ bytes per row (default 0: IVF-Flat)")
+    p.add_argument(
+        "--representations", default=None, metavar="FILE.npy", help="real [N, d] vectors instead of generated"
+    )
+    p.add_argument("--clusters", type=int, default=256, help="Gaussian-mixture clusters (default 256)")
+    p.add_argument(
+        "--spread", type=float, default=1.0, help="cluster std relative to the centres' (default 1)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="data, sample and k-means seed (default 0)")
+    p.add_argument(
+        "--exact-queries",
+        type=int,
+        default=None,
+        help="queries timed for exact search (default: all rows up to 100k, else 10000; 0: all)",
+    )
+    p.add_argument("--no-exact", action="store_true", help="skip the exact phase")
+    p.add_argument(
+        "--recall-queries", type=int, default=1000, help="sampled queries for recall@k (default 1000)"
+    )
+    p.add_argument("--block-rows", type=int, default=65536, help="rows per query block on the ring")
+    p.add_argument("--repeats", type=int, default=1, help="runs per phase; the fastest is reported")
+    p.add_argument("--out", required=True, help="JSON file to write")
+    p.set_defaults(func=cmd_bench_knn)
 
     p = sub.add_parser("report", help="print the Click/Purchase AUC table of finished runs")
     p.add_argument("runs", nargs="+", help="run directories (or metrics.json files)")

@@ -3,7 +3,9 @@
 # exports RAY_ADDRESS for the ranks, and stops it (by its own pid) when the sourcing shell exits, so
 # other Ray runtimes on the machine are never touched. If RAY_ADDRESS is already set, an outer
 # launcher owns the runtime and nothing is started.
-# Env: RAY_NUM_CPUS (default 2): CPUs the runtime offers the readers' tasks.
+# Env: RAY_NUM_CPUS (default: the node's CPU count, `nproc`): CPUs the runtime offers the readers' read
+#        tasks. All of them by default: the ranks' own CPU work is light on a GPU node, and every rank's
+#        reader runs Ray Data read tasks here; set it lower to keep cores for something else.
 #      RAY_START_TIMEOUT (default 60): seconds to wait for the runtime before failing.
 # Needs `python` and `ray` on PATH (the launchers put the venv first).
 
@@ -13,8 +15,19 @@ export RAY_AUTH_MODE=disabled
 _node_ray_pid=""
 
 stop_node_ray_runtime() {
+  # SIGTERM lets `ray start --block` stop its runtime; it has been seen to take ~30 s on a loaded
+  # machine, so after RAY_STOP_TIMEOUT (default 20) seconds the runtime's processes are killed.
   if [ -n "$_node_ray_pid" ]; then
     kill "$_node_ray_pid" 2>/dev/null || true
+    local waited=0
+    while kill -0 "$_node_ray_pid" 2>/dev/null && [ "$waited" -lt "${RAY_STOP_TIMEOUT:-20}" ]; do
+      sleep 1
+      waited=$((waited + 1))
+    done
+    if kill -0 "$_node_ray_pid" 2>/dev/null; then
+      pkill -KILL -P "$_node_ray_pid" 2>/dev/null || true
+      kill -KILL "$_node_ray_pid" 2>/dev/null || true
+    fi
     wait "$_node_ray_pid" 2>/dev/null || true
     _node_ray_pid=""
   fi
@@ -25,10 +38,11 @@ start_node_ray_runtime() {
     echo "ray_runtime: using the runtime at $RAY_ADDRESS" >&2
     return 0
   fi
-  local port tmp deadline
+  local port tmp deadline ncpus
+  ncpus="${RAY_NUM_CPUS:-$(nproc 2>/dev/null || getconf _NPROCESSORS_ONLN 2>/dev/null || echo 2)}"
   port=$(python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
   tmp=$(mktemp -d /tmp/cstwa-ray.XXXXXX)
-  ray start --head --block --node-ip-address=127.0.0.1 --port="$port" --num-cpus="${RAY_NUM_CPUS:-2}" \
+  ray start --head --block --node-ip-address=127.0.0.1 --port="$port" --num-cpus="$ncpus" \
     --include-dashboard=false --disable-usage-stats --temp-dir="$tmp" >"$tmp/ray-start.log" 2>&1 &
   _node_ray_pid=$!
   trap stop_node_ray_runtime EXIT
@@ -51,5 +65,5 @@ start_node_ray_runtime() {
     sleep 0.5
   done
   export RAY_ADDRESS="127.0.0.1:$port"
-  echo "ray_runtime: node runtime ready at $RAY_ADDRESS (${RAY_NUM_CPUS:-2} CPUs, logs in $tmp)" >&2
+  echo "ray_runtime: node runtime ready at $RAY_ADDRESS ($ncpus CPUs, logs in $tmp)" >&2
 }

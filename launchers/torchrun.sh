@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs a cstwa-dist command on this node under torchrun, with one Ray runtime for the node.
 #   launchers/torchrun.sh NPROC COMMAND [ARGS...]      e.g. launchers/torchrun.sh 2 train --model cstwa
+# One node: nothing to set (a private rendezvous on a free port).
 # Multi-node, static: set NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT on every node.
 # Multi-node, c10d rendezvous (the k8s/ manifests): set NNODES, RDZV_ENDPOINT (host:port), JOB_ID,
 # NODE_RANK (0 hosts the rendezvous store). Both: MAX_RESTARTS (default 0) restarts of a failed group.
@@ -21,6 +22,10 @@ if [ -n "${RDZV_ENDPOINT:-}" ]; then
   if [ "${NODE_RANK:-0}" = 0 ]; then is_host=1; else is_host=0; fi
   rdzv=(--rdzv_backend=c10d --rdzv_endpoint="$RDZV_ENDPOINT"
         --rdzv_id="${JOB_ID:?JOB_ID is required with RDZV_ENDPOINT}" --rdzv_conf="is_host=$is_host")
+elif [ "${NNODES:-1}" = 1 ] && [ -z "${MASTER_ADDR:-}" ]; then
+  # one node: a private c10d rendezvous on a free port (no clash with another job's port, and a
+  # restarted worker group gets a fresh rendezvous round instead of the killed group's addresses)
+  rdzv=(--standalone)
 else
   rdzv=(--node_rank="${NODE_RANK:-0}" --master_addr="${MASTER_ADDR:-127.0.0.1}"
         --master_port="${MASTER_PORT:-29511}")

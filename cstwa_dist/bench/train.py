@@ -86,6 +86,7 @@ def compute_only(cfg: RunConfig, model: str, *, batches: int, steps: int) -> dic
     seconds = time.perf_counter() - t0
     if trainer.pipeline is not None:
         trainer.pipeline.detach()
+    trainer.close()
     per_batch = rows / max(len(held), 1)
     return {
         "world_size": 1,
@@ -145,6 +146,7 @@ def ranks_phase(cfg: RunConfig, model: str, *, epochs: int, profile_steps: int) 
     trainer.evaluate("val")
     eval_s = time.perf_counter() - t0
 
+    trainer.close()
     consumption = m["samples_per_s_steady"] / env.world_size  # rows/s one rank consumes
     report = {
         "world_size": env.world_size,

@@ -2,25 +2,34 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.streamable import Pipelineable
 
 
 @dataclass
-class Batch:
+class Batch(Pipelineable):
     """One fixed-size batch for one rank.
 
     ``mask`` is False for padding rows: every rank runs the same number of fixed-size batches, and
     a rank whose share is shorter pads its last batches with copies of real rows that carry weight 0,
     so no collective waits on a rank that ran out of data and no sample is counted twice.
+
+    A ``Pipelineable`` (``to`` + ``record_stream``), so TorchRec's train pipelines can copy it to the
+    device and start its input all-to-all while the previous batch trains.
     """
 
     features: KeyedJaggedTensor  # one id per field and row; keys = field names in spec order
     click: torch.Tensor  # [B] float32 in {0, 1}
     purchase: torch.Tensor  # [B] float32 in {0, 1}
     mask: torch.Tensor  # [B] bool; False = padding
+    # Real rows of this step summed over all ranks, from the reader's plan (no collective needed);
+    # None when the batch was not made by a reader.
+    global_rows: int | None = None
 
     @property
     def size(self) -> int:
@@ -32,6 +41,7 @@ class Batch:
             click=self.click.to(device=device, non_blocking=non_blocking),
             purchase=self.purchase.to(device=device, non_blocking=non_blocking),
             mask=self.mask.to(device=device, non_blocking=non_blocking),
+            global_rows=self.global_rows,
         )
 
     def record_stream(self, stream: torch.Stream) -> None:
@@ -46,6 +56,7 @@ class Batch:
             click=self.click.pin_memory(),
             purchase=self.purchase.pin_memory(),
             mask=self.mask.pin_memory(),
+            global_rows=self.global_rows,
         )
 
 
@@ -55,3 +66,30 @@ def make_kjt(columns: dict[str, torch.Tensor], keys: list[str]) -> KeyedJaggedTe
     values = torch.cat([columns[k].reshape(-1).to(torch.int64) for k in keys])
     lengths = torch.ones(len(keys) * b, dtype=torch.int32)
     return KeyedJaggedTensor(keys=list(keys), values=values, lengths=lengths, stride=b)
+
+
+def batch_from_columns(
+    cols: Mapping[str, np.ndarray],
+    keys: Sequence[str],
+    n_real: int,
+    *,
+    global_rows: int | None = None,
+    pin: bool = False,
+) -> Batch:
+    """A :class:`Batch` from numpy columns (ids in ``keys``, labels ``click``/``purchase``); rows
+    ``>= n_real`` are padding. Runs on the reader's producer thread, so the training thread receives a
+    finished KJT (in pinned memory with ``pin``, ready for a non-blocking copy to the GPU)."""
+    b = len(cols["click"])
+    values = torch.from_numpy(np.concatenate([np.asarray(cols[k], dtype=np.int64) for k in keys]))
+    mask = torch.zeros(b, dtype=torch.bool)
+    mask[:n_real] = True
+    batch = Batch(
+        features=KeyedJaggedTensor(
+            keys=list(keys), values=values, lengths=torch.ones(len(keys) * b, dtype=torch.int32), stride=b
+        ),
+        click=torch.from_numpy(np.asarray(cols["click"], dtype=np.float32)),
+        purchase=torch.from_numpy(np.asarray(cols["purchase"], dtype=np.float32)),
+        mask=mask,
+        global_rows=global_rows,
+    )
+    return batch.pin_memory() if pin else batch

@@ -1,37 +1,53 @@
-"""Ray Data streaming reader: one rank's share of a Parquet split → fixed-size :class:`Batch` objects.
+"""Ray Data streaming reader: one rank's row-level share of a Parquet split → fixed-size :class:`Batch`es.
 
 Why it looks like this (docs/platform-notes.md, "Ray Data inside a torchrun job"):
 
 * **One Ray runtime per node**, attached to by every rank (``distributed/runtime.py``).
-* **Shares planned from Parquet metadata.** :func:`plan_shares` assigns whole files to ranks, greedy
-  largest-first by row count, so every rank knows every share without reading data or talking to the
-  others, and ``steps_per_epoch`` is agreed up front.
+* **Row-level shares planned from Parquet metadata** (:mod:`cstwa_dist.data.shares`): the epoch's
+  sequence of row groups is cut into ``world_size`` contiguous ranges of ``floor`` or ``ceil(T/W)`` rows
+  (a row group is split at a row offset where a cut falls inside it). Every rank computes every share
+  from the footers, without communication; every row is read exactly once per epoch.
 * **Equal steps, nothing dropped, nothing counted twice (padding policy).** Every rank runs exactly
-  ``steps_per_epoch = ceil(max_rank_rows / batch_size)`` batches of exactly ``batch_size`` rows, so no
-  collective (DMP all-to-alls, all-reduces) can hang on a rank that ran out of data. Real rows carry
-  ``mask=True``. A rank's last partial batch is filled up, and the extra steps of a rank whose share is
-  shorter than the longest are made entirely of, *copies of real rows of this rank* with ``mask=False``
-  (so the embedding lookups see realistic ids; the loss gives them weight 0). A rank with no rows at
-  all pads with id 0 in every field (a valid id) and labels 0, also ``mask=False``, and logs a warning
-  once. The masked-in rows of all ranks together are the split, each row exactly once.
-* **Shuffle that streams.** With ``shuffle=True`` each epoch reads the rank's files in an order
-  permuted with ``seed + epoch`` and passes the rows through Ray's local shuffle buffer seeded with
-  ``seed + epoch``; blocks are consumed in order (``preserve_order``), so the same seed and epoch give
-  the same batches and another epoch gives another order. File-order permutation is used instead of
-  ``randomize_block_order`` because the latter is an all-to-all step that materialises the whole share
-  in the object store before the first batch. ``shuffle=False`` yields rows in file order.
-* **Validation that loses nothing.** The schema of every file is checked from the footer at
-  construction; each streamed batch is checked with a few vectorised reductions; on failure the rank's
-  files are re-scanned with pyarrow to name the first bad (file, row, field, value) in a
-  :class:`DataError`. Bad rows are never dropped or clamped.
+  ``steps_per_epoch = ceil(ceil(T/W) / batch_size)`` batches of exactly ``batch_size`` rows, so no
+  collective (DMP all-to-alls, all-reduces) can hang on a rank that ran out of data, and since shares
+  differ by at most one row, no rank has more than one step of padding per epoch. Real rows carry
+  ``mask=True``; a rank's last partial batch, and its one all-padding step if it has one, are filled with
+  *copies of real rows of this rank* with ``mask=False`` (realistic ids for the lookups, weight 0 in the
+  loss). A rank with no rows at all (fewer rows than ranks) pads with id 0 and labels 0, ``mask=False``,
+  and logs a warning once. :meth:`SplitReader.step_rows` gives the global real-row count of any step from
+  the plan, so the trainer needs no collective to normalise a loss.
+* **Global shuffle between epochs, local shuffle within.** With ``shuffle=True`` the row groups are
+  permuted per epoch with a hash of ``(seed, epoch)``, so every epoch gives every rank other rows from
+  anywhere in the split; within the rank a shuffle buffer seeded by a hash of ``(seed, epoch, rank)``
+  mixes a window of ``shuffle_buffer_rows`` rows (default 65,536: ``65,536 / rows`` of the rank's share,
+  see :mod:`cstwa_dist.data.stream`). Blocks come back in plan order (``preserve_order``), so the same
+  (seed, epoch) gives the same batches on every run. ``shuffle=False`` (validation, test) reads the split
+  in file order, rank ``r`` the ``r``-th contiguous range: gathered in rank order, rows are in file order.
+* **A persistent, prefetching stream** (:mod:`cstwa_dist.data.stream`): a daemon producer thread per epoch
+  runs the Ray Data iteration (a custom datasource over the plan's slices: ~0.1 s to the first block,
+  where ``read_parquet`` planned the files again in 1–5 s every epoch) and builds finished batches (KJT,
+  pinned memory on CUDA machines) into a queue of ``prefetch_batches``; once an epoch has been read, the
+  next epoch's stream starts (``lookahead``), so its start-up overlaps the end of the current epoch. One
+  reader serves every epoch or evaluation pass; :meth:`SplitReader.close` stops its threads.
+* **Validation that loses nothing.** The schema of every file is checked from the footer at construction
+  (and a split with no rows is an error there); each streamed block is checked with a few vectorised
+  reductions; on failure the rank's slices of the epoch are re-scanned with pyarrow to name the first bad
+  (file, row, field, value) in a :class:`DataError`, raised in the consumer. Bad rows are never dropped
+  or clamped.
+
+Memory per rank: O(row groups of the split) for the plan, one epoch's slice list, and per stream the
+shuffle buffer, ``prefetch_batches`` batches (plus the buffer's tail at the end of an epoch), at most two
+streams (current and look-ahead); nothing O(rows of the split).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
-import math
 import time
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Hashable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +55,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from cstwa_dist.data.batch import Batch, make_kjt
+from cstwa_dist.data.batch import Batch, batch_from_columns
+from cstwa_dist.data.shares import Slice, SplitPlan, local_rng, step_rows, steps_per_epoch
 from cstwa_dist.data.spec import LABELS, DatasetSpec, split_files
-from cstwa_dist.data.validate import DataError, check_batch, check_schema, locate_first_error
+from cstwa_dist.data.stream import END, EpochStream, LocalShuffle, Prefetcher, Rebatcher, iter_blocks
+from cstwa_dist.data.validate import DataError, _scan_record_batch, check_batch
 from cstwa_dist.distributed.runtime import quiet_ray_loggers
 
 __all__ = [
@@ -53,45 +71,180 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# Rows held by Ray's local shuffle buffer (per rank). Large enough to mix rows across several
-# row groups/files, small enough to stay a few MB: a row is ~8 bytes per field.
+# Rows held by a rank's local shuffle buffer: mixes two row groups of the writer's size (32,768) and
+# stays a few MB (a row is ~8 bytes per field); it is filled once before an epoch's first batch.
 DEFAULT_SHUFFLE_BUFFER_ROWS = 65536
+_SCAN_ROWS = 65536  # rows per record batch when locating a bad row
 
 
-def _row_counts(files: list[Path]) -> list[int]:
-    return [pq.read_metadata(f).num_rows for f in files]
+def plan_shares(
+    files: list[Path], world_size: int, *, seed: int = 0, epoch: int = 0, shuffle: bool = False
+) -> list[list[Slice]]:
+    """Every rank's slices of one epoch (:mod:`cstwa_dist.data.shares`), from the footers only."""
+    plan = SplitPlan(files)
+    order = plan.order(seed, epoch, shuffle)
+    b = plan.bounds(world_size)
+    return [plan.slices(order, b[r], b[r + 1]) for r in range(world_size)]
 
 
-def _plan(rows: list[int], world_size: int) -> list[list[int]]:
-    """Greedy largest-first: each file (largest first, ties by index) goes to the least-loaded rank
-    (ties by lowest rank). Within a rank, files keep their original order."""
-    if world_size < 1:
-        raise ValueError(f"world_size must be >= 1, got {world_size}")
-    loads = [0] * world_size
-    shares: list[list[int]] = [[] for _ in range(world_size)]
-    for i in sorted(range(len(rows)), key=lambda j: (-rows[j], j)):
-        r = min(range(world_size), key=lambda k: (loads[k], k))
-        shares[r].append(i)
-        loads[r] += rows[i]
-    return [sorted(s) for s in shares]
+def locate_in_slices(paths: list[Path], slices: list[Slice], spec: DatasetSpec) -> DataError | None:
+    """Scans ``slices`` in order with pyarrow; a DataError naming the first bad (file, row, field)."""
+    columns = [*spec.names, *LABELS]
+    for s in slices:
+        table = pq.ParquetFile(paths[s.file]).read_row_group(s.row_group, columns=columns)
+        table = table.slice(s.start, s.rows)
+        offset = 0
+        for rb in table.to_batches(max_chunksize=_SCAN_ROWS):
+            hit = _scan_record_batch(rb, spec)
+            if hit is not None:
+                row, message = hit
+                return DataError(f"{paths[s.file]} row {s.file_row + offset + row} {message}")
+            offset += rb.num_rows
+    return None
 
 
-def plan_shares(files: list[Path], world_size: int) -> list[list[Path]]:
-    """Files per rank, balanced by Parquet-metadata row counts (greedy largest-first), deterministic.
+def _own(cols: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A copy of one batch's columns, so the padding template does not keep a whole buffer alive."""
+    return {k: np.array(v) for k, v in cols.items()}
 
-    Whole files are the unit so each rank reads its own files with no coordination; balance is then as
-    good as the file sizes allow (write more, smaller files for more ranks). Every rank computes the
-    same plan from the same sorted file list.
-    """
-    files = [Path(f) for f in files]
-    return [[files[i] for i in share] for share in _plan(_row_counts(files), world_size)]
+
+def _numpy_columns(table: Any, columns: list[str]) -> dict[str, np.ndarray]:
+    """Arrow → numpy (zero-copy for int columns without nulls; nulls become NaN, caught by check_batch)."""
+    return {c: table.column(c).to_numpy() for c in columns}
+
+
+@dataclass(frozen=True)
+class _EpochSource:
+    """Everything a producer thread needs for one rank's epochs, and nothing that refers to the reader
+    (so a reader that is dropped can be finalised while its threads still hold this)."""
+
+    plan: SplitPlan
+    spec: DatasetSpec
+    split: str
+    rank: int
+    world_size: int
+    batch_size: int
+    seed: int
+    shuffle: bool
+    shuffle_buffer_rows: int
+    prefetch_blocks: int
+    pin: bool
+
+    @property
+    def columns(self) -> list[str]:
+        return [*self.spec.names, *LABELS]
+
+    @property
+    def rows(self) -> int:
+        return self.plan.rank_rows(self.rank, self.world_size)
+
+    @property
+    def steps(self) -> int:
+        return steps_per_epoch(self.plan.total_rows, self.world_size, self.batch_size)
+
+    def slices(self, epoch: int) -> list[Slice]:
+        return self.plan.rank_slices(
+            self.rank, self.world_size, seed=self.seed, epoch=epoch, shuffle=self.shuffle
+        )
+
+    def producer(self, epoch: Hashable) -> Callable[[Callable[[], None]], Iterator[Batch]]:
+        assert isinstance(epoch, int)
+        return lambda source_done: self.produce(epoch, source_done)
+
+    def _batch(self, cols: dict[str, np.ndarray], n_real: int, step: int) -> Batch:
+        g = step_rows(self.plan.total_rows, self.world_size, self.batch_size, step)
+        return batch_from_columns(cols, self.spec.names, n_real, global_rows=g, pin=self.pin)
+
+    def _padded(self, cols: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
+        """Fills ``n`` real rows up to batch_size by cycling over them (copies, not new data)."""
+        idx = np.arange(self.batch_size) % n
+        return {k: v[idx] for k, v in cols.items()}
+
+    def _rows_stream(self, epoch: int, slices: list[Slice]) -> Iterator[dict[str, np.ndarray]]:
+        """The rank's validated rows of the epoch, in plan order, as numpy column chunks."""
+        paths = self.plan.files
+        seen = 0
+        for table in iter_blocks(
+            [str(p) for p in paths], slices, self.columns, prefetch_blocks=self.prefetch_blocks
+        ):
+            if table.num_rows == 0:
+                continue
+            cols = _numpy_columns(table, self.columns)
+            reason = check_batch(cols, self.spec)
+            if reason is not None:
+                err = locate_in_slices(paths, slices, self.spec)
+                # the scan applies the same rules, so it finds the row; still never train on the block
+                raise err or DataError(f"{self.split} rank {self.rank} epoch {epoch}: {reason}")
+            seen += table.num_rows
+            yield cols
+        if seen != self.rows:
+            raise DataError(
+                f"{self.split} rank {self.rank} epoch {epoch}: read {seen} rows but the Parquet metadata "
+                f"of its slices says {self.rows}"
+            )
+
+    def produce(self, epoch: int, source_done: Callable[[], None]) -> Iterator[Batch]:
+        """Exactly ``steps`` batches of exactly ``batch_size`` rows (runs on the producer thread)."""
+        steps = 0
+        template: dict[str, np.ndarray] | None = None
+        if self.rows > 0:
+            rng = local_rng(self.seed, epoch, self.rank) if self.shuffle else None
+            shuffle = LocalShuffle(self.shuffle_buffer_rows, rng)
+            cut = Rebatcher(self.batch_size)
+            slices = self.slices(epoch)
+            for cols in self._rows_stream(epoch, slices):
+                for mixed in shuffle.push(cols):
+                    for b in cut.push(mixed):
+                        template = _own(b) if template is None else template
+                        yield self._batch(b, self.batch_size, steps)
+                        steps += 1
+            source_done()  # the rest is in memory: the queue stops bounding this producer
+            for mixed in shuffle.finish():
+                for b in cut.push(mixed):
+                    template = _own(b) if template is None else template
+                    yield self._batch(b, self.batch_size, steps)
+                    steps += 1
+            for b in cut.finish():
+                n = len(b["click"])
+                b = self._padded(b, n)
+                template = _own(b) if template is None else template
+                yield self._batch(b, n, steps)
+                steps += 1
+        else:
+            source_done()
+        pad = template if template is not None else self._zeros()
+        while steps < self.steps:  # at most one all-padding step (shares differ by <= 1 row)
+            yield self._batch(pad, 0, steps)
+            steps += 1
+        if steps != self.steps:
+            raise RuntimeError(f"rank {self.rank} produced {steps} batches, expected {self.steps}")
+
+    def _zeros(self) -> dict[str, np.ndarray]:
+        return {k: np.zeros(self.batch_size, dtype=np.int64) for k in self.columns}
+
+
+def _next_key(shuffle: bool, epochs: int | None, key: Hashable) -> Hashable | None:
+    """The stream to look ahead to: the next epoch (none after the last of ``epochs``), or (no
+    shuffle) the same rows again."""
+    assert isinstance(key, int)
+    if not shuffle:
+        return key
+    return key + 1 if epochs is None or key + 1 < epochs else None
 
 
 class SplitReader:
     """Streams this rank's share of ``<dataset>/<split>/*.parquet`` as fixed-size, masked batches.
 
-    See the module docstring for the padding, shuffle and validation policies. Construction reads only
-    Parquet footers (schema check, row counts, share plan); data is read lazily in :meth:`epoch`.
+    See the module docstring for the share, padding, shuffle and validation policies. Construction reads
+    only Parquet footers (schema check, row groups, plan); data is read by background threads, from the
+    first :meth:`epoch` (or :meth:`prefetch`) on. One epoch at a time: starting an epoch stops the stream
+    of the previous one. Use as a context manager, or call :meth:`close`, to stop the threads early.
+
+    ``lookahead`` (default: ``shuffle``, i.e. training readers) starts epoch ``e+1`` as soon as epoch ``e``
+    has been read; ``epochs`` (if given) stops it after the last epoch, so no epoch is read for nothing.
+    Evaluation readers default to no look-ahead: a pass that is not consumed until after the next
+    training epoch would hold Ray's read-ahead in the object store all that time; call :meth:`prefetch`
+    to start the next pass when it is near. ``pin_memory`` defaults to ``torch.cuda.is_available()``.
     """
 
     rows: int
@@ -112,6 +265,9 @@ class SplitReader:
         shuffle: bool,
         prefetch_batches: int = 2,
         shuffle_buffer_rows: int = DEFAULT_SHUFFLE_BUFFER_ROWS,
+        lookahead: bool | None = None,
+        epochs: int | None = None,
+        pin_memory: bool | None = None,
     ):
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank} world_size={world_size}")
@@ -126,148 +282,142 @@ class SplitReader:
         self.seed = seed
         self.shuffle = shuffle
         self.prefetch_batches = prefetch_batches
-        self.shuffle_buffer_rows = max(shuffle_buffer_rows, batch_size)
-        self.columns = [*spec.names, *LABELS]
-
-        all_files = split_files(self.dataset, split)
-        counts = []
-        for f in all_files:
-            meta = pq.read_metadata(f)  # footer only
-            check_schema(f, spec, meta.schema.to_arrow_schema())
-            counts.append(meta.num_rows)
-        plan = _plan(counts, world_size)
-        share_rows = [sum(counts[i] for i in share) for share in plan]
-        self.files = [all_files[i] for i in plan[rank]]
-        self.rows = share_rows[rank]
-        self.total_rows = sum(counts)
-        self.steps_per_epoch = math.ceil(max(share_rows) / batch_size)
+        self.shuffle_buffer_rows = max(shuffle_buffer_rows, 2 * batch_size)
+        self.plan = SplitPlan(split_files(self.dataset, split), spec)
+        self.files = self.plan.files
+        if self.plan.total_rows == 0:
+            raise DataError(
+                f"dataset {self.dataset} split {split!r} has no rows ({len(self.files)} file(s), all "
+                "empty): nothing to read; regenerate or re-import the data set"
+            )
+        self.total_rows = self.plan.total_rows
+        self.rows = self.plan.rank_rows(rank, world_size)
+        self.steps_per_epoch = steps_per_epoch(self.total_rows, world_size, batch_size)
+        self._source = _EpochSource(
+            plan=self.plan,
+            spec=spec,
+            split=split,
+            rank=rank,
+            world_size=world_size,
+            batch_size=batch_size,
+            seed=seed,
+            shuffle=shuffle,
+            shuffle_buffer_rows=self.shuffle_buffer_rows,
+            prefetch_blocks=max(1, prefetch_batches),
+            pin=torch.cuda.is_available() if pin_memory is None else pin_memory,
+        )
+        self._streams = Prefetcher(
+            self._source.producer,
+            max(1, prefetch_batches),
+            lookahead=shuffle if lookahead is None else lookahead,
+            next_key=functools.partial(_next_key, shuffle, epochs),
+        )
+        # Stops the threads when the reader is dropped without close(): nothing the threads or the
+        # Prefetcher hold refers back to the reader.
+        self._finalizer = weakref.finalize(self, self._streams.close, 1.0)
+        quiet_ray_loggers()
         if self.rows == 0:
             log.warning(
-                "rank %d/%d has no rows of split %r (%d files for %d ranks): it will run %d "
-                "all-padding steps per epoch; write more, smaller files to use every rank",
+                "rank %d/%d has no rows of split %r (%d rows for %d ranks): it will run %d "
+                "all-padding steps per epoch",
                 rank,
                 world_size,
                 split,
-                len(all_files),
+                self.total_rows,
                 world_size,
                 self.steps_per_epoch,
             )
         log.info(
-            "rank %d: %s split %d/%d rows in %d files, %d steps/epoch of %d",
+            "rank %d: %s split %d/%d rows (%d row groups in %d files), %d steps/epoch of %d",
             rank,
             split,
             self.rows,
             self.total_rows,
+            self.plan.num_units,
             len(self.files),
             self.steps_per_epoch,
             batch_size,
         )
 
-    # --- batches ---------------------------------------------------------------------------------
-    def _batch(self, cols: dict[str, np.ndarray], n_real: int) -> Batch:
-        """Tensors + KJT from numpy columns; rows ``>= n_real`` are padding (mask False)."""
-        ids = {name: torch.from_numpy(np.array(cols[name], dtype=np.int64)) for name in self.spec.names}
-        mask = torch.zeros(self.batch_size, dtype=torch.bool)
-        mask[:n_real] = True
-        return Batch(
-            features=make_kjt(ids, self.spec.names),
-            click=torch.from_numpy(np.asarray(cols["click"], dtype=np.float32)),
-            purchase=torch.from_numpy(np.asarray(cols["purchase"], dtype=np.float32)),
-            mask=mask,
-        )
+    # --- plan ------------------------------------------------------------------------------------
+    def _key(self, epoch: int) -> int:
+        """Stream identity: without shuffle every epoch reads the same rows in the same order."""
+        return epoch if self.shuffle else 0
 
-    def _padded(self, cols: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
-        """Fills ``n`` real rows up to batch_size by cycling over them (copies, not new data)."""
-        idx = np.arange(self.batch_size) % n
-        return {k: v[idx] for k, v in cols.items()}
+    def slices(self, epoch: int) -> list[Slice]:
+        """This rank's row-group slices of ``epoch``, in reading order (before the local shuffle)."""
+        return self._source.slices(epoch)
 
-    def _zeros(self) -> dict[str, np.ndarray]:
-        return {k: np.zeros(self.batch_size, dtype=np.int64) for k in self.columns}
+    def step_rows(self, epoch: int, step: int) -> int:
+        """Real rows of ``step`` summed over all ranks, from the plan (no communication).
 
-    def _epoch_files(self, epoch: int) -> list[Path]:
-        if not self.shuffle:
-            return list(self.files)
-        perm = np.random.default_rng(self.seed + epoch).permutation(len(self.files))
-        return [self.files[i] for i in perm]
+        The same for every epoch (shares have fixed sizes); equals ``batch.global_rows``.
+        """
+        if not 0 <= step < self.steps_per_epoch:
+            raise IndexError(f"step {step} outside [0, {self.steps_per_epoch})")
+        return step_rows(self.total_rows, self.world_size, self.batch_size, step)
 
-    def _stream(self, epoch: int) -> Iterator[dict[str, np.ndarray]]:
-        import ray.data
-
-        quiet_ray_loggers()
-        ds = ray.data.read_parquet([str(f) for f in self._epoch_files(epoch)]).select_columns(self.columns)
-        ctx = ds.context  # per-dataset copy: these settings do not leak into other datasets
-        ctx.execution_options.preserve_order = True  # reproducible order for a given seed/epoch
-        ctx.enable_progress_bars = False
-        ctx.enable_operator_progress_bars = False
-        ctx.enable_auto_log_stats = False
-        kwargs: dict[str, Any] = {}
-        if self.shuffle:
-            kwargs = {
-                "local_shuffle_buffer_size": self.shuffle_buffer_rows,
-                "local_shuffle_seed": self.seed + epoch,
-            }
-        yield from ds.iter_batches(
-            batch_size=self.batch_size,
-            prefetch_batches=self.prefetch_batches,
-            batch_format="numpy",
-            drop_last=False,
-            **kwargs,
-        )
-
-    def _raise_located(self, reason: str) -> None:
-        err = locate_first_error(self.files, self.spec)
-        if err is not None:
-            raise err
-        # Should not happen (the scan applies the same rules); still never train on the batch.
-        raise DataError(f"rank {self.rank} files {[str(f) for f in self.files]}: {reason}")
+    # --- streams ---------------------------------------------------------------------------------
+    def prefetch(self, epoch: int) -> None:
+        """Starts reading ``epoch`` in the background (e.g. the next validation pass); no-op if queued."""
+        self._streams.prefetch(self._key(epoch))
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
-        """Exactly ``steps_per_epoch`` batches of exactly ``batch_size`` rows (padding masked out)."""
-        steps = 0
-        seen = 0
-        template: dict[str, np.ndarray] | None = None
-        if self.rows > 0:
-            for cols in self._stream(epoch):
-                n = len(cols["click"])
-                if n == 0:
-                    continue
-                reason = check_batch(cols, self.spec)
-                if reason is not None:
-                    self._raise_located(reason)
-                if n > self.batch_size:  # not expected from iter_batches; keep the contract anyway
-                    raise RuntimeError(f"ray returned a batch of {n} rows > batch_size {self.batch_size}")
-                seen += n
-                if n < self.batch_size:
-                    cols = self._padded(cols, n)
-                if template is None:
-                    template = cols
-                steps += 1
-                yield self._batch(cols, n)
-            if seen != self.rows:
-                raise DataError(
-                    f"rank {self.rank}: read {seen} rows but the Parquet metadata of "
-                    f"{[str(f) for f in self.files]} says {self.rows}"
-                )
-        pad = template if template is not None else self._zeros()
-        while steps < self.steps_per_epoch:
-            steps += 1
-            yield self._batch(pad, 0)
+        """Exactly ``steps_per_epoch`` batches of exactly ``batch_size`` rows (padding masked out).
+
+        The stream starts when this is called (not at the first ``next``). Stopping early (``break``)
+        is fine: the stream is stopped and the next call starts a new one.
+        """
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        stream = self._streams.open(self._key(epoch))
+        return self._consume(stream)
+
+    def _consume(self, stream: EpochStream) -> Iterator[Batch]:
+        try:
+            for step in range(self.steps_per_epoch):
+                batch = stream.get()
+                if batch is END:
+                    raise RuntimeError(f"input stream ended after {step} of {self.steps_per_epoch} batches")
+                yield batch
+            if stream.get() is not END:
+                raise RuntimeError(f"input stream yielded more than {self.steps_per_epoch} batches")
+        finally:
+            self._streams.release(stream)
+
+    def close(self) -> None:
+        """Stops every producer thread (and their Ray iterations). The reader cannot be used after."""
+        self._finalizer()
+
+    def __enter__(self) -> SplitReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def measure_input_rate(reader: SplitReader, epochs: int = 1) -> dict[str, Any]:
     """Input-only throughput of one reader: rows/s of real rows, with per-epoch timings.
 
-    The first epoch includes Ray worker start-up, so report ``rows_per_s_after_first`` when epochs > 1.
+    ``first_batch_s`` is the time from asking for an epoch to holding its first batch (the start-up
+    on the critical path). The first epoch includes Ray worker start-up, so report
+    ``rows_per_s_after_first`` when epochs > 1.
     """
     per_epoch = []
     for e in range(epochs):
         t0 = time.perf_counter()
         real = 0
         steps = 0
+        first = float("nan")
         for b in reader.epoch(e):
+            if steps == 0:
+                first = time.perf_counter() - t0
             real += int(b.mask.sum())
             steps += 1
-        per_epoch.append({"epoch": e, "seconds": time.perf_counter() - t0, "rows": real, "steps": steps})
+        seconds = time.perf_counter() - t0
+        per_epoch.append(
+            {"epoch": e, "seconds": seconds, "first_batch_s": first, "rows": real, "steps": steps}
+        )
     total_s = sum(p["seconds"] for p in per_epoch)
     total_rows = sum(p["rows"] for p in per_epoch)
     out: dict[str, Any] = {

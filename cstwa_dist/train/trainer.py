@@ -152,7 +152,9 @@ class Trainer:
             )
             self.migrator.initialise()
             self.structure_seconds += time.perf_counter() - t0
-        self.train_reader = self.reader("train", cfg.data.shuffle, cfg.data.batch_size)
+        self.train_reader = self.reader("train", cfg.data.shuffle, cfg.data.batch_size, epochs=self.epochs)
+        # evaluation readers are made once and serve every pass (their streams persist)
+        self._eval_readers: dict[str, SplitReader] = {}
         self.steps = self.train_reader.steps_per_epoch
         logger.info(
             "train: %d rows (this rank %d), %d steps/epoch of %d rows per rank",
@@ -225,8 +227,8 @@ class Trainer:
             # the global sum goes to rank 0 alone: the epoch's all-reduce adds it back once
             self._resumed_epoch = (state.epoch_loss_sum if self.env.is_main else 0.0, state.epoch_rows)
 
-    def reader(self, split: str, shuffle: bool, batch_size: int) -> SplitReader:
-        """This rank's share of ``split`` in fixed-size batches."""
+    def reader(self, split: str, shuffle: bool, batch_size: int, epochs: int | None = None) -> SplitReader:
+        """This rank's share of ``split`` in fixed-size batches (``epochs``: how far to read ahead)."""
         return SplitReader(
             self.cfg.data.dataset,
             split,
@@ -237,7 +239,19 @@ class Trainer:
             seed=self.cfg.train.seed,
             shuffle=shuffle,
             prefetch_batches=self.cfg.data.prefetch_batches,
+            epochs=epochs,
         )
+
+    def eval_reader(self, split: str) -> SplitReader:
+        if split not in self._eval_readers:
+            self._eval_readers[split] = self.reader(split, False, self.cfg.data.eval_batch_size)
+        return self._eval_readers[split]
+
+    def close(self) -> None:
+        """Stops every reader's background stream (before the Ray runtime goes away)."""
+        for r in [self.train_reader, *self._eval_readers.values()]:
+            r.close()
+        self._eval_readers.clear()
 
     def train_step(self, batches: Iterator[Batch]) -> StepOutput:
         """One step: forward, backward and both optimizers on the next batch of ``batches``.
@@ -249,7 +263,7 @@ class Trainer:
         if self.pipeline is not None:
             out = self.pipeline.progress(batches)
         else:
-            batch = next(batches).to(self.env.device)
+            batch = next(batches).to(self.env.device, non_blocking=True)  # pinned on GPU nodes
             loss, out = self.dmp(batch)
             self.optimizer.zero_grad()
             loss.backward()
@@ -277,8 +291,7 @@ class Trainer:
     def evaluate(self, split: str) -> dict[str, float | None]:
         """Click/Purchase AUC over every impression of ``split``, gathered from all ranks."""
         self._detach_pipeline()
-        reader = self.reader(split, False, self.cfg.data.eval_batch_size)
-        return auc_report(predict(self.dmp, reader, self.env))
+        return auc_report(predict(self.dmp, self.eval_reader(split), self.env))
 
     def train_epoch(self, epoch: int, validate: bool, start_step: int = 0) -> dict[str, Any]:
         """One epoch of ``steps`` training steps (then validation); returns the epoch's record.
@@ -447,7 +460,11 @@ def train(
     evaluate: bool = True,
 ) -> TrainResult:
     """Trains and (``evaluate``) tests ``model_name`` per ``cfg``: ``Trainer(...).fit(...)``."""
-    return Trainer(cfg, model_name, run_dir=run_dir, epochs=epochs).fit(evaluate)
+    trainer = Trainer(cfg, model_name, run_dir=run_dir, epochs=epochs)
+    try:
+        return trainer.fit(evaluate)
+    finally:
+        trainer.close()
 
 
 FAULT_ENV = "CSTWA_FAULT_KILL_AT_STEP"

@@ -1,0 +1,148 @@
+"""Distributed-kNN building blocks in one process: IVF against exact search, recall, top-k merge."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+
+from cstwa_dist.bench.knn import clustered_rows
+from cstwa_dist.structure.ivf import (
+    IVFParams,
+    auto_nlist,
+    distributed_knn,
+    even_ranges,
+    merge_topk,
+    recall_counts,
+    recall_sample_ids,
+)
+from cstwa_dist.structure.knn import exact_knn, knn_recall
+
+
+def clustered(n: int = 3000, d: int = 12, seed: int = 0) -> np.ndarray:
+    return clustered_rows(0, n, d, clusters=20, spread=0.5, seed=seed)
+
+
+def assert_same_topk(scores, idx, ref_scores, ref_idx, tol: float = 1e-5) -> None:
+    """Equal neighbour sets row by row, except where a differing id ties (within ``tol``) with the
+    exact k-th score: two paths summing a dot product in different orders may break such ties apart."""
+    assert idx.shape == ref_idx.shape
+    np.testing.assert_allclose(scores, ref_scores, atol=tol)
+    for u in np.nonzero((np.sort(idx, axis=1) != np.sort(ref_idx, axis=1)).any(axis=1))[0]:
+        kth = ref_scores[u, -1]
+        extra = set(idx[u].tolist()) ^ set(ref_idx[u].tolist())
+        ours = {int(v): float(s) for v, s in zip(idx[u], scores[u], strict=True)}
+        theirs = {int(v): float(s) for v, s in zip(ref_idx[u], ref_scores[u], strict=True)}
+        for v in extra:
+            assert abs(ours.get(v, theirs.get(v)) - kth) <= tol, f"row {u}: neighbour {v} is no tie"
+
+
+def test_ivf_with_every_cell_probed_equals_exact():
+    x = clustered()
+    ref_s, ref_i = exact_knn(x, 8)
+    res = distributed_knn(x, [(0, len(x))], 8, IVFParams(nlist=40, nprobe=40), recall_queries=300)
+    assert (res.lo, res.hi, res.k, res.nlist, res.nprobe) == (0, len(x), 8, 40, 40)
+    assert_same_topk(res.scores, res.indices, ref_s, ref_i)
+    assert res.recall is not None and res.recall >= 0.999
+    np.testing.assert_array_equal(res.indices[:, 0], np.arange(len(x)))  # self first, as exact_knn
+
+
+def test_exact_ring_equals_exact_knn_and_blocks_do_not_matter():
+    x = clustered(seed=1)
+    ref_s, ref_i = exact_knn(x, 6)
+    a = distributed_knn(x, [(0, len(x))], 6, IVFParams(exact=True), recall_queries=0)
+    b = distributed_knn(x, [(0, len(x))], 6, IVFParams(exact=True), recall_queries=0, block_rows=257)
+    assert_same_topk(a.scores, a.indices, ref_s, ref_i)
+    np.testing.assert_array_equal(a.indices, b.indices)
+    assert a.recall is None and a.nlist == 0
+    assert b.ring.rounds == -(-len(x) // 257)
+
+
+def test_ivf_recall_matches_knn_recall_on_the_sample():
+    x = clustered(n=4000, seed=2)
+    res = distributed_knn(x, [(0, len(x))], 8, IVFParams(nlist=64, nprobe=2), recall_queries=500)
+    ids = recall_sample_ids(len(x), 500, IVFParams().seed)
+    _, ref_i = exact_knn(x, 8)
+    assert res.recall == pytest.approx(knn_recall(res.indices[ids], ref_i[ids]))
+    assert 0.5 < res.recall < 1.0  # 2 of 64 cells: approximate, but far from random
+
+
+def test_pq_scores_are_exact_cosines():
+    x = clustered(n=3000, d=12, seed=3)
+    res = distributed_knn(x, [(0, len(x))], 5, IVFParams(nlist=32, nprobe=32, pq_m=4), recall_queries=200)
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    cos = np.einsum("ud,ukd->uk", xn, xn[res.indices])
+    np.testing.assert_allclose(res.scores, cos, atol=1e-5)
+    assert res.recall is not None and res.recall > 0.8
+
+
+def test_same_semantics_as_exact_for_duplicates_zero_rows_and_large_k(caplog):
+    x = np.array([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 0.0], [0.0, 3.0]], dtype=np.float32)
+    with caplog.at_level(logging.WARNING, logger="cstwa_dist.structure.ivf"):
+        res = distributed_knn(x, [(0, 5)], 10, IVFParams(exact=True), recall_queries=5)
+    assert "clipping" in caplog.text and res.k == 5
+    np.testing.assert_array_equal(res.indices[:, 0], np.arange(5))
+    assert res.scores[3, 0] == 0.0 and np.isfinite(res.scores).all()
+    ref_s, _ = exact_knn(x, 5)
+    np.testing.assert_allclose(res.scores, ref_s, atol=1e-6)
+
+
+def test_recall_counts_by_hand():
+    exact = np.array([[0, 1, 2], [3, 4, -1]])
+    approx = np.array([[2, 0, 9], [4, -1, 7]])
+    assert recall_counts(approx, exact) == (3, 5)  # row 0: 0 and 2; row 1: 4 (-1 never counts)
+    assert recall_counts(exact, exact) == (5, 5)
+    with pytest.raises(ValueError):
+        recall_counts(approx[:1], exact)
+
+
+def test_merge_topk_by_hand():
+    s, i = merge_topk(
+        np.array([[0.9, 0.5]], np.float32),
+        np.array([[1, 2]]),
+        np.array([[0.7, 0.5]], np.float32),
+        np.array([[7, 8]]),
+        3,
+    )
+    np.testing.assert_allclose(s, [[0.9, 0.7, 0.5]])
+    np.testing.assert_array_equal(i, [[1, 7, 2]])  # the tie keeps the first list's entry
+
+
+def test_ranges_params_and_nlist_rules():
+    assert even_ranges(10, 3) == [(0, 3), (3, 6), (6, 10)]
+    assert auto_nlist(1_000_000) == 4000 and auto_nlist(100) == 2 and auto_nlist(10) == 1
+    x = clustered(n=100)
+    with pytest.raises(ValueError, match="one row range per rank"):
+        distributed_knn(x, [(0, 50), (50, 100)], 4)
+    with pytest.raises(ValueError, match="needs 100 rows"):
+        distributed_knn(x[:50], [(0, 100)], 4)
+    with pytest.raises(ValueError):
+        IVFParams(quantizer="lsh")
+    with pytest.raises(ValueError):
+        IVFParams(nprobe=0)
+
+
+def test_hnsw_quantizer_runs_and_finds_neighbours():
+    x = clustered(n=4000, seed=4)
+    res = distributed_knn(x, [(0, len(x))], 8, IVFParams(nlist=64, nprobe=16, quantizer="hnsw"))
+    assert res.recall is not None and res.recall > 0.95
+
+
+def test_generated_rows_do_not_depend_on_the_range():
+    full = clustered_rows(0, 70000, 4, clusters=5, spread=0.1, seed=9)
+    part = clustered_rows(65000, 66000, 4, clusters=5, spread=0.1, seed=9)
+    np.testing.assert_array_equal(full[65000:66000], part)
+    assert clustered_rows(10, 10, 4, clusters=5, spread=0.1, seed=9).shape == (0, 4)
+
+
+def test_per_rank_bytes_formula():
+    from cstwa_dist.structure.ivf import per_rank_bytes
+
+    flat = per_rank_bytes(1000, 40, 8, nlist=0, nprobe=0, block_rows=100)
+    ivf = per_rank_bytes(1000, 40, 8, nlist=10, nprobe=4, block_rows=100)
+    pq = per_rank_bytes(1000, 40, 8, nlist=10, nprobe=4, block_rows=100, pq_m=8)
+    assert flat["index"] == 0 and flat["shard"] == 1000 * 40 * 4
+    assert ivf["index"] == 1000 * (160 + 8) + 10 * 40 * 4
+    assert ivf["foreign_block"] == 100 * (160 + 4 * 12)
+    assert pq["index"] < ivf["index"] and ivf["total"] == sum(v for k, v in ivf.items() if k != "total")
