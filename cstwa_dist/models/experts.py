@@ -39,8 +39,9 @@ class SoftmaxGate(nn.Module):
 
     def forward(self, x: torch.Tensor, expert_out: torch.Tensor) -> torch.Tensor:
         """``x``: the gate's input ``[B, in]``; ``expert_out``: ``[B, E, H]`` → mixture ``[B, H]``."""
-        if expert_out.shape[1] != self.num_experts:
-            raise ValueError(f"gate mixes {self.num_experts} experts, got {expert_out.shape[1]}")
+        # torch._assert, not `if ...: raise`: TorchRec's train pipeline traces the model with torch.fx,
+        # which cannot branch on a traced shape
+        torch._assert(expert_out.shape[1] == self.num_experts, "gate got the wrong number of experts")
         return torch.einsum("be,beh->bh", self.weights(x), expert_out)
 
 
