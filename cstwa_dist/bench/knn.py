@@ -313,7 +313,7 @@ def run_bench(
     With ``repeats > 1`` each phase runs that many times and the fastest run is reported (the others'
     totals are listed): on a shared machine the minimum is the least disturbed measurement.
     """
-    report: dict[str, Any] = {"data": dict(spec)}
+    report: dict[str, Any] = {"data": dict(spec), "load_avg_1_5_15_at_start": list(os.getloadavg())}
     if spec.get("representations"):
         report["data"]["kind"] = f"real representations from {spec['representations']}"
     else:
@@ -340,6 +340,7 @@ def run_bench(
         spec["k"],
         report["ivf"]["recall_at_k"] or float("nan"),
     )
+    report["load_avg_1_5_15_at_end"] = list(os.getloadavg())  # the machine is shared: context for times
     if "exact" in report:
         report["speedup_exact_over_ivf"] = report["exact"]["total_s"] / max(report["ivf"]["total_s"], 1e-9)
     return report

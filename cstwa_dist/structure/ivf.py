@@ -13,8 +13,9 @@ Algorithm (docs/structure-scaling.md):
    holds, rank 0 gathers them (``O(nlist·39·d)`` floats), trains the empty IVF index (k-means
    centroids; PQ codebooks with ``pq_m``) and broadcasts it serialised. Every rank then adds its own
    rows to its copy: all shards share one quantizer, so list ``j`` means the same cell everywhere.
-   Rank 0's training is the only step where others wait; it is bounded by the sample size (a few
-   seconds at 1M rows on 2 CPU cores, ``train_s`` in the stats) and done once per graph.
+   Rank 0's training is the only step where others wait; it is bounded by the sample size (9–19 s
+   at 1M rows on the 2-core development machine, ``train_s``/``broadcast_s`` in the timings; about
+   10 min projected at 30M on a CPU rank, seconds on a GPU) and done once per graph.
 2. **Ring of query blocks.** Every rank's rows are also its queries. In round ``(c, t)`` rank ``r``
    sends its query chunk ``c`` (with its coarse assignment: the ``nprobe`` nearest cells, computed
    once by the owner) to rank ``r − t`` and receives chunk ``c`` of rank ``r + t``, searches it against
@@ -40,7 +41,7 @@ plus the centroids ``nlist·d·4``; exactly **one** foreign query block at a tim
 the foreign block's results ``b·k·12`` and one returned result block ``b·k·12``; the running top-``k``
 of the own rows ``n_r·k·12`` (plus a ``2k``-wide merge temporary per chunk). Rank 0 also holds the
 training sample ``nlist·train_per_list·d·4`` while it trains. The caller's raw ``x_local`` is not
-counted (``l2_normalise`` copies it once to float32).
+counted (it is normalised into a float32 copy in ``block_rows`` chunks).
 
 Faiss ships no type hints; the small functions prefixed ``_faiss_`` add them at the edge.
 On a machine where ``faiss.get_num_gpus() > 0`` the shard index and the flat search run on the
@@ -550,6 +551,15 @@ def gather_knn_lists(
     return scores, indices
 
 
+def _normalise_rows(x: np.ndarray, chunk: int) -> np.ndarray:
+    """:func:`~cstwa_dist.structure.knn.l2_normalise` (row-wise, so bit-identical) in row chunks:
+    its float64 temporaries then cost ``chunk·d·16`` bytes instead of ``n_r·d·16`` (720 MB at 1M × 45)."""
+    out = np.empty(x.shape, dtype=np.float32)
+    for a in range(0, x.shape[0], chunk):
+        out[a : a + chunk] = l2_normalise(x[a : a + chunk])
+    return out
+
+
 def _broadcast_bytes(blob: np.ndarray | None, device: torch.device) -> np.ndarray:
     rank, world = _world()
     if world == 1:
@@ -620,7 +630,7 @@ def distributed_knn(
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
-    xn = l2_normalise(x_local) if x_local.shape[0] else np.zeros((0, x_local.shape[1]), np.float32)
+    xn = _normalise_rows(x_local, block_rows)
     self_scores = np.einsum("ij,ij->i", xn, xn).astype(np.float32)
     timings["normalise_s"] = time.perf_counter() - t0
 

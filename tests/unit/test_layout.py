@@ -81,7 +81,7 @@ def test_model_lists_come_from_the_registry():
         assert MODELS[name].description in model_action.help
 
 
-def _readme_command_rows() -> dict[str, str]:
+def _readme_command_rows() -> dict[str, list[str]]:
     rows = {}
     in_table = False
     for line in (ROOT / "README.md").read_text().splitlines():
@@ -93,7 +93,7 @@ def _readme_command_rows() -> dict[str, str]:
                 break
             m = re.match(r"\| `cstwa-dist ([a-z-]+)([^`]*)`", line)
             if m:
-                rows[m.group(1)] = m.group(2)
+                rows.setdefault(m.group(1), []).append(m.group(2))
     return rows
 
 
@@ -102,7 +102,7 @@ def test_readme_command_table_matches_the_cli():
     sub = next(a for a in parser._actions if a.dest == "command")
     rows = _readme_command_rows()
     assert sorted(rows) == sorted(sub.choices), "README command table and `cstwa-dist --help` differ"
-    for name, usage in rows.items():
+    for name, usage in ((n, u) for n, us in rows.items() for u in us):
         sp = sub.choices[name]
         nested = [a for a in sp._actions if isinstance(a, argparse._SubParsersAction)]
         if nested:  # `bench train ...`: check the options against the named sub-subcommand
