@@ -349,6 +349,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_quarantine_args(p: argparse.ArgumentParser, unit: str) -> None:
+    """``--strict`` and ``--max-quarantine-fraction``: how both importers treat bad input."""
+    p.add_argument(
+        "--strict", action="store_true", help=f"fail at the first bad {unit} instead of quarantining it"
+    )
+    p.add_argument(
+        "--max-quarantine-fraction", type=float, default=0.01, metavar="F", help=_QUARANTINE_HELP
+    )
+
+
 def _model_list(names: list[str]) -> str:
     return "; ".join(f"{n}: {MODELS[n].description}" for n in names)
 
@@ -408,16 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of train lines used as validation")
     p.add_argument("--seed", type=int, default=0, help="seed of the validation split")
-    p.add_argument(
-        "--strict", action="store_true", help="fail at the first bad line instead of quarantining it"
-    )
-    p.add_argument(
-        "--max-quarantine-fraction",
-        type=float,
-        default=0.01,
-        metavar="F",
-        help=_QUARANTINE_HELP,
-    )
+    _add_quarantine_args(p, "line")
     p.add_argument(
         "--parallel",
         action=argparse.BooleanOptionalAction,
@@ -440,16 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--spec", required=True, type=Path, help="spec.yaml: fields, sides, vocab sizes, id fields"
     )
     p.add_argument("--out", required=True, type=Path, help="dataset folder to create")
-    p.add_argument(
-        "--strict", action="store_true", help="fail at the first bad row instead of quarantining it"
-    )
-    p.add_argument(
-        "--max-quarantine-fraction",
-        type=float,
-        default=0.01,
-        metavar="F",
-        help=_QUARANTINE_HELP,
-    )
+    _add_quarantine_args(p, "row")
     p.set_defaults(func=cmd_import_csv)
 
     p = sub.add_parser(
