@@ -59,7 +59,7 @@ from cstwa_dist.data.batch import Batch, batch_from_columns
 from cstwa_dist.data.shares import Slice, SplitPlan, local_rng, step_rows, steps_per_epoch
 from cstwa_dist.data.spec import LABELS, DatasetSpec, split_files
 from cstwa_dist.data.stream import END, EpochStream, LocalShuffle, Prefetcher, Rebatcher, iter_blocks
-from cstwa_dist.data.validate import DataError, _scan_record_batch, check_batch
+from cstwa_dist.data.validate import DataError, check_batch, first_error_in
 from cstwa_dist.distributed.runtime import quiet_ray_loggers
 
 __all__ = [
@@ -93,13 +93,9 @@ def locate_in_slices(paths: list[Path], slices: list[Slice], spec: DatasetSpec) 
     for s in slices:
         table = pq.ParquetFile(paths[s.file]).read_row_group(s.row_group, columns=columns)
         table = table.slice(s.start, s.rows)
-        offset = 0
-        for rb in table.to_batches(max_chunksize=_SCAN_ROWS):
-            hit = _scan_record_batch(rb, spec)
-            if hit is not None:
-                row, message = hit
-                return DataError(f"{paths[s.file]} row {s.file_row + offset + row} {message}")
-            offset += rb.num_rows
+        err = first_error_in(table.to_batches(max_chunksize=_SCAN_ROWS), spec, paths[s.file], s.file_row)
+        if err is not None:
+            return err
     return None
 
 

@@ -135,16 +135,31 @@ def _scan_record_batch(rb: pa.RecordBatch, spec: DatasetSpec) -> tuple[int, str]
     return row, message
 
 
+def first_error_in(
+    batches: Iterable[pa.RecordBatch], spec: DatasetSpec, path: str | Path, first_row: int = 0
+) -> DataError | None:
+    """The first bad row of ``batches`` (consecutive rows of ``path`` from row ``first_row``), or None.
+
+    The one place that turns a scanned record batch into a located error (file, row, field), for a
+    whole file here and for a rank's row-group slices in the reader.
+    """
+    offset = first_row
+    for rb in batches:
+        hit = _scan_record_batch(rb, spec)
+        if hit is not None:
+            row, message = hit
+            return DataError(f"{path} row {offset + row} {message}")
+        offset += rb.num_rows
+    return None
+
+
 def locate_first_error(files: Iterable[str | Path], spec: DatasetSpec) -> DataError | None:
     """Scans ``files`` in order with pyarrow; returns a DataError for the first bad row, or None."""
     columns = [*spec.names, *LABELS]
     for path in files:
         check_schema(path, spec)
-        offset = 0
-        for rb in pq.ParquetFile(path).iter_batches(batch_size=_SCAN_ROWS, columns=columns):
-            hit = _scan_record_batch(rb, spec)
-            if hit is not None:
-                row, message = hit
-                return DataError(f"{path} row {offset + row} {message}")
-            offset += rb.num_rows
+        rbs = pq.ParquetFile(path).iter_batches(batch_size=_SCAN_ROWS, columns=columns)
+        err = first_error_in(rbs, spec, path)
+        if err is not None:
+            return err
     return None
