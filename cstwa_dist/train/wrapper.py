@@ -40,7 +40,11 @@ class GlobalRowCount(nn.Module):
         super().__init__()
         self.comm = comm
 
-    def forward(self, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, mask: torch.Tensor, global_rows: int | None = None) -> torch.Tensor:
+        """``global_rows`` (the reader's count from its share plan) saves a collective on the hot path;
+        hand-built batches carry None and are counted with a sum over ranks."""
+        if global_rows is not None:
+            return torch.tensor(float(global_rows), dtype=torch.float32, device=mask.device)
         return self.comm.sum(mask.to(torch.float32).sum())
 
 
@@ -56,6 +60,6 @@ class ModelTrain(nn.Module):
     def forward(self, batch: Batch) -> tuple[torch.Tensor, StepOutput]:
         out = self.model(batch.features)
         loss, parts = self.loss(out, batch)
-        rows = self.row_count(batch.mask)
+        rows = self.row_count(batch.mask, batch.global_rows)
         purchase = None if out.purchase_logit is None else out.purchase_logit.detach()
         return loss, StepOutput(loss.detach(), parts, rows, out.click_logit.detach(), purchase)
