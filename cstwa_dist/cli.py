@@ -1,9 +1,10 @@
 """``cstwa-dist <command>``: one entry point whose subcommands follow the data flow of a retrain.
 
-data (``synth``, ``import-aliccp``, ``import-csv``) → structure (``pretrain``) → models (``train``,
-``experiment``) → results (``report``); docs/method.md, "Pipeline at a glance", maps each step to
-the method. Run any training command as one process or under ``torchrun --nproc_per_node=N``; the
-same code path runs either way. ``synth``, the importers and ``report`` are single-process tools.
+data (``synth``, ``import-aliccp``, ``import-csv``; ``entities`` completes an older data set) →
+structure (``pretrain``) → models (``train``, ``experiment``) → results (``report``); docs/method.md,
+"Pipeline at a glance", maps each step to the method. Run any training command as one process or under
+``torchrun --nproc_per_node=N``; the same code path runs either way. ``synth``, the importers,
+``entities`` and ``report`` are single-process tools.
 
 Only light modules are imported at the top (the registry names its builders as strings), so that
 ``--help``, the importers and ``report`` never pay for importing torch and TorchRec; each command
@@ -129,13 +130,28 @@ def cmd_import_csv(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_entities(args: argparse.Namespace) -> int:
+    from cstwa_dist.data.entities import ENTITY_SIDES, write_entity_tables
+    from cstwa_dist.data.spec import DatasetSpec
+
+    if not args.dataset.is_dir():
+        raise FileNotFoundError(f"{args.dataset}: no such data set folder")
+    report = write_entity_tables(args.dataset, DatasetSpec.load(args.dataset))
+    for side in ENTITY_SIDES:
+        r = report[side]
+        logger.info(
+            "%s: %d rows, %d seen, %d with conflicting profiles", side, r["rows"], r["seen"], r["conflicts"]
+        )
+    return 0
+
+
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from cstwa_dist.config import load_config
     from cstwa_dist.distributed.runtime import command_runtime
     from cstwa_dist.train.pretrain import pretrain_structure
 
     cfg = load_config(args.config, args.overrides)
-    with command_runtime(cfg.data.ray_num_cpus):
+    with command_runtime(cfg.data.ray_num_cpus, cfg.train.collective_timeout_s):
         pretrain_structure(cfg)
     return 0
 
@@ -147,7 +163,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     overrides = [*args.overrides, *([f"train.resume={args.resume}"] if args.resume else [])]
     cfg = load_config(args.config, overrides)
-    with command_runtime(cfg.data.ray_num_cpus):
+    with command_runtime(cfg.data.ray_num_cpus, cfg.train.collective_timeout_s):
         train(cfg, args.model, run_dir=args.run_dir)
     return 0
 
@@ -166,7 +182,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         models, list(range(args.seed_base, args.seed_base + args.seeds)), args.ablation, args.sweep
     )
     cfg = load_config(args.config, args.overrides)  # validates the config before any rank starts work
-    with command_runtime(cfg.data.ray_num_cpus):
+    with command_runtime(cfg.data.ray_num_cpus, cfg.train.collective_timeout_s):
         run_experiment(cfg, cells, args.out)
     return 0
 
@@ -186,13 +202,14 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
     kw = {"epochs": args.epochs, "profile_steps": args.profile_steps}
     if args.ranks_phase_out:  # a rank started by the parent below
         torch.set_num_threads(threads_per_rank)
-        with command_runtime(cfg.data.ray_num_cpus) as env:
+        with command_runtime(cfg.data.ray_num_cpus, cfg.train.collective_timeout_s) as env:
             report = ranks_phase(cfg, args.model, **kw)
             if env.is_main:
                 atomic_write_json(args.ranks_phase_out, report)
         return 0
     torch.set_num_threads(args.threads)
-    with command_runtime(cfg.data.ray_num_cpus):
+    load_before = os.getloadavg()  # the machine may be shared: every figure comes with its load
+    with command_runtime(cfg.data.ray_num_cpus, cfg.train.collective_timeout_s):
         compute = compute_only(cfg, args.model, batches=args.compute_batches, steps=args.compute_steps)
         logger.info(
             "compute only: %.0f samples/s (1 process, %d threads)", compute["samples_per_s"], args.threads
@@ -210,6 +227,8 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
         "compute_only": compute,
         "ranks": ranks,
         "config": cfg.to_dict(),
+        "load_average_1_5_15": {"before": list(load_before), "after": list(os.getloadavg())},
+        "cpu_count": os.cpu_count(),
         "command": "cstwa-dist " + " ".join(sys.argv[1:]),
     }
     report["verdict"] = verdict(report, baseline)
@@ -277,6 +296,45 @@ def cmd_bench_knn(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_propagate(args: argparse.Namespace) -> int:
+    from cstwa_dist.bench.propagate import run_bench
+    from cstwa_dist.fs import atomic_write_json
+
+    if args.users < 1 or args.dim < 1 or args.ranks < 1 or args.threads < 1 or args.repeats < 1:
+        raise ValueError("--users, --dim, --ranks, --threads and --repeats must be >= 1")
+    if not 1 <= args.k <= args.users:
+        raise ValueError(f"--k must lie in [1, --users], got {args.k}")
+    if args.layers < 1:
+        raise ValueError(f"--layers must be >= 1, got {args.layers}")
+    if not 0.0 <= args.locality <= 1.0:
+        raise ValueError(f"--locality must lie in [0, 1], got {args.locality}")
+    spec = {
+        "users": args.users,
+        "dim": args.dim,
+        "k": args.k,
+        "layers": args.layers,
+        "locality": args.locality,
+        "seed": args.seed,
+        "repeats": args.repeats,
+    }
+    report = run_bench(spec, ranks=args.ranks, threads=args.threads, single_max_users=args.single_max_users)
+    report["command"] = "cstwa-dist " + " ".join(sys.argv[1:])
+    atomic_write_json(args.out, report, sort_keys=False)
+    summary = {
+        "users": args.users,
+        "ranks": args.ranks,
+        "single_s_per_layer": report["single"].get("seconds_per_layer"),
+        "sharded_s_per_layer": report["sharded"]["seconds_per_layer"],
+        "exchange_s_per_layer": report["sharded"]["exchange_s_per_layer_max"],
+        "ratio_sharded_over_single": report.get("ratio_sharded_over_single_seconds_per_layer"),
+        "max_abs_diff": report.get("max_abs_diff_sharded_vs_single"),
+        "peak_rss_mb_per_rank": report["sharded"]["peak_rss_mb_max"],
+    }
+    sys.stdout.write(json.dumps(summary, indent=2) + "\n")
+    logger.info("wrote %s", args.out)
+    return 0
+
+
 def _bench_ranks(args: argparse.Namespace, ray_address: str | None) -> dict:
     """Runs the ranks phase as ``torchrun --nproc_per_node R`` children attached to this Ray runtime."""
     import subprocess
@@ -304,6 +362,15 @@ def _bench_ranks(args: argparse.Namespace, ray_address: str | None) -> dict:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    """Prints the runs' test metrics (of each run's selected epoch) and writes reliability plots.
+
+    Two tables: ranking (AUC, GAUC, the selected ``best_epoch`` of the run's epochs) and calibration
+    (log loss, mean predicted vs observed rate, ECE). Each run dir gets ``reliability_<task>.png``
+    (the decile table as ``.txt`` without matplotlib). metrics.json files from before these metrics
+    show "n/a". Imports numpy only (and matplotlib for the plots), never torch.
+    """
+    from cstwa_dist.train.metrics import TASKS, write_reliability
+
     rows = []
     for d in args.runs:
         path = Path(d) / "metrics.json" if Path(d).is_dir() else Path(d)
@@ -311,15 +378,53 @@ def cmd_report(args: argparse.Namespace) -> int:
             logger.error("no metrics.json at %s", path)
             return 1
         rows.append((path.parent, json.loads(path.read_text())))
-    header = f"{'model':<10} {'Click AUC':>10} {'Purchase AUC':>13} {'ranks':>6} {'samples/s':>10}  run dir"
+
+    def num(x: float | None, width: int) -> str:
+        return f"{'n/a' if x is None else f'{x:.4f}':>{width}}"
+
+    header = (
+        f"{'model':<10} {'Click AUC':>10} {'Click GAUC':>10} {'Purchase AUC':>13} {'Purchase GAUC':>13} "
+        f"{'epoch':>7} {'ranks':>6} {'samples/s':>10}  run dir"
+    )
     lines = [header, "-" * len(header)]
     for run, m in rows:
-        p = m.get("purchase_auc")
+        best = m.get("best_epoch")
+        epoch = "?" if best is None else f"{best}/{m.get('epochs', '?')}"
         lines.append(
-            f"{m['model']:<10} {m['click_auc']:>10.4f} {('n/a' if p is None else f'{p:.4f}'):>13} "
+            f"{m['model']:<10} {num(m['click_auc'], 10)} {num(m.get('click_gauc'), 10)} "
+            f"{num(m.get('purchase_auc'), 13)} {num(m.get('purchase_gauc'), 13)} {epoch:>7} "
             f"{m['world_size']:>6} {m['samples_per_s']:>10.0f}  {run}"
         )
+    rules = sorted({m.get("select_epoch", "last (before selection)") for _, m in rows})
+    lines += [
+        f"epoch: the epoch whose test metrics are reported, of all epochs (selected by {', '.join(rules)}); "
+        "GAUC: per-user AUC weighted by impressions",
+        "",
+    ]
+    header = f"{'model':<10} " + " ".join(
+        f"{t.capitalize() + ' ' + k:>{w}}"
+        for t in TASKS
+        for k, w in (("logloss", 16), ("pred/obs", 17), ("ECE", 12))
+    )
+    lines += [header, "-" * len(header)]
+    for _, m in rows:
+        cells = []
+        for t in TASKS:
+            pred, obs = m.get(f"{t}_mean_pred"), m.get(f"{t}_observed_rate")
+            ratio = "n/a" if pred is None or obs is None else f"{pred:.4f}/{obs:.4f}"
+            cells += [num(m.get(f"{t}_logloss"), 16), f"{ratio:>17}", num(m.get(f"{t}_ece"), 12)]
+        lines.append(f"{m['model']:<10} " + " ".join(cells))
+    lines.append("ECE and the reliability plots: 10 equal-count bins of predicted probability")
     sys.stdout.write("\n".join(lines) + "\n")
+    for run, m in rows:
+        for t in TASKS:
+            try:
+                out = write_reliability(m, t, run)
+            except OSError as e:  # a read-only run dir still gets its table printed
+                logger.warning("could not write the %s reliability plot into %s: %s", t, run, e)
+                continue
+            if out is not None:
+                logger.info("reliability plot %s", out)
     return 0
 
 
@@ -443,6 +548,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="dataset folder to create")
     _add_quarantine_args(p, "row")
     p.set_defaults(func=cmd_import_csv)
+
+    p = sub.add_parser(
+        "entities",
+        help="(re)write a data set's entity tables <dataset>/entities/ (for data sets written before them)",
+        description="Scan the impressions of an existing data set once and write entities/user.parquet and "
+        "entities/item.parquet (every id's profile: its side's fields, dense by id, plus seen) and "
+        "entities/entities.json. synth and the importers write them with every new data set; training reads "
+        "them by id range and fails on a data set without them, naming this command.",
+    )
+    p.add_argument("--dataset", required=True, type=Path, help="data set folder (with spec.yaml)")
+    p.set_defaults(func=cmd_entities)
 
     p = sub.add_parser(
         "pretrain",
@@ -594,7 +710,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="JSON file to write")
     p.set_defaults(func=cmd_bench_knn)
 
-    p = sub.add_parser("report", help="print the Click/Purchase AUC table of finished runs")
+    p = bench_sub.add_parser(
+        "propagate",
+        help="single-process vs row-sharded Structure Migrator propagation: s/layer, exchange, memory",
+        description="Times Eq. 9's products on a seeded random kNN graph: the single-process CSR product "
+        "with the full graph (this process, all --threads; skipped above --single-max-users) against the "
+        "row-sharded propagator on --ranks spawned gloo ranks, each building only its own rows; reports "
+        "rows/s, seconds per layer, exchange seconds and bytes, per-rank memory and peak RSS; writes --out "
+        "JSON (docs/structure-scaling.md).",
+    )
+    p.add_argument("--users", type=int, required=True, help="rows N of the graph and the table")
+    p.add_argument("--dim", type=int, default=45, help="table width (default 45)")
+    p.add_argument("--k", type=int, default=8, help="neighbours per row, self included (default 8)")
+    p.add_argument("--ranks", type=int, default=1, help="sharded ranks (spawned processes, gloo; default 1)")
+    p.add_argument("--layers", type=int, default=2, help="propagation layers L per timed call (default 2)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="total CPU threads: single uses all, the ranks split them (default: all cores)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="graph and table seed (default 0)")
+    p.add_argument(
+        "--locality",
+        type=float,
+        default=0.5,
+        help="fraction of each row's neighbours drawn within ±2048 ids of it, the rest uniform (default 0.5; "
+        "0 = ids unrelated to the representation, the worst case for the exchange)",
+    )
+    p.add_argument("--repeats", type=int, default=3, help="timed calls per phase; the fastest is reported")
+    p.add_argument(
+        "--single-max-users",
+        type=int,
+        default=2_000_000,
+        help="skip the single-process phase above this many rows (default 2000000)",
+    )
+    p.add_argument("--out", required=True, help="JSON file to write")
+    p.set_defaults(func=cmd_bench_propagate)
+
+    p = sub.add_parser(
+        "report", help="print the Click/Purchase AUC, GAUC and calibration tables of finished runs"
+    )
     p.add_argument("runs", nargs="+", help="run directories (or metrics.json files)")
     p.set_defaults(func=cmd_report)
 
@@ -604,7 +760,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Build the model on the meta device, plan its embedding tables with TorchRec's planner "
         "for --world-size ranks (no process group, no data, no GPU needed) and print every table's "
         "sharding type, kernel, ranks and bytes, then per rank: embedding storage, dense state and the "
-        "structure step's peak as the current code would need it (formulas included).",
+        "row-sharded structure steps' peaks (mining in pretrain, the β update in train; formulas included).",
     )
     _add_config_args(p)
     p.add_argument("--world-size", type=int, required=True, help="number of ranks to plan for")

@@ -46,7 +46,10 @@ class StructureTable:
     side: str  # "user" | "item": which graph and which entity ids
     collection: str  # path of the EmbeddingBagCollection holding the table
     table: str  # table name inside that collection
-    init_from: str  # path of the FieldEmbeddings whose side concatenation initialises it (Eq. 8)
+    # path of the FieldEmbeddings holding the side's non-id field tables: a row starts as its id slot
+    # (the table's own random start) followed by those fields' embeddings (Eq. 8, docs/method.md §2);
+    # a model whose sides have no other fields has no such module, and rows keep their own start
+    init_from: str
 
 
 LossKwargs = Callable[[ModelConfig], Mapping[str, Any]]
@@ -104,13 +107,13 @@ class ModelSpec:
 
 
 def _cstwa_tables(model_cfg: ModelConfig) -> tuple[StructureTable, ...]:
-    """With SM on, ``U`` and ``I`` (CSTWA's ``structure_embeddings``) start from the CVR tables."""
+    """With SM on, ``U`` and ``I`` (CSTWA's ``structure_embeddings``) start from the CVR side tables."""
     if not model_cfg.structure_migrator:
         return ()
-    from cstwa_dist.models.cstwa import SM_ITEM_TABLE, SM_USER_TABLE, STRUCTURE_COLLECTION
+    from cstwa_dist.models.cstwa import SIDE_COLLECTION, SM_ITEM_TABLE, SM_USER_TABLE, STRUCTURE_COLLECTION
 
     return tuple(
-        StructureTable(side=side, collection=STRUCTURE_COLLECTION, table=table, init_from="cvr_embeddings")
+        StructureTable(side=side, collection=STRUCTURE_COLLECTION, table=table, init_from=SIDE_COLLECTION)
         for side, table in (("user", SM_USER_TABLE), ("item", SM_ITEM_TABLE))
     )
 

@@ -16,16 +16,25 @@ export PATH="$PWD/$venv/bin:$PATH"
 source launchers/ray_runtime.sh
 start_node_ray_runtime
 
+# In-job restarts (MAX_RESTARTS > 0) need fresh store keys for every attempt: torch >= 2.4 no longer
+# prefixes the workers' keys per attempt, so a restarted group that shares the torchrun agent's store
+# reads the killed group's gloo addresses and fails ("Connection refused") or hangs for good in
+# init_process_group. So the c10d rendezvous does not share its store
+# (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1): each rendezvous round's rank 0 worker hosts a new one, on a
+# port the round publishes, and every node agrees on the round (not on a restart count: a node that
+# only saw another node restart does not count one). The static rendezvous always shares its store;
+# there init_distributed prefixes the keys with the attempt.
 if [ -n "${RDZV_ENDPOINT:-}" ]; then
   # c10d rendezvous: NODE_RANK 0 hosts the store (said explicitly: guessing it from the endpoint's DNS
   # fails while pod 0's record is not yet published); the rendezvous assigns the node ranks.
   if [ "${NODE_RANK:-0}" = 0 ]; then is_host=1; else is_host=0; fi
   rdzv=(--rdzv_backend=c10d --rdzv_endpoint="$RDZV_ENDPOINT"
         --rdzv_id="${JOB_ID:?JOB_ID is required with RDZV_ENDPOINT}" --rdzv_conf="is_host=$is_host")
+  export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 elif [ "${NNODES:-1}" = 1 ] && [ -z "${MASTER_ADDR:-}" ]; then
-  # one node: a private c10d rendezvous on a free port (no clash with another job's port, and a
-  # restarted worker group gets a fresh rendezvous round instead of the killed group's addresses)
+  # one node: a private c10d rendezvous on a free port (no clash with another job's port)
   rdzv=(--standalone)
+  export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 else
   rdzv=(--node_rank="${NODE_RANK:-0}" --master_addr="${MASTER_ADDR:-127.0.0.1}"
         --master_port="${MASTER_PORT:-29511}")

@@ -9,8 +9,9 @@ with the bounds that explain it:
 * **compute only**: the same model's forward, backward and optimizers on batches already in memory,
   in one process (``compute_only``; measured by the parent process before it starts the ranks). The
   end-to-end rate divided by it is the share of the step the input and the collectives cost.
-* **input only**: each rank's reader alone, all ranks at once (``input_only``), against the rate
-  training consumes rows at (``input_over_consumption``: under 1 the input is the bottleneck).
+* **input only**: each rank's reader alone, all ranks at once (``input_only``; steady rate without
+  the first batch, which pays the stream's one-time start-up, reported apart), against the steady
+  rate training consumes rows at (``input_over_consumption``: under 1 the input is the bottleneck).
 * **stages**: the trainer's pipeline stages (data wait, input distribution, forward, backward,
   optimizer) from ``torch.profiler`` over ``profile_steps`` steps, per step and rank; plus the
   structure step and one evaluation pass timed directly.
@@ -107,7 +108,8 @@ def ranks_phase(cfg: RunConfig, model: str, *, epochs: int, profile_steps: int) 
 
     # input only: every rank's reader at once, one epoch
     inp = measure_input_rate(trainer.train_reader, epochs=1)
-    per_rank_input = gather_objects(inp["rows_per_s"])
+    per_rank_input = gather_objects(inp["rows_per_s_steady"])  # without the stream's start-up
+    per_rank_input_whole = gather_objects(inp["rows_per_s"])
 
     # end to end: whole epochs as `train` runs them (no evaluation)
     t0 = time.perf_counter()
@@ -164,7 +166,8 @@ def ranks_phase(cfg: RunConfig, model: str, *, epochs: int, profile_steps: int) 
         },
         "input_only": {
             "rows_per_s_per_rank": per_rank_input,
-            "first_batch_s_rank0": inp.get("first_batch_s"),
+            "rows_per_s_per_rank_with_start_up": per_rank_input_whole,
+            "first_batch_s_rank0": inp["per_epoch"][0]["first_batch_s"],
             "slowest_rank_rows_per_s": min(per_rank_input),
         },
         "input_over_consumption": min(per_rank_input) / max(consumption, 1e-9),

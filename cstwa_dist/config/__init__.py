@@ -114,11 +114,23 @@ class StructureConfig:
     beta: float = 0.3
     graph_dir: str = "runs/demo/structure"  # written by `pretrain`, read by `train`
     pretrain_epochs: int = 1
+    # kNN search of the graph build (structure/ivf.py; defaults measured in docs/structure-scaling.md):
+    # "ivf" = Faiss IVF per row shard, "exact" = brute force through the same ring (the reference)
+    knn: str = "ivf"
+    nlist: int = 0  # IVF cells; 0 = 4·√N (at most N/39)
+    nprobe: int = 16  # cells searched per query (recall@8 0.987 at 1M × 45 measured)
+    pq_m: int = 0  # > 0: PQ codes of pq_m bytes instead of float rows (memory), candidates re-scored
+    recall_queries: int = 1000  # recall@k against exact on this many sampled queries, written with the graph
+    save_representations: bool = True  # <side>_representations.npy next to the graphs (bench knn input)
 
     def __post_init__(self) -> None:
-        _positive(self, "k", "layers", "pretrain_epochs")
+        _positive(self, "k", "layers", "pretrain_epochs", "nprobe")
         if not 0.0 <= self.beta <= 1.0:
             raise ConfigError("structure.beta must be in [0, 1]")
+        if self.knn not in ("ivf", "exact"):
+            raise ConfigError(f"structure.knn must be ivf or exact, got {self.knn!r}")
+        if self.nlist < 0 or self.pq_m < 0 or self.recall_queries < 0:
+            raise ConfigError("structure.nlist, structure.pq_m and structure.recall_queries must be >= 0")
 
 
 @dataclass(kw_only=True)
@@ -151,6 +163,10 @@ class TrainConfig:
     log_every: int = 50
     eval_split: str = "test"
     validate_every_epoch: bool = True
+    # Which epoch's test metrics a run reports (cstwa_dist/train/metrics.py): "best_val_purchase_auc",
+    # the paper's protocol as in AITM's reference code (needs validate_every_epoch; without validation
+    # or a purchase head the run reports the last epoch and says so in metrics.json), or "last".
+    select_epoch: str = "best_val_purchase_auc"
     # "sparse_dist": TorchRec's TrainPipelineSparseDist (the next batch's device copy and input
     # all-to-all overlap this batch's compute); "plain": forward/backward/step one batch at a time.
     # Both compute the same parameters (tested); plain is for debugging and for measuring the overlap.
@@ -165,15 +181,26 @@ class TrainConfig:
     resume: str = "never"
     # TensorBoard scalars under <run dir>/tb on rank 0 (docs: README, "Watching a run")
     tensorboard: bool = True
+    # How long a collective may wait for a peer before the job fails. Set above the longest work one
+    # rank does while the others wait (IVF quantizer training on rank 0: ~10 min projected at 30M
+    # users on a CPU rank, docs/structure-scaling.md; a checkpoint write), and well below "forever":
+    # a hung peer (NCCL's default is 10 min, gloo's 30) then ends the job in half an hour.
+    collective_timeout_s: float = 1800.0
 
     def __post_init__(self) -> None:
         _positive(self, "epochs", "log_every", "keep_checkpoints")
         if self.eval_split not in ("val", "test"):
             raise ConfigError("train.eval_split must be val or test")
+        if self.select_epoch not in ("best_val_purchase_auc", "last"):
+            raise ConfigError(
+                f"train.select_epoch must be best_val_purchase_auc or last, got {self.select_epoch!r}"
+            )
         if self.pipeline not in ("sparse_dist", "plain"):
             raise ConfigError(f"train.pipeline must be sparse_dist or plain, got {self.pipeline!r}")
         if self.checkpoint_every < 0:
             raise ConfigError("train.checkpoint_every must be >= 0 (0: only at epoch ends)")
+        if not self.collective_timeout_s > 0:
+            raise ConfigError("train.collective_timeout_s must be > 0")
 
 
 @dataclass(kw_only=True)

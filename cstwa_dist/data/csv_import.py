@@ -253,5 +253,5 @@ def import_csv(
             split: _import_csv_file(path, split, dataset_spec, headers[split], run, progress)
             for split, path in sources.items()
         }
-        run.finish(dataset_spec, stats)
+        run.finish(dataset_spec, stats, progress=progress)
     return stats

@@ -297,12 +297,16 @@ class ImportRun:
         stats: dict[str, SplitStats],
         extra: dict[str, Any] | None = None,
         note: str = "",
+        *,
+        progress: bool = True,
     ) -> None:
         """Closes the quarantine, checks the accounting, the quarantined share of every file and split and
-        that no split is empty, stamps the peak RSS (and ``extra``) on every split and writes ``spec.yaml``
-        + ``stats.json``: everything a finished import must hold.
+        that no split is empty, stamps the peak RSS (and ``extra``) on every split and writes the entity
+        tables, ``spec.yaml`` and ``stats.json`` (:func:`write_metadata`): everything a finished import
+        must hold.
 
-        ``note`` is appended to the closing log line (what the importer alone knows, e.g. its rate).
+        ``note`` is appended to the closing log line (what the importer alone knows, e.g. its rate);
+        ``progress`` says whether the entity scan's progress lines are INFO (else DEBUG).
         """
         self.quarantine.close()
         check_accounting(self.files)
@@ -316,7 +320,7 @@ class ImportRun:
             s.extra["peak_rss_mb"] = round(self.peak_rss_mb, 1)
             s.extra["max_quarantine_fraction"] = self.max_quarantine_fraction
             s.extra.update(extra or {})
-        write_metadata(self.directory, spec, stats)
+        write_metadata(self.directory, spec, stats, progress=progress)
         self.stats, self.note, self.finished = stats, note, True
 
 

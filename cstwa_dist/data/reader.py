@@ -397,7 +397,9 @@ def measure_input_rate(reader: SplitReader, epochs: int = 1) -> dict[str, Any]:
 
     ``first_batch_s`` is the time from asking for an epoch to holding its first batch (the start-up
     on the critical path). The first epoch includes Ray worker start-up, so report
-    ``rows_per_s_after_first`` when epochs > 1.
+    ``rows_per_s_after_first`` when epochs > 1. ``rows_per_s_steady`` leaves out every epoch's first
+    batch and the wait for it: the rate the stream sustains once running, comparable with the
+    trainer's steady consumption rate.
     """
     per_epoch = []
     for e in range(epochs):
@@ -405,14 +407,24 @@ def measure_input_rate(reader: SplitReader, epochs: int = 1) -> dict[str, Any]:
         real = 0
         steps = 0
         first = float("nan")
+        first_rows = 0
         for b in reader.epoch(e):
             if steps == 0:
                 first = time.perf_counter() - t0
+                first_rows = int(b.mask.sum())
             real += int(b.mask.sum())
             steps += 1
         seconds = time.perf_counter() - t0
         per_epoch.append(
-            {"epoch": e, "seconds": seconds, "first_batch_s": first, "rows": real, "steps": steps}
+            {
+                "epoch": e,
+                "seconds": seconds,
+                "first_batch_s": first,
+                "rows": real,
+                "steps": steps,
+                "steady_rows": real - first_rows,
+                "steady_s": seconds - first if steps else 0.0,
+            }
         )
     total_s = sum(p["seconds"] for p in per_epoch)
     total_rows = sum(p["rows"] for p in per_epoch)
@@ -427,6 +439,10 @@ def measure_input_rate(reader: SplitReader, epochs: int = 1) -> dict[str, Any]:
         "rows_per_s": total_rows / total_s if total_s > 0 else float("nan"),
         "per_epoch": per_epoch,
     }
+    steady_s = sum(p["steady_s"] for p in per_epoch)
+    out["rows_per_s_steady"] = (
+        sum(p["steady_rows"] for p in per_epoch) / steady_s if steady_s > 0 else float("nan")
+    )
     if epochs > 1:
         rest = per_epoch[1:]
         rest_s = sum(p["seconds"] for p in rest)

@@ -44,12 +44,14 @@ Generative model (``SynthPreset`` holds every knob named here; values are at ``s
 9. Vocabulary: ``user_id`` in ``[0, num_users)``, ``item_id`` in ``[0, num_items)``; 0 is a normal id.
 
 Output layout (``spec.py``): ``<out>/{train,val,test}/part-NNNNN.parquet`` (int64 feature columns,
-int8 ``click`` / ``purchase``), ``spec.yaml``, ``stats.json`` and ``synth.json`` (preset, scale, seed,
-calibrated biases, for reproducibility). Rows are produced in fixed chunks of ``CHUNK_ROWS`` from a
+int8 ``click`` / ``purchase``), ``spec.yaml``, ``stats.json``, the entity tables ``entities/`` (one scan of
+the written splits, :mod:`cstwa_dist.data.entities`) and ``synth.json`` (preset, scale, seed, calibrated
+biases, for reproducibility). Rows are produced in fixed chunks of ``CHUNK_ROWS`` from a
 generator seeded by ``(seed, split, chunk index)``, so the rows do not depend on how they are cut
 into files; the file cut (about 8 files per split, row groups of 128k rows) and the statistics are
 :mod:`cstwa_dist.data.writer`'s, shared with the importers. Memory is bounded by one chunk plus
-per-entity arrays (under 10 bytes per user, a few hundred bytes per item). The whole data set is
+per-entity arrays (under 10 bytes per user, a few hundred bytes per item); the entity scan at the end
+holds ``(M+1)·8`` bytes per user and per item (``M`` fields of the side). The whole data set is
 written into a staging folder and renamed into place at the end (:func:`cstwa_dist.fs.staged_directory`),
 so a crash never leaves a half data set that :func:`cstwa_dist.data.writer.dataset_complete` would
 accept.
@@ -532,7 +534,7 @@ def generate(
             split: _write_split(world, biases, spec, split, tmp / split, rows_per_file, progress)
             for split in SPLITS
         }
-        write_metadata(tmp, spec, stats)
+        write_metadata(tmp, spec, stats, progress=progress)
         meta = {
             "preset_name": preset_name,
             "preset": asdict(p),

@@ -11,8 +11,9 @@ and the statistics cannot drift apart between them:
   parallelism); by default (:func:`default_rows_per_file`) a split gets about 8 files so several ranks get
   a share, with row groups of :data:`ROW_GROUP_ROWS`.
 * :class:`SplitAccumulator` adds the split's Table-1 statistics (rows, rates, distinct users and items).
-* :func:`write_metadata` writes ``spec.yaml`` and ``stats.json``; :func:`dataset_complete` is the test a
-  reader uses to skip regeneration.
+* :func:`write_metadata` writes the entity tables (:mod:`cstwa_dist.data.entities`: every user's and item's
+  profile, scanned once here rather than on every training rank), then ``spec.yaml`` and ``stats.json``;
+  :func:`dataset_complete` is the test a reader uses to skip regeneration.
 
 A data set is always written inside :func:`cstwa_dist.fs.staged_directory` and renamed into place at the
 end, so a crash never leaves a half data set that :func:`dataset_complete` would accept.
@@ -32,6 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from cstwa_dist.data.entities import entity_tables_complete, write_entity_tables
 from cstwa_dist.data.spec import LABELS, SPLITS, DatasetSpec, SplitStats, save_stats
 
 ROW_GROUP_ROWS = 1 << 15  # 32k rows: the reader's unit of global shuffle; a share cut reads <= 1 extra
@@ -192,21 +194,35 @@ class SplitAccumulator:
         )
 
 
-def write_metadata(directory: Path, spec: DatasetSpec, stats: dict[str, SplitStats]) -> None:
-    """Writes ``spec.yaml`` and ``stats.json``: the two files :func:`dataset_complete` looks for."""
+def write_metadata(
+    directory: Path, spec: DatasetSpec, stats: dict[str, SplitStats], *, progress: bool = True
+) -> None:
+    """Writes the entity tables, then ``spec.yaml`` and ``stats.json``: what :func:`dataset_complete`
+    looks for.
+
+    Every producer of a data set ends here once its splits are closed, so the one scan of the written
+    impressions that builds ``entities/`` (:func:`cstwa_dist.data.entities.write_entity_tables`) happens
+    for all of them, in the single writing process, before the files that mark the data set complete.
+    The impression files are not touched.
+    """
+    write_entity_tables(directory, spec, progress=progress)
     spec.save(directory / "spec.yaml")
     save_stats(directory / "stats.json", stats)
 
 
 def dataset_complete(out: str | Path) -> bool:
-    """True if ``out`` holds a finished data set (spec.yaml, stats.json and the three split dirs).
+    """True if ``out`` holds a finished data set (spec.yaml, stats.json, the three split dirs and the
+    entity tables).
 
     Safe as a 'skip generation' test because every writer renames the data set into place
-    (:func:`cstwa_dist.fs.staged_directory`) only after every file is written.
+    (:func:`cstwa_dist.fs.staged_directory`) only after every file is written. A data set written before
+    entity tables existed is not complete: ``make run`` regenerates its demo data, and
+    ``cstwa-dist entities --dataset DIR`` completes any other one in place.
     """
     out = Path(out)
     return (
         (out / "spec.yaml").is_file()
         and (out / "stats.json").is_file()
         and all((out / s).is_dir() for s in SPLITS)
+        and entity_tables_complete(out)
     )

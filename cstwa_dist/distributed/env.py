@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -29,18 +30,31 @@ class DistEnv:
         return self.rank == 0
 
 
-def init_distributed(backend: str | None = None) -> DistEnv:
+def init_distributed(backend: str | None = None, timeout_s: float | None = None) -> DistEnv:
     """Joins torchrun's group (``RANK``/``WORLD_SIZE`` set) or creates a private 1-process group.
 
-    NCCL on CUDA nodes, gloo on CPU. Idempotent: an existing default group is reused.
+    NCCL on CUDA nodes, gloo on CPU. Idempotent: an existing default group is reused (and keeps its
+    timeout). ``timeout_s`` bounds how long any collective waits for a peer (``train.
+    collective_timeout_s``; the backend's own default when ``None``).
+
+    Under torchrun's agent store the group's keys live under one prefix per restart attempt
+    (:func:`_attempt_store`): without it a worker group restarted by ``--max-restarts`` reads the
+    killed group's gloo addresses and hangs or fails while connecting (README, "Checkpoints, restarts
+    and resuming").
     """
     use_cuda = torch.cuda.is_available()
     backend = backend or ("nccl" if use_cuda else "gloo")
     if not dist.is_initialized():
+        kw = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-            dist.init_process_group(backend=backend)
+            store = _attempt_store(timeout_s)
+            if store is None:
+                dist.init_process_group(backend=backend, **kw)
+            else:
+                rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+                dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world, **kw)
         else:
-            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, **kw)
     rank, world = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if backend == "nccl":
@@ -50,6 +64,32 @@ def init_distributed(backend: str | None = None) -> DistEnv:
         device = torch.device("cpu")
     logger.debug("rank %d/%d on %s (%s)", rank, world, device, backend)
     return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=device, backend=backend)
+
+
+def _attempt_store(timeout_s: float | None) -> dist.Store | None:
+    """torchrun's agent store seen through a ``/worker/attempt_<restart count>`` prefix, or ``None``.
+
+    With ``TORCHELASTIC_USE_AGENT_STORE=True`` the workers share a TCP store that the torchrun agent
+    keeps for its whole life (the static rendezvous always; the c10d one unless
+    ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``), and torch (2.4+) no longer prefixes the workers' keys
+    per attempt. A restarted group then finds the killed group's keys — among them each rank's gloo
+    address — and a rank that reads its peer's before the peer rewrote it gets a dead address:
+    "Connection refused", or (both ranks waiting for the other to connect) a hang in
+    ``ProcessGroupGloo``'s ``connectFullMesh`` that the group's timeout does not end. One prefix per
+    attempt, as torch had before, gives every attempt fresh keys. The prefix assumes every agent of
+    the job counts the same restarts: always true on one node and with the static rendezvous;
+    ``launchers/torchrun.sh`` gives the multi-node c10d rendezvous (where a node that only saw a
+    membership change does not count a restart) a fresh store per rendezvous round instead, which
+    turns this off (``TORCHELASTIC_USE_AGENT_STORE=False``).
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    timeout = timedelta(seconds=timeout_s) if timeout_s is not None else dist.constants.default_pg_timeout
+    agent = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout
+    )
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"/worker/attempt_{attempt}", agent)
 
 
 def shutdown_distributed(barrier: bool = True) -> None:

@@ -2,19 +2,23 @@
 
 Why: a multi-node retrain should fail on paper, not after the job has queued for 64 GPUs. The dry run
 builds the model on ``meta`` exactly as training does (registry → ``ModelTrain`` → fused optimizer +
-table-wise constraints, :func:`~cstwa_dist.distributed.sharding.build_planner`), asks TorchRec's
-planner for a plan at any topology without a process group (``plan``, not ``collective_plan``: the
-planner only does arithmetic, so a CPU-only machine plans for CUDA nodes), and adds what the planner
-does not see:
+constraints: field tables table-wise, the structure tables ``U``/``I`` row-wise on the FUSED kernel,
+:func:`~cstwa_dist.distributed.sharding.prepare_tables`, with the same
+:class:`~cstwa_dist.distributed.sharding.RowWiseSharder` and
+:func:`~cstwa_dist.distributed.sharding.build_planner`), asks TorchRec's planner for a plan at any
+topology without a process group (``plan``, not ``collective_plan``: the planner only does
+arithmetic, so a CPU-only machine plans for CUDA nodes), and adds what the planner does not see:
 
 * **embedding bytes per table and rank**: weights plus fused-optimizer state (Adam: 2 x weights;
   row-wise Adagrad: one fp32 per row), from the plan's shards;
 * **dense parameters**: replicated on every rank, as weights + grads + Adam's two moments = 4 x P;
-* **the structure step's peak** (:func:`train_structure_estimate`, :func:`mining_structure_estimate`),
-  estimated from the *current* code, which keeps whole graphs and whole ``U``/``I`` on every rank: the
-  baseline the scalable structure path has to shrink. Its coefficients were counted from the code and
-  checked by peak-RSS measurements at 2-4M rows (``l2_normalise`` 24.4 B per N·w, ``structure_migrate``
-  5.0 x N·w·4, adjacency + normalisation 54 B per N·k on top of the kNN lists).
+* **the structure step's peak** per rank (:func:`train_structure_estimate`,
+  :func:`mining_structure_estimate`) for the row-sharded structure path (``structure/migrator.py``):
+  a rank holds ``n_r = ceil(N/W)`` rows of each side (its row-wise shard of ``U``/``I``, its rows of
+  ``Â``, its block of representations) plus what it fetches from, or serves to, the others; nothing
+  of size ``N``. The formulas are the per-rank memory the structure modules state in their docstrings
+  (``structure/migrator.py``, ``structure/ivf.py``, ``distributed/exchange.py``), evaluated at the
+  largest block.
 
 Nothing here allocates a table: memory is that of the meta model and the planner (well under 1 GB at
 30M users), and planning 64 ranks takes well under a second.
@@ -31,7 +35,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner import EmbeddingShardingPlanner
 from torchrec.distributed.planner.constants import DDR_CAP, HBM_CAP
 from torchrec.distributed.planner.types import PlannerError
@@ -39,15 +42,17 @@ from torchrec.distributed.types import ShardingPlan
 from torchrec.modules.embedding_configs import data_type_to_dtype
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
-from cstwa_dist.config import RunConfig
+from cstwa_dist.config import RunConfig, StructureConfig
 from cstwa_dist.data.spec import DatasetSpec, FieldSpec, SpecError
 from cstwa_dist.distributed.sharding import (
+    RowWiseSharder,
     build_planner,
     dense_parameter_bytes,
     embedding_optimizer_name,
     prepare_tables,
 )
 from cstwa_dist.registry import get_model_spec
+from cstwa_dist.structure.ivf import auto_nlist
 from cstwa_dist.train.wrapper import ModelTrain
 
 logger = logging.getLogger(__name__)
@@ -124,9 +129,17 @@ def resolve_spec(spec_arg: str | None, dataset: str) -> tuple[DatasetSpec, str]:
 
 
 # --- the structure step -----------------------------------------------------------------------------
+IVF_TRAIN_PER_LIST = 39  # rows per IVF cell in rank 0's k-means sample (``IVFParams.train_per_list``)
+KNN_BLOCK_ROWS = 65536  # the foreign query block of the kNN ring (``distributed_knn(block_rows=...)``)
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 @dataclass(frozen=True)
 class StructureSide:
-    """One side's sizes as the structure step sees them."""
+    """One side's sizes as the structure step sees them (whole-side figures; per rank below)."""
 
     side: str
     entities: int  # N
@@ -134,125 +147,296 @@ class StructureSide:
     width: int  # w: the representation / structure-table width (M·D for the current models)
     k: int
 
-    @property
-    def graph_bytes(self) -> int:
-        """Â as CSR: crow (N+1)·8 + nnz·(8 col + 4 value), nnz <= N·k (self counts among the k)."""
-        return (self.entities + 1) * 8 + self.entities * self.k * 12
+    def rows_per_rank(self, world_size: int) -> int:
+        """``n_r = ceil(N/W)``: the largest row block a rank owns (TorchRec's row-wise shards and
+        ``ivf.even_ranges`` both give at most this many rows to a rank)."""
+        return _ceil_div(self.entities, world_size)
 
-    @property
-    def table_bytes(self) -> int:
-        """One whole [N, w] fp32 table (U, or the gathered representations)."""
-        return self.entities * self.width * 4
+    def foreign_rows(self, world_size: int) -> int:
+        """``f_r = min(n_r·k, N − n_r)``: a bound on the distinct foreign neighbour rows of a rank's
+        graph rows (and, the same bound, on the rows it serves to the others)."""
+        n_r = self.rows_per_rank(world_size)
+        return max(0, min(n_r * self.k, self.entities - n_r))
 
-    @property
-    def profile_bytes(self) -> int:
-        """``entity_profiles``: [N, M] int64."""
-        return self.entities * self.fields * 8
+
+@dataclass(frozen=True)
+class StructureTerm:
+    """One allocation of a structure phase on one rank: where it lives, its size and its formula."""
+
+    side: str
+    name: str
+    where: str  # "device" (the rank's accelerator) | "host"
+    bytes: int
+    formula: str
+    rank0_only: bool = False
 
 
 @dataclass(frozen=True)
 class StructureEstimate:
-    """Peak memory of one structure phase, per rank: the sizes, terms, formulas and dominant term.
+    """Peak memory of one structure phase, per rank: the sizes, the terms at the peak, the formulas.
 
-    ``host_rank0`` and ``host_other`` differ only where rank 0 does extra work (graph mining).
-    ``device`` is the transient on the rank's accelerator; on CPU ranks it is host memory and is
-    contained in the host peak (it happens before the larger host phase).
+    ``host_rank0`` and ``host_other`` differ only where rank 0 does extra work (the IVF quantizer's
+    training sample in graph mining). ``device`` is on the rank's accelerator; on CPU ranks there is
+    no device and everything is host memory (``device`` = 0). ``terms`` are the allocations alive at
+    the peaks (``where`` says which peak), the sizes those of the largest row block ``n_r``.
     """
 
     phase: str  # "train" (SM initialisation + epoch boundary) | "pretrain" (graph mining) | "none"
+    world_size: int
     host_rank0: int
     host_other: int
     device: int
     sides: list[StructureSide] = field(default_factory=list)
-    terms: dict[str, int] = field(default_factory=dict)
+    terms: list[StructureTerm] = field(default_factory=list)
     formulas: list[str] = field(default_factory=list)
     dominant: str = ""
+    notes: list[str] = field(default_factory=list)
 
 
-NO_STRUCTURE = StructureEstimate(phase="none", host_rank0=0, host_other=0, device=0)
+NO_STRUCTURE = StructureEstimate(phase="none", world_size=0, host_rank0=0, host_other=0, device=0)
 
 
-def train_structure_estimate(sides: list[StructureSide]) -> StructureEstimate:
-    """SM during training (``StructureMigrator``), every rank alike.
-
-    Resident from start to end: both graphs (``load_graph`` on every rank) and both sides' profiles.
-    At each epoch boundary, per side: ``read_full_table`` gives every rank the whole ``U``; the β update
-    ``(1−β)·U + β·Â^L·U`` then holds 5 [N, w] fp32 tables at once. Device transient: the SM
-    initialisation's all-gather (the gathered parts + their concatenation, 2·N·w·4).
-    """
-    if not sides:
-        return NO_STRUCTURE
-    terms: dict[str, int] = {}
-    for s in sides:
-        terms[f"graph Â_{s.side}"] = s.graph_bytes
-    for s in sides:
-        terms[f"profiles {s.side}"] = s.profile_bytes
-    big = max(sides, key=lambda s: s.table_bytes)
-    terms[f"β update {big.side} ({BETA_UPDATE_COPIES} x [N, w] fp32)"] = BETA_UPDATE_COPIES * big.table_bytes
-    host = sum(terms.values())
-    formulas = [
-        "host, every rank   = Σ_sides (N+1)·8 + N·k·12   whole Â as CSR, loaded by every rank",
-        "                   + Σ_sides N·M·8              entity profiles (int64)",
-        f"                   + max_side {BETA_UPDATE_COPIES}·N·w·4           "
-        "whole U + the β-update temporaries",
-        "device, every rank = max_side 2·N·w·4           SM init: all-gathered parts + concatenation",
-    ]
-    return StructureEstimate(
-        phase="train",
-        host_rank0=host,
-        host_other=host,
-        device=max(2 * s.table_bytes for s in sides),
-        sides=list(sides),
-        terms=terms,
-        formulas=formulas,
-        dominant=max(terms, key=lambda t: terms[t]),
-    )
+def _dominant(terms: list[StructureTerm]) -> str:
+    t = max(terms, key=lambda t: t.bytes)
+    return f"{t.where}: {t.name} ({t.formula})"
 
 
-def _mining_stages(s: StructureSide) -> dict[str, int]:
-    """Rank 0's host bytes in each stage of ``build_graph`` for one side (gathered reps included)."""
-    n, w, k = s.entities, s.width, s.k
+def _train_side_terms(s: StructureSide, world_size: int, where: str) -> dict[str, list[StructureTerm]]:
+    """One side's terms of the training job, by phase: ``resident`` (from the migrator's construction
+    to the end of training), ``boundary`` (one epoch boundary of this side) and ``init`` (this side's
+    SM initialisation, host)."""
+    n_r, f_r, w, k = s.rows_per_rank(world_size), s.foreign_rows(world_size), s.width, s.k
+    side = s.side
     return {
-        f"L2 normalisation {s.side} (24·N·w)": NORMALISE_BYTES_PER_NW * n * w,
-        f"Faiss search {s.side} (12·N·w + 12·N·k)": (
-            SEARCH_BYTES_PER_NW * n * w + KNN_LIST_BYTES_PER_NK * n * k
-        ),
-        f"graph build {s.side} (4·N·w + 66·N·k)": 4 * n * w + GRAPH_BUILD_BYTES_PER_NK * n * k,
+        "resident": [
+            StructureTerm(
+                side, f"own Â rows {side} (CSR)", where, n_r * k * 12 + (n_r + 1) * 8, "n_r·k·12 + (n_r+1)·8"
+            ),
+            StructureTerm(side, f"fetch id lists {side} (requested + served)", where, 16 * f_r, "16·f_r"),
+        ],
+        "boundary": [
+            StructureTerm(side, f"fetched foreign rows {side}", where, f_r * w * 4, "f_r·w·4"),
+            StructureTerm(side, f"served rows {side} (send buffer)", where, f_r * w * 4, "f_r·w·4"),
+            StructureTerm(
+                side,
+                f"propagation {side} (current, layer output, new block)",
+                where,
+                3 * n_r * w * 4,
+                "3·n_r·w·4",
+            ),
+        ],
+        "init": [
+            StructureTerm(
+                side, f"profiles {side} (int64 + seen)", "host", n_r * (s.fields + 1) * 8, "n_r·(M+1)·8"
+            ),
+            StructureTerm(side, f"read-out {side}", "host", n_r * w * 4, "n_r·w·4"),
+        ],
     }
 
 
-def mining_structure_estimate(sides: list[StructureSide]) -> StructureEstimate:
-    """Graph mining after pre-training (``mine_structure``), one side at a time.
+def train_structure_estimate(
+    sides: list[StructureSide], world_size: int, *, on_device: bool = True, layers: int = 1
+) -> StructureEstimate:
+    """SM during training (``StructureMigrator``), row-sharded: every rank alike, for its own rows.
 
-    Every rank: the side's profiles and the all-gathered representations ``[N, w]``. Rank 0 also runs
-    the exact kNN and builds ``Â``: the peak is the largest of L2 normalisation (24·N·w), the Faiss
-    search (12·N·w + 12·N·k) and the COO → normalised CSR build (4·N·w + 66·N·k).
+    With ``W`` ranks, ``n_r = ceil(N/W)`` own rows of a side, ``f_r = min(n_r·k, N − n_r)`` (a bound
+    on its distinct foreign neighbour rows, and on the rows it serves), ``w`` the table width and
+    ``M`` the side's fields, per rank:
+
+    * **resident** for the whole job, on the rank's device (the communication device: the GPU under
+      NCCL), for both sides: its rows of ``Â`` as CSR, ``n_r·k·12 + (n_r+1)·8`` B, and the row
+      fetcher's requested and served id lists, ``16·f_r`` B (``distributed/exchange.py``);
+    * **epoch boundary**, one side at a time, on the device: the fetched foreign rows ``f_r·w·4``,
+      the send buffer of the rows it serves ``f_r·w·4``, and the propagation temporaries
+      ``3·n_r·w·4`` (current block, layer output, new block). ``L`` layers fetch again per layer but
+      hold one layer's rows at a time, so ``L`` does not enter the peak. The block of ``U``/``I``
+      itself is a view of the row-wise shard, already counted by the planner;
+    * **SM initialisation**, one side at a time, on the host: the block's entity profiles
+      ``n_r·(M+1)·8`` (int64 fields + ``seen``) and their read-out ``n_r·w·4``.
+
+    So ``device = Σ_sides resident + max_side boundary`` and ``host = max_side init`` on GPU ranks;
+    on CPU ranks (``on_device=False``) everything is host memory and initialisation and epoch
+    boundaries never overlap: ``host = Σ_sides resident + max(max_side boundary, max_side init)``.
+    Nothing is of size ``N``: every term shrinks as ``1/W``, down to the ``f_r`` bound ``N − n_r``.
     """
     if not sides:
         return NO_STRUCTURE
-
-    def rank0_terms(s: StructureSide) -> dict[str, int]:
-        stages = _mining_stages(s)
-        stage = max(stages, key=lambda t: stages[t])
-        return {f"profiles {s.side}": s.profile_bytes, stage: stages[stage]}
-
-    terms = max((rank0_terms(s) for s in sides), key=lambda t: sum(t.values()))
-    formulas = [
-        "host, rank 0       = max_side [N·M·8 + max(24·N·w, 12·N·w + 12·N·k, 4·N·w + 66·N·k)]",
-        "                     profiles + the largest of L2 normalisation, Faiss search, Â build",
-        "host, other ranks  = max_side [N·M·8 + N·w·4]   profiles + all-gathered representations",
-        "device, every rank = max_side 2·N·w·4           all-gathered parts + concatenation",
-    ]
+    where = "device" if on_device else "host"
+    per_side = [_train_side_terms(s, world_size, where) for s in sides]
+    resident = [t for p in per_side for t in p["resident"]]
+    boundary = max((p["boundary"] for p in per_side), key=lambda ts: sum(t.bytes for t in ts))
+    init = max((p["init"] for p in per_side), key=lambda ts: sum(t.bytes for t in ts))
+    res_b, bnd_b, init_b = (sum(t.bytes for t in ts) for ts in (resident, boundary, init))
+    resident_line = "Σ_sides n_r·k·12 + (n_r+1)·8 + 16·f_r  own Â rows (CSR) + fetch ids, resident"
+    boundary_line = "max_side 2·f_r·w·4 + 3·n_r·w·4         epoch boundary: fetched/served rows, propagation"
+    init_line = "max_side n_r·(M+1)·8 + n_r·w·4         SM initialisation: profiles + read-out"
+    if on_device:
+        terms = resident + boundary + init
+        device, host = res_b + bnd_b, init_b
+        formulas = [
+            f"device, every rank = {resident_line}",
+            f"                   + {boundary_line}",
+            f"host, every rank   = {init_line}",
+        ]
+    else:
+        terms = resident + (boundary if bnd_b >= init_b else init)
+        terms = [StructureTerm(t.side, t.name, "host", t.bytes, t.formula) for t in terms]
+        device, host = 0, res_b + max(bnd_b, init_b)
+        formulas = [
+            f"host, every rank   = {resident_line}",
+            "                   + max(max_side 2·f_r·w·4 + 3·n_r·w·4,   epoch boundary,",
+            "                         max_side n_r·(M+1)·8 + n_r·w·4)   or SM initialisation (never both)",
+        ]
     return StructureEstimate(
-        phase="pretrain",
-        host_rank0=sum(terms.values()),
-        host_other=max(s.profile_bytes + s.table_bytes for s in sides),
-        device=max(2 * s.table_bytes for s in sides),
+        phase="train",
+        world_size=world_size,
+        host_rank0=host,
+        host_other=host,
+        device=device,
         sides=list(sides),
         terms=terms,
         formulas=formulas,
-        dominant=max(terms, key=lambda t: terms[t]),
+        dominant=_dominant(terms),
+        notes=[
+            f"L = {layers} layer(s): each layer fetches its foreign rows again, one layer at a time",
+            "the U/I block itself is a view of the row-wise shard, counted above by the planner",
+        ],
     )
+
+
+def _knn_settings(s: StructureSide, cfg: StructureConfig) -> tuple[bool, int, int]:
+    """(exact, nlist, nprobe) as ``distributed_knn`` resolves them for this side."""
+    if cfg.knn == "exact":
+        return True, 0, 0
+    nlist = min(cfg.nlist or auto_nlist(s.entities), s.entities)
+    return False, nlist, min(cfg.nprobe, nlist)
+
+
+def _mining_side_terms(s: StructureSide, world_size: int, cfg: StructureConfig) -> list[StructureTerm]:
+    n_r, w, m, side = s.rows_per_rank(world_size), s.width, s.fields, s.side
+    k = min(s.k, s.entities)
+    exact, nlist, nprobe = _knn_settings(s, cfg)
+    b = min(KNN_BLOCK_ROWS, n_r)
+    terms = [
+        StructureTerm(side, f"profiles {side} (int64 + seen)", "host", n_r * (m + 1) * 8, "n_r·(M+1)·8"),
+        StructureTerm(side, f"representations {side}", "host", n_r * w * 4, "n_r·w·4"),
+        StructureTerm(side, f"normalised copy {side}", "host", n_r * w * 4, "n_r·w·4"),
+    ]
+    if not exact:
+        if cfg.pq_m:
+            index, formula = n_r * (cfg.pq_m + 8) + nlist * w * 4, "n_r·(pq_m+8) + nlist·w·4"
+        else:
+            index, formula = n_r * (w * 4 + 8) + nlist * w * 4, "n_r·(w·4+8) + nlist·w·4"
+        kind = "IVF-PQ" if cfg.pq_m else "IVF-flat"
+        terms.append(StructureTerm(side, f"{kind} index {side} (+ centroids)", "host", index, formula))
+    terms += [
+        StructureTerm(
+            side,
+            f"foreign query block {side}",
+            "host",
+            b * (w * 4 + nprobe * 12),
+            "b·w·4" if exact else "b·(w·4 + nprobe·12)",
+        ),
+        StructureTerm(side, f"kNN results {side} (top-k + result)", "host", 2 * n_r * k * 12, "2·n_r·k·12"),
+        StructureTerm(side, f"Â rows {side} (CSR + build)", "host", n_r * k * 20, "n_r·k·(12+8)"),
+    ]
+    if not exact:
+        terms.append(
+            StructureTerm(
+                side,
+                f"IVF training sample {side} (nlist={nlist:,})",
+                "host",
+                min(nlist * IVF_TRAIN_PER_LIST, s.entities) * w * 4,
+                "nlist·39·w·4",
+                rank0_only=True,
+            )
+        )
+    return terms
+
+
+def mining_structure_estimate(
+    sides: list[StructureSide], world_size: int, cfg: StructureConfig | None = None
+) -> StructureEstimate:
+    """Graph mining after pre-training (``mine_structure``), row-sharded, one side at a time, on the host.
+
+    Every rank reads out its own block of ``n_r = ceil(N/W)`` entities and runs the distributed kNN
+    (``structure/ivf.py``) on them, then builds its rows of ``Â``. Per rank and side (``w`` the
+    representation width M·D, ``k`` the graph degree, ``b = min(65536, n_r)`` the ring's query block,
+    ``nlist = structure.nlist`` or ``ivf.auto_nlist(N)`` = ``round(4·√N)`` capped at ``N // 39``):
+
+    * profiles ``n_r·(M+1)·8`` + representations ``n_r·w·4`` + their L2-normalised copy ``n_r·w·4``;
+    * the shard's index: IVF-flat ``n_r·(w·4 + 8)``, IVF-PQ ``n_r·(pq_m + 8)``, plus the shared
+      centroids ``nlist·w·4`` (none with ``structure.knn = exact``);
+    * one foreign query block at a time ``b·(w·4 + nprobe·12)`` (exact: ``b·w·4``);
+    * the kNN lists ``2·n_r·k·12`` (running top-k and the result) and the rows of ``Â``
+      ``n_r·k·(12+8)`` (CSR + build temporaries);
+    * rank 0 only: the quantizer's training sample ``nlist·39·w·4`` (IVF only; at most ``N`` rows).
+
+    The sum is an upper bound: the index and the normalised copy are freed before ``Â``'s rows are
+    built. The peak is the larger side's. With faiss-gpu the index and searches move to the GPU; the
+    estimate counts them on the host.
+    """
+    if not sides:
+        return NO_STRUCTURE
+    cfg = cfg or StructureConfig()
+    per_side = [_mining_side_terms(s, world_size, cfg) for s in sides]
+    terms = max(per_side, key=lambda ts: sum(t.bytes for t in ts))
+    exact = cfg.knn == "exact"
+    index = "n_r·(pq_m+8) + nlist·w·4" if cfg.pq_m else "n_r·(w·4+8) + nlist·w·4"
+    parts = [
+        (
+            "host, every rank   = max_side [",
+            "n_r·(M+1)·8 + 2·n_r·w·4",
+            "profiles, representations, normalised copy",
+        ),
+        *([] if exact else [("  + ", index, "shard index + centroids")]),
+        ("  + ", "b·w·4" if exact else "b·(w·4 + nprobe·12)", "one foreign query block"),
+        ("  + ", "2·n_r·k·12 + n_r·k·20]", "kNN lists, own Â rows"),
+        *(
+            []
+            if exact
+            else [("host, rank 0 also            + ", "nlist·39·w·4", "the IVF quantizer's training sample")]
+        ),
+    ]
+    formulas = [f"{lead:>31}{f:<26} {what}" for lead, f, what in parts]  # leads right-aligned at "["
+    return StructureEstimate(
+        phase="pretrain",
+        world_size=world_size,
+        host_rank0=max(sum(t.bytes for t in ts) for ts in per_side),
+        host_other=max(sum(t.bytes for t in ts if not t.rank0_only) for ts in per_side),
+        device=0,
+        sides=list(sides),
+        terms=terms,
+        formulas=formulas,
+        dominant=_dominant(terms),
+        notes=[
+            *(_knn_note(s, cfg) for s in sides),
+            "an upper bound: the index and the normalised copy are freed before Â's rows are built",
+        ],
+    )
+
+
+def _knn_note(s: StructureSide, cfg: StructureConfig) -> str:
+    exact, nlist, nprobe = _knn_settings(s, cfg)
+    if exact:
+        return f"{s.side}: exact kNN through the ring (structure.knn = exact)"
+    kind = f"IVF-PQ pq_m={cfg.pq_m}" if cfg.pq_m else "IVF-flat"
+    return f"{s.side}: {kind}, nlist={nlist:,} nprobe={nprobe}; rank 0 trains the quantizer"
+
+
+def knn_madds_per_rank(s: StructureSide, world_size: int, cfg: StructureConfig) -> tuple[int, int]:
+    """(multiply-adds of the configured kNN on one rank, of the exact search through the same ring).
+
+    Every rank searches all ``N`` queries against its ``n_r`` rows: exact ``N·n_r·w``; IVF visits
+    ``nprobe/nlist`` of the shard per query, plus the coarse assignment of its own rows
+    ``n_r·nlist·w``: ``N·n_r·w·nprobe/nlist + n_r·nlist·w``.
+    """
+    n_r, w, n = s.rows_per_rank(world_size), s.width, s.entities
+    exact_madds = n * n_r * w
+    is_exact, nlist, nprobe = _knn_settings(s, cfg)
+    if is_exact:
+        return exact_madds, exact_madds
+    return n * n_r * w * nprobe // nlist + n_r * nlist * w, exact_madds
 
 
 def _collection_at(module: nn.Module, path: str) -> nn.Module:
@@ -348,7 +532,8 @@ class DryRun:
     ranks: list[RankPlan]
     structure: StructureEstimate  # the job's own structure phase (per-rank columns)
     mining: StructureEstimate  # graph mining in `pretrain`, which this job needs first (if it uses graphs)
-    exact_knn_madds: int  # N²·w of the largest side: the work of the exact kNN on rank 0
+    knn_madds_per_rank: int  # the configured kNN's multiply-adds on one rank (largest side)
+    exact_knn_madds_per_rank: int  # the exact search through the same ring, for comparison
     plan_seconds: float
     plan_text: str
 
@@ -460,7 +645,8 @@ def dry_run(
     emb_opt = embedding_optimizer_name(cfg.optim, torch.device(compute_device))
     model = mspec.build(spec, cfg.model, torch.device("meta"))
     module = ModelTrain(model, mspec.build_loss(cfg.loss, cfg.model))
-    constraints = prepare_tables(module, cfg.optim, emb_opt)
+    row_wise = [t.table for t in mspec.structure_tables(cfg.model)]
+    constraints = prepare_tables(module, cfg.optim, emb_opt, row_wise=row_wise)
     planner = build_planner(
         module,
         constraints,
@@ -472,7 +658,7 @@ def dry_run(
     )
     t0 = time.perf_counter()
     try:
-        plan = planner.plan(module, [EmbeddingBagCollectionSharder()])
+        plan = planner.plan(module, [RowWiseSharder()])
     except PlannerError as e:
         raise ValueError(f"no sharding plan fits {world_size} ranks: {e}") from None
     seconds = time.perf_counter() - t0
@@ -484,9 +670,13 @@ def dry_run(
     dense_state = 4 * dense_params  # weights + grads + Adam exp_avg + exp_avg_sq
 
     train_sides, mine_sides = structure_sides(model, model_name, spec, cfg)
-    mining = mining_structure_estimate(mine_sides if train_sides or mspec.representation_source else [])
+    mining = mining_structure_estimate(
+        mine_sides if train_sides or mspec.representation_source else [], world_size, cfg.structure
+    )
     if train_sides:
-        structure = train_structure_estimate(train_sides)
+        structure = train_structure_estimate(
+            train_sides, world_size, on_device=compute_device == "cuda", layers=cfg.structure.layers
+        )
     elif mspec.representation_source is not None:
         structure = mining
     else:
@@ -517,6 +707,9 @@ def dry_run(
             )
         )
     knn = max(mine_sides, key=lambda s: s.entities)
+    madds, exact_madds = (
+        knn_madds_per_rank(knn, world_size, cfg.structure) if mining.phase != "none" else (0, 0)
+    )
     return DryRun(
         model=model_name,
         spec_source=spec_source,
@@ -532,7 +725,8 @@ def dry_run(
         ranks=ranks,
         structure=structure,
         mining=mining,
-        exact_knn_madds=knn.entities**2 * knn.width if mining.phase != "none" else 0,
+        knn_madds_per_rank=madds,
+        exact_knn_madds_per_rank=exact_madds,
         plan_seconds=seconds,
         plan_text=str(plan),
     )
@@ -646,14 +840,18 @@ def _render(d: DryRun) -> str:
 
     lines += [
         "",
-        "structure step, estimated from the current code (whole graphs and whole U/I on every rank):",
-        "the baseline the scalable structure path shrinks",
+        "structure step, row-sharded: a rank holds n_r = ceil(N/W) rows of each side (its shard of U/I,",
+        "counted above by the planner; its rows of Â; its block of representations) and the foreign rows",
+        "it fetches or serves (f_r <= min(n_r·k, N − n_r)); nothing of size N",
     ]
     lines += _structure_lines(d.structure, "this job")
     if d.mining.phase != "none" and d.mining is not d.structure:
         lines += _structure_lines(d.mining, "before it, `pretrain`")
-    if d.exact_knn_madds:
-        lines.append(f"  exact kNN on rank 0 (largest side): N²·w = {d.exact_knn_madds:.2e} multiply-adds")
+    if d.knn_madds_per_rank:
+        lines.append(
+            f"  kNN per rank (largest side, ring over {d.world_size} ranks): {d.knn_madds_per_rank:.2e} "
+            f"multiply-adds; exact search through the ring N·n_r·w = {d.exact_knn_madds_per_rank:.2e}"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -661,20 +859,29 @@ def _structure_lines(s: StructureEstimate, title: str) -> list[str]:
     if s.phase == "none":
         return [f"  {title}: this model reads no graphs, no structure step"]
     what = "SM initialisation + epoch-boundary β update" if s.phase == "train" else "graph mining"
-    sizes = "; ".join(f"{x.side}: N={x.entities:,} M={x.fields} w={x.width} k={x.k}" for x in s.sides)
-    out = [f"  {title}: {what} ({sizes})"]
+    out = [f"  {title}: {what}, row-sharded over {s.world_size} rank(s)"]
+    for x in s.sides:
+        n_r, f_r = x.rows_per_rank(s.world_size), x.foreign_rows(s.world_size)
+        out.append(
+            f"    {x.side}: N={x.entities:,} n_r={n_r:,} M={x.fields} w={x.width} k={x.k} f_r<={f_r:,}"
+        )
     out += [f"    {f}" for f in s.formulas]
-    total = sum(s.terms.values())
-    width = max(len(n) for n in s.terms)
-    for name, b in s.terms.items():
-        out.append(f"    {name:<{width}}  {fmt_bytes(b):>10}  {100 * b / total:5.1f} %")
-    peak = (
+    peaks = {"device": s.device, "host": s.host_rank0}
+    rows: list[tuple[str, ...]] = [("where", "term", "formula", "bytes", "share")]
+    for t in s.terms:
+        share = 100 * t.bytes / peaks[t.where] if peaks[t.where] else 0.0
+        name = t.name + (" [rank 0 only]" if t.rank0_only else "")
+        rows.append((t.where, name, t.formula, fmt_bytes(t.bytes), f"{share:.1f} %"))
+    out += ["  " + line for line in _table(rows, right={3, 4})]
+    host = (
         f"host {fmt_bytes(s.host_rank0)} on every rank"
         if s.host_rank0 == s.host_other
         else f"host {fmt_bytes(s.host_rank0)} on rank 0, {fmt_bytes(s.host_other)} on the others"
     )
-    out.append(f"    peak: {peak}; device transient {fmt_bytes(s.device)} per rank")
+    device = f"device {fmt_bytes(s.device)} per rank; " if s.device else ""
+    out.append(f"    peak: {device}{host} (shares: of that peak, rank 0)")
     out.append(f"    dominant term: {s.dominant}")
+    out += [f"    note: {n}" for n in s.notes]
     return out
 
 

@@ -89,13 +89,16 @@ class RayRuntime:
 
 
 @contextlib.contextmanager
-def command_runtime(ray_num_cpus: int | None = None) -> Iterator[DistEnv]:
+def command_runtime(
+    ray_num_cpus: int | None = None, collective_timeout_s: float | None = None
+) -> Iterator[DistEnv]:
     """Process group + Ray runtime for the body of one command; both torn down however it ends.
 
     ``ray_num_cpus`` sizes a private runtime only (``data.ray_num_cpus``); an attached node runtime
-    was sized by its launcher.
+    was sized by its launcher. ``collective_timeout_s`` is the process group's timeout
+    (``train.collective_timeout_s``).
     """
-    env = init_distributed()
+    env = init_distributed(timeout_s=collective_timeout_s)
     failed = True
     try:
         with RayRuntime(num_cpus=ray_num_cpus):

@@ -1,10 +1,17 @@
 """DistributedModelParallel wrapping: sharding plan, fused embedding optimizer, dense optimizer.
 
 The CTR, CVR and structure embedding collections are separate ``EmbeddingBagCollection``s, each
-sharded by the planner. Tables are constrained to table-wise sharding for now: it is available on
-CPU and GPU, keeps every table's rows on one rank (the structure step reads and writes whole
-tables), and never picks data-parallel (replicated tables would take the dense optimizer and a full
-all-reduce every step). Row-wise sharding for tens of millions of users is the scalable issue's job.
+sharded by the planner under explicit constraints (the planner never chooses a sharding type alone):
+
+* **Field tables: table-wise.** Available on CPU and GPU, and never data-parallel (replicated tables
+  would take the dense optimizer and a full all-reduce every step).
+* **Structure tables (``U``/``I``, one row per entity): row-wise, FUSED kernel.** Every rank owns a
+  contiguous block of entities, which is exactly the block the row-sharded structure step
+  (``structure/migrator.py``) reads, smooths and writes back in place. The kernel is constrained to
+  ``fused`` (weights in device memory; host memory on CPU): with ``fused_uvm_caching`` a write into
+  the weights would bypass the cache, and cached rows would keep their pre-update values and later
+  overwrite the update. CPU's default sharder does not offer row-wise; :class:`RowWiseSharder` adds it
+  (docs/platform-notes.md), and every table is constrained, so that does not leak to other tables.
 """
 
 from __future__ import annotations
@@ -12,11 +19,13 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner
@@ -70,11 +79,25 @@ def dense_parameter_bytes(module: nn.Module) -> int:
     return sum(p.numel() * 4 for p in module.parameters() if id(p) not in table_params)
 
 
-def prepare_tables(module: nn.Module, cfg: OptimConfig, emb_opt: str) -> dict[str, ParameterConstraints]:
-    """Puts the fused optimizer on every embedding table and returns the table-wise constraints.
+class RowWiseSharder(EmbeddingBagCollectionSharder):
+    """TorchRec's EBC sharder with row-wise offered on every device (its CPU list lacks it)."""
 
-    The planner reads the optimizer class off the parameters (Adam: 2 extra states per weight;
-    row-wise Adagrad: one float per row), so this must run before planning, dry run included.
+    def sharding_types(self, compute_device_type: str) -> list[str]:
+        types = list(super().sharding_types(compute_device_type))
+        if ShardingType.ROW_WISE.value not in types:
+            types.append(ShardingType.ROW_WISE.value)
+        return types
+
+
+def prepare_tables(
+    module: nn.Module, cfg: OptimConfig, emb_opt: str, row_wise: Collection[str] = ()
+) -> dict[str, ParameterConstraints]:
+    """Puts the fused optimizer on every embedding table and returns every table's constraints.
+
+    Tables named in ``row_wise`` (the structure tables) get row-wise sharding on the FUSED kernel;
+    all others table-wise (module doc). The planner reads the optimizer class off the parameters
+    (Adam: 2 extra states per weight; row-wise Adagrad: one float per row), so this must run before
+    planning, dry run included.
     """
     constraints: dict[str, ParameterConstraints] = {}
     for _, ebc in _collections(module):
@@ -83,7 +106,16 @@ def prepare_tables(module: nn.Module, cfg: OptimConfig, emb_opt: str) -> dict[st
         else:
             apply_optimizer_in_backward(RowWiseAdagrad, ebc.parameters(), {"lr": cfg.embedding_lr})
         for t in ebc.embedding_bag_configs():
-            constraints[t.name] = ParameterConstraints(sharding_types=[ShardingType.TABLE_WISE.value])
+            if t.name in row_wise:
+                constraints[t.name] = ParameterConstraints(
+                    sharding_types=[ShardingType.ROW_WISE.value],
+                    compute_kernels=[EmbeddingComputeKernel.FUSED.value],
+                )
+            else:
+                constraints[t.name] = ParameterConstraints(sharding_types=[ShardingType.TABLE_WISE.value])
+    unknown = set(row_wise) - set(constraints)
+    if unknown:
+        raise ValueError(f"row-wise tables {sorted(unknown)} are not in the model's collections")
     return constraints
 
 
@@ -96,15 +128,19 @@ def build_planner(
     compute_device: str,
     hbm_cap_bytes: int | None = None,
     ddr_cap_bytes: int | None = None,
+    dry_run: bool | None = None,
 ) -> EmbeddingShardingPlanner:
     """The planner ``shard_model`` uses; ``cstwa-dist plan`` builds the same one for any topology.
 
-    Without capacities the topology is TorchRec's default for the device (what training uses); with
-    them it is a dry-run topology (``TrainerConfig.is_dry_run``) with those per-device capacities. The
+    Capacities are per device (HBM) and per rank (host memory); without them the topology takes
+    TorchRec's defaults. ``dry_run`` (default: whether any capacity is given) marks a planning-only
+    topology (``TrainerConfig.is_dry_run``); training passes the machine's real capacities with
+    ``dry_run=False`` (:func:`device_capacities`). The
     storage reservation keeps 15 % of each device plus 6 x the dense parameter bytes (weights, grads,
     Adam state, DDP buckets) out of the tables' reach.
     """
-    dry_run = hbm_cap_bytes is not None or ddr_cap_bytes is not None
+    if dry_run is None:
+        dry_run = hbm_cap_bytes is not None or ddr_cap_bytes is not None
     trainer_config = (
         TrainerConfig(
             world_size=world_size,
@@ -114,7 +150,12 @@ def build_planner(
             dry_run_ddr_bytes=ddr_cap_bytes,
         )
         if dry_run
-        else TrainerConfig(world_size=world_size, local_world_size=local_world_size)
+        else TrainerConfig(
+            world_size=world_size,
+            local_world_size=local_world_size,
+            hbm_cap_bytes=hbm_cap_bytes,
+            ddr_cap_bytes=ddr_cap_bytes,
+        )
     )
     topology = TopologyFactory.create_topology(
         trainer_config=trainer_config, kernel_config=KernelConfig(compute_device=compute_device)
@@ -128,18 +169,36 @@ def build_planner(
     )
 
 
-def shard_model(module: nn.Module, env: DistEnv, cfg: OptimConfig) -> ShardedModel:
-    """Applies the fused optimizer to every embedding table, plans, shards, builds the dense Adam."""
+def device_capacities(env: DistEnv) -> tuple[int | None, int]:
+    """This rank's real memory for the planner: the GPU's total memory (``None`` on CPU) and the
+    host memory divided among the node's ranks. TorchRec's defaults (32 GiB HBM, 128 GiB host) would
+    let it plan tables onto memory a node does not have, or refuse plans that fit."""
+    hbm = torch.cuda.get_device_properties(env.device).total_memory if env.device.type == "cuda" else None
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return hbm, host // max(1, _local_world_size(env))
+
+
+def shard_model(
+    module: nn.Module, env: DistEnv, cfg: OptimConfig, row_wise: Collection[str] = ()
+) -> ShardedModel:
+    """Applies the fused optimizer to every embedding table, plans, shards, builds the dense Adam.
+
+    ``row_wise``: names of the tables to shard by rows (the model's structure tables).
+    """
     emb_opt = embedding_optimizer_name(cfg, env.device)
-    constraints = prepare_tables(module, cfg, emb_opt)
+    constraints = prepare_tables(module, cfg, emb_opt, row_wise)
+    hbm, host = device_capacities(env)
     planner = build_planner(
         module,
         constraints,
         world_size=env.world_size,
         local_world_size=_local_world_size(env),
         compute_device=env.device.type,
+        hbm_cap_bytes=hbm,
+        ddr_cap_bytes=host,
+        dry_run=False,
     )
-    sharders = [EmbeddingBagCollectionSharder()]
+    sharders = [RowWiseSharder()]
     plan = planner.collective_plan(module, sharders, dist.GroupMember.WORLD)
     dmp = DistributedModelParallel(module=module, device=env.device, plan=plan, sharders=sharders)
     sum_dense_gradients(dmp)

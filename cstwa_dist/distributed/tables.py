@@ -1,19 +1,28 @@
-"""Whole-table reads and writes of (sharded) embedding tables, for the structure steps.
+"""Reads and writes of (sharded) embedding tables for the structure steps.
 
 The local shards in a sharded EBC's ``state_dict()`` are views of the live FBGEMM weights, so an
-in-place ``copy_`` into them updates the table that the next forward uses (docs/platform-notes.md). Reading
-fills a zero buffer from the local shards by their offsets and sums over ranks: every rank gets the
-full table. That is O(rows × width) memory per rank — right for this slice, not for 30M users; the
-row-sharded path (neighbour rows fetched by all-to-all) is the scalable issue's job.
+in-place ``copy_`` into them updates the table that the next forward uses (docs/platform-notes.md).
+
+* :func:`local_rows` is what the structure step uses: a row-wise sharded table's row blocks in rank
+  order and a live view of this rank's block. Per-rank memory: nothing beyond the shard itself.
+* :func:`read_full_table` / :func:`write_full_table` move a whole table (every rank gets all of it,
+  ``rows × width`` floats): for tests and small tables only, never on the training path.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 
 from cstwa_dist.distributed.collectives import all_reduce_sum
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def _table_state(ebc: nn.Module, table: str) -> torch.Tensor:
@@ -51,3 +60,46 @@ def write_full_table(ebc: nn.Module, table: str, full: torch.Tensor) -> None:
         shard.tensor.copy_(
             full[r : r + h, c : c + w].to(device=shard.tensor.device, dtype=shard.tensor.dtype)
         )
+
+
+@torch.no_grad()
+def local_rows(ebc: nn.Module, table: str) -> tuple[list[tuple[int, int]], torch.Tensor]:
+    """``(ranges, rows)``: every rank's row block ``[lo, hi)`` of ``table`` in rank order, and a live
+    view ``[hi − lo, width]`` of this rank's block (writes into it change the table).
+
+    The table must be row-wise sharded (each shard spans all columns; blocks contiguous in rank
+    order, as TorchRec places them) or, on one process, unsharded. A rank without a shard gets an
+    empty block. Anything else is an error naming the table: the structure step would otherwise
+    read or write rows it does not own.
+    """
+    rank, world = _world()
+    t = _table_state(ebc, table)
+    if not isinstance(t, ShardedTensor):
+        if world > 1:
+            raise ValueError(f"table {table!r} is not sharded; the structure step needs it row-wise")
+        return [(0, int(t.shape[0]))], t
+    rows, width = (int(s) for s in t.size())
+    blocks: dict[int, tuple[int, int]] = {}
+    for md in t.metadata().shards_metadata:
+        (r, c), (h, w) = md.shard_offsets, md.shard_sizes
+        if c != 0 or w != width:
+            raise ValueError(f"table {table!r} is not row-wise sharded (a shard spans columns {c}..{c + w})")
+        owner = md.placement.rank() if md.placement is not None else -1
+        if owner in blocks:
+            raise ValueError(f"table {table!r} has more than one row block on rank {owner}")
+        blocks[owner] = (int(r), int(r) + int(h))
+    ranges: list[tuple[int, int]] = []
+    pos = 0
+    for rk in range(world):
+        lo, hi = blocks.get(rk, (pos, pos))
+        if lo != pos:
+            raise ValueError(
+                f"table {table!r}: rank {rk}'s rows start at {lo}, expected {pos} (blocks {blocks})"
+            )
+        ranges.append((lo, hi))
+        pos = hi
+    if pos != rows:
+        raise ValueError(f"table {table!r}: row blocks cover {pos} of {rows} rows")
+    shards = t.local_shards()
+    view = shards[0].tensor if shards else torch.empty((0, width), dtype=t.dtype)
+    return ranges, view

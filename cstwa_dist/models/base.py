@@ -99,9 +99,10 @@ class SeparateEmbeddings(RecModel):
         super().__init__()
         d = cfg.embedding_dim
         self.ctr_embeddings = FieldEmbeddings(spec, "ctr", d, device)
-        self.cvr_embeddings = FieldEmbeddings(spec, "cvr", d, device)
+        self.cvr_embeddings = FieldEmbeddings(spec, "cvr", d, device, self.cvr_fields(spec))
         self.build_cvr_input(spec, cfg, device)
-        x_dim = self.cvr_embeddings.out_dim  # x^cvr has the width of r_u ‖ r_i ‖ ctx in every variant
+        # x^cvr has the width of r_u ‖ r_i ‖ ctx in every variant, whichever tables produce it
+        x_dim = (len(spec.user_fields) + len(spec.item_fields) + 1) * d
         self.click_tower, self.click_layer = tower_with_logit(
             self.ctr_embeddings.out_dim, cfg.ctr_tower, cfg.dropout, device
         )
@@ -109,6 +110,10 @@ class SeparateEmbeddings(RecModel):
         self.conversion_tower, self.conversion_layer = tower_with_logit(
             x_dim, cfg.cvr_tower, cfg.dropout, device
         )
+
+    def cvr_fields(self, spec: DatasetSpec) -> list[str] | None:
+        """The fields the CVR collection has tables for (all by default)."""
+        return None
 
     def build_cvr_input(self, spec: DatasetSpec, cfg: ModelConfig, device: torch.device | None) -> None:
         """Modules ``cvr_input`` needs beyond the CVR field embeddings (none by default)."""

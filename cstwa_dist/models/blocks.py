@@ -124,16 +124,30 @@ class FieldEmbeddings(nn.Module):
     """One embedding table per field of a spec, with the side views the models need.
 
     ``forward`` returns ``(r_u, r_i, ctx)``: user-side and item-side concatenations (docs/method.md Eq. 2)
-    and the mean of the context embeddings.
+    and the mean of the context embeddings. ``fields`` restricts the collection to some of the spec's
+    fields (default all): a view whose fields are absent is ``[B, 0]``, and no table exists (or is
+    looked up) for a field nobody reads.
     """
 
-    def __init__(self, spec: DatasetSpec, prefix: str, dim: int, device: torch.device | None) -> None:
+    def __init__(
+        self,
+        spec: DatasetSpec,
+        prefix: str,
+        dim: int,
+        device: torch.device | None,
+        fields: list[str] | None = None,
+    ) -> None:
         super().__init__()
-        self.user_keys = [f.name for f in spec.user_fields]
-        self.item_keys = [f.name for f in spec.item_fields]
-        self.context_keys = [f.name for f in spec.context_fields]
+        keep = set(spec.names if fields is None else fields)
+        unknown = keep - set(spec.names)
+        if unknown:
+            raise ValueError(f"fields {sorted(unknown)} are not in the dataset spec")
+        self.user_keys = [f.name for f in spec.user_fields if f.name in keep]
+        self.item_keys = [f.name for f in spec.item_fields if f.name in keep]
+        self.context_keys = [f.name for f in spec.context_fields if f.name in keep]
         self.dim = dim
-        self.ebc = embedding_collection(field_tables(list(spec.fields), prefix, dim), device)
+        tables = field_tables([f for f in spec.fields if f.name in keep], prefix, dim)
+        self.ebc = embedding_collection(tables, device)
 
     @property
     def user_dim(self) -> int:
@@ -144,14 +158,19 @@ class FieldEmbeddings(nn.Module):
         return len(self.item_keys) * self.dim
 
     @property
+    def context_dim(self) -> int:
+        return self.dim if self.context_keys else 0
+
+    @property
     def out_dim(self) -> int:
         """Width of ``r_u ‖ r_i ‖ ctx``, the input every tower built on these embeddings takes."""
-        return self.user_dim + self.item_dim + self.dim
+        return self.user_dim + self.item_dim + self.context_dim
 
     def forward(self, features: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         kt = self.ebc(features)
+        empty = kt.values().new_zeros((kt.values().shape[0], 0))
         return (
-            concat_by_keys(kt, self.user_keys),  # [B, M_u·D]
-            concat_by_keys(kt, self.item_keys),  # [B, M_i·D]
-            mean_by_keys(kt, self.context_keys),  # [B, D]
+            concat_by_keys(kt, self.user_keys) if self.user_keys else empty,  # [B, M_u·D]
+            concat_by_keys(kt, self.item_keys) if self.item_keys else empty,  # [B, M_i·D]
+            mean_by_keys(kt, self.context_keys) if self.context_keys else empty,  # [B, D]
         )

@@ -1,9 +1,33 @@
-"""The Structure Migrator's trainer-side steps, for any model that declares structure tables.
+"""The Structure Migrator's trainer-side steps, row-sharded end to end (docs/method.md §1–2).
 
-``initialise``: ``U ← [r_u^cvr]_u`` (Eq. 8) from the model's CVR field tables, written into the
-(sharded) trainable ``U``/``I`` tables. ``epoch_boundary``: ``U ← (1−β)·U + β·Â^L U`` (Eq. 9–10),
-read from and written back into the live tables. ``mine_structure``: representations of the
-pre-trained CTR model → exact kNN graph → normalised ``Â`` saved for training runs.
+Every rank works on the entities of its own row block and nothing of size ``N`` exists anywhere:
+
+* ``mine_structure`` (after pre-training): this rank's entity profiles (``data/entities.py``, read
+  shard-wise) → its rows' representations (a collective read-out of the pre-trained tables) →
+  distributed IVF kNN (``structure/ivf.py``: the rows stay put, query blocks travel on a ring) →
+  its rows of ``Â`` (Eq. 4–5, neighbour degrees fetched, ``structure/sharded_graph.py``) → one graph
+  part per rank plus a manifest. The blocks are ``even_ranges(N, W)``.
+* ``StructureMigrator.initialise`` (Eq. 8): ``U``/``I`` are row-wise sharded tables
+  (``distributed/sharding.py``); each rank writes its own block: the id slot keeps the table's own
+  random start, the other side fields' CVR embeddings are read out for the block's profiles.
+* ``StructureMigrator.epoch_boundary`` (Eq. 9–10): each rank reads its block of the live table (a
+  view, no copy of the table), propagates ``L`` layers fetching only the foreign neighbour rows each
+  layer needs, and writes ``(1−β)·U + β·U^(L)`` back into its block, on the rank's device.
+
+The training blocks are the table's row-wise shards (TorchRec's), which need not match the blocks the
+graph was mined with: graph parts are read by row range (``load_graph_rows``), so pretrain and train
+may run on different world sizes.
+
+**Optimizer state of moved rows (decision).** The β update is not a gradient step: the fused
+optimizer's per-row state (row-wise Adagrad's sum of squared gradients, Adam's moments) describes the
+gradients a row has seen, and stays as it is. A row's next updates therefore keep the step size its
+history earned; resetting the state would give every smoothed row a burst of large steps.
+
+**Per-rank memory** (``n_r`` own rows, ``w`` table width, ``k`` neighbours, ``f_r`` distinct foreign
+neighbour rows, at most ``min(n_r·k, N − n_r)``): epoch boundary ``n_r·w`` (the propagated block) +
+``f_r·w`` (fetched rows) per layer + ``n_r·k·12`` B (own CSR rows); initialisation ``n_r·(w + M·8)``;
+mining as ``structure/ivf.py`` states plus ``n_r·(M·8 + w·4)``. Rank 0 also holds the IVF training
+sample (``nlist·39·w`` floats).
 """
 
 from __future__ import annotations
@@ -11,6 +35,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,25 +43,50 @@ import torch.distributed as dist
 from torchrec.distributed.model_parallel import DistributedModelParallel
 
 from cstwa_dist.config import StructureConfig
+from cstwa_dist.data.entities import read_entity_rows
 from cstwa_dist.data.spec import DatasetSpec
 from cstwa_dist.distributed.env import DistEnv
 from cstwa_dist.distributed.sharding import submodule
-from cstwa_dist.distributed.tables import read_full_table, write_full_table
+from cstwa_dist.distributed.tables import local_rows
+from cstwa_dist.fs import atomic_path
 from cstwa_dist.registry import StructureTable
-from cstwa_dist.structure.graph import build_graph, load_graph, save_graph
-from cstwa_dist.structure.profiles import entity_profiles
-from cstwa_dist.structure.propagate import structure_migrate
+from cstwa_dist.structure.ivf import IVFParams, distributed_knn, even_ranges
 from cstwa_dist.structure.readout import side_representations
+from cstwa_dist.structure.sharded_graph import (
+    ShardedPropagator,
+    graph_rows,
+    load_graph_rows,
+    save_graph_shard,
+    shard_from_knn,
+)
 
 logger = logging.getLogger(__name__)
 
 
-def graph_path(graph_dir: str | Path, side: str) -> Path:
-    return Path(graph_dir) / f"{side}_graph.pt"
+def _num_entities(spec: DatasetSpec, side: str) -> int:
+    return spec.num_users if side == "user" else spec.num_items
+
+
+def _comm_device(env: DistEnv) -> torch.device:
+    """Where tensors travel for collectives: the rank's GPU under NCCL, the CPU under gloo."""
+    return env.device if env.backend == "nccl" else torch.device("cpu")
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _sum_ints(values: list[int], env: DistEnv) -> list[int]:
+    if not dist.is_initialized() or env.world_size == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.int64, device=_comm_device(env))
+    dist.all_reduce(t)
+    return [int(v) for v in t.tolist()]
 
 
 class StructureMigrator:
-    """Initialises and smooths a model's structure tables; holds the graphs and entity profiles."""
+    """Initialises and smooths a model's row-sharded structure tables over this rank's graph rows."""
 
     def __init__(
         self,
@@ -47,42 +97,90 @@ class StructureMigrator:
         cfg: StructureConfig,
         env: DistEnv,
     ) -> None:
-        self.dmp, self.tables, self.spec, self.cfg, self.env = dmp, tables, spec, cfg, env
-        self.graphs: dict[str, torch.Tensor] = {}
-        self.profiles: dict[str, np.ndarray] = {}
-        for side in sorted({t.side for t in tables}):
-            path = graph_path(cfg.graph_dir, side)
-            if not path.exists():
+        self.dmp, self.tables, self.spec, self.dataset, self.cfg, self.env = (
+            dmp,
+            tables,
+            spec,
+            dataset,
+            cfg,
+            env,
+        )
+        self.propagators: dict[str, ShardedPropagator] = {}
+        for t in tables:
+            n = _num_entities(spec, t.side)
+            try:
+                rows = graph_rows(cfg.graph_dir, t.side)
+            except FileNotFoundError as e:
                 raise FileNotFoundError(
-                    f"{path} not found: this model needs the {side} graph; run `cstwa-dist pretrain` "
-                    f"with the same config first (structure.graph_dir={cfg.graph_dir})"
+                    f"the {t.side} graph is not found ({e}): this model needs it; run `cstwa-dist "
+                    f"pretrain` with the same config first (structure.graph_dir={cfg.graph_dir})"
+                ) from None
+            if rows != n:
+                raise ValueError(
+                    f"the {t.side} graph in {cfg.graph_dir} has {rows} rows but the dataset has {n} "
+                    f"{t.side}s: it was mined from another dataset; run `cstwa-dist pretrain` again"
                 )
-            g = load_graph(path)
-            n = spec.num_users if side == "user" else spec.num_items
-            if tuple(g.shape) != (n, n):
-                raise ValueError(f"{path} is {tuple(g.shape)} but the dataset has {n} {side}s")
-            self.graphs[side] = g
-            self.profiles[side] = entity_profiles(dataset, spec, side)[0]
+            ranges, _ = local_rows(submodule(dmp, t.collection), t.table)
+            lo, hi = ranges[env.rank]
+            shard = load_graph_rows(cfg.graph_dir, t.side, lo, hi)
+            self.propagators[t.table] = ShardedPropagator(shard, ranges, _comm_device(env))
+            logger.info(
+                "structure migrator: %s rows [%d, %d) of %d, %d graph entries, %s",
+                t.table,
+                lo,
+                hi,
+                n,
+                int(shard.val.numel()),
+                {k: f"{v / 2**20:.1f} MiB" for k, v in self.propagators[t.table].memory().items()},
+            )
 
     def initialise(self) -> None:
-        """Eq. 8: every entity's row of ``U``/``I`` = its CVR field embeddings, concatenated."""
+        """Eq. 8 on this rank's block: ``U[u] = [id slot ‖ CVR embeddings of u's other side fields]``.
+
+        The id slot keeps the row's random start (the structure table is drawn with the bound of the
+        CVR id table it stands in for: both have one row per entity); reading out the side fields is a
+        collective, so every rank runs it even for an empty block.
+        """
+        d = None
         for t in self.tables:
+            ebc = submodule(self.dmp, t.collection)
+            ranges, own = local_rows(ebc, t.table)
+            lo, hi = ranges[self.env.rank]
+            fields = self.spec.side_fields(t.side)
+            d = own.shape[1] // len(fields)
+            if not hasattr(self.dmp.module.model, t.init_from):
+                logger.info(
+                    "structure migrator: %s has no side fields besides the id; rows keep their start", t.side
+                )
+                continue
+            profiles, _ = read_entity_rows(self.dataset, self.spec, t.side, lo, hi)
             reps = side_representations(
-                submodule(self.dmp, t.init_from), self.spec, t.side, self.profiles[t.side], self.env
+                submodule(self.dmp, t.init_from), self.spec, t.side, profiles, ranges, self.env
             )
-            write_full_table(submodule(self.dmp, t.collection), t.table, reps)
+            if reps.shape[1] != own.shape[1] - d:
+                raise ValueError(f"{t.table}: {reps.shape[1]} side columns for a row of width {own.shape[1]}")
+            with torch.no_grad():
+                own[:, d:] = reps.to(device=own.device, dtype=own.dtype)
             logger.info(
-                "structure migrator: initialised %s from %s (%s)", t.table, t.init_from, tuple(reps.shape)
+                "structure migrator: initialised %s rows [%d, %d) from %s", t.table, lo, hi, t.init_from
             )
 
     def epoch_boundary(self, epoch: int) -> float:
-        """Eq. 9–10 on every structure table; returns the seconds it took."""
+        """Eq. 9–10 on this rank's block of every structure table; returns the seconds it took."""
         t0 = time.perf_counter()
         for t in self.tables:
-            ebc = submodule(self.dmp, t.collection)
-            cur = read_full_table(ebc, t.table, self.env.device).cpu()
-            new = structure_migrate(self.graphs[t.side], cur, self.cfg.layers, self.cfg.beta)
-            write_full_table(ebc, t.table, new)
+            _, own = local_rows(submodule(self.dmp, t.collection), t.table)
+            prop = self.propagators[t.table]
+            with torch.no_grad():
+                cur = own.detach().to(torch.float32)
+                new = prop.migrate(cur, self.cfg.layers, self.cfg.beta)
+                moved = _sum_ints([int(own.shape[0])], self.env)[0]
+                delta = float((new - cur).abs().sum())
+                own.copy_(new.to(dtype=own.dtype))
+            if dist.is_initialized() and self.env.world_size > 1:
+                t_delta = torch.tensor([delta], dtype=torch.float64, device=_comm_device(self.env))
+                dist.all_reduce(t_delta)
+                delta = float(t_delta.item())
             logger.info(
                 "epoch %d: %s ← (1−%.2f)·U + %.2f·Â^%d U, mean |Δ| %.3g",
                 epoch,
@@ -90,9 +188,43 @@ class StructureMigrator:
                 self.cfg.beta,
                 self.cfg.beta,
                 self.cfg.layers,
-                float((new - cur).abs().mean()),
+                delta / max(moved * own.shape[1], 1),
             )
         return time.perf_counter() - t0
+
+
+def ivf_params(cfg: StructureConfig, seed: int = 0) -> IVFParams:
+    """The kNN search ``pretrain`` runs, from the ``structure`` config section."""
+    return IVFParams(nlist=cfg.nlist, nprobe=cfg.nprobe, pq_m=cfg.pq_m, exact=cfg.knn == "exact", seed=seed)
+
+
+def _save_representations(path: Path, block: np.ndarray, lo: int, n: int, env: DistEnv) -> None:
+    """One ``[N, w]`` ``.npy`` file written by all ranks, each its own rows through a memory map (no
+    rank holds more than its block). Rank 0 creates it under rank 0's temporary name
+    (``fs.atomic_path``) and renames it when every rank has written: a reader never sees a partial
+    file. Every rank must call it."""
+    width = block.shape[1]
+    if env.is_main:
+        with atomic_path(path) as tmp:
+            np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, width)).flush()
+            names = [str(tmp)]
+            if env.world_size > 1:
+                dist.broadcast_object_list(names, src=0)
+            _write_rows(names[0], block, lo)
+            _barrier()  # every rank has written its rows
+        return
+    names = [""]
+    dist.broadcast_object_list(names, src=0)
+    _write_rows(names[0], block, lo)
+    _barrier()
+
+
+def _write_rows(name: str, block: np.ndarray, lo: int) -> None:
+    if block.shape[0]:
+        mm = np.load(name, mmap_mode="r+")
+        mm[lo : lo + block.shape[0]] = block
+        mm.flush()
+        del mm
 
 
 def mine_structure(
@@ -102,40 +234,71 @@ def mine_structure(
     dataset: str,
     cfg: StructureConfig,
     env: DistEnv,
-) -> dict[str, dict[str, float]]:
-    """Representations from the pre-trained tables → kNN graphs → ``Â`` files in ``cfg.graph_dir``.
+    seed: int = 0,
+) -> dict[str, dict[str, Any]]:
+    """Representations of the pre-trained tables → distributed kNN → ``Â`` parts in ``cfg.graph_dir``.
 
-    Every rank takes part in the read-out (a collective); rank 0 builds and writes the graphs (exact
-    Faiss search: the reference path; the distributed IVF path is a separate issue).
+    Every rank calls it (the read-out, the kNN ring and the degree exchange are collective) and
+    writes its own graph part; rank 0 writes each side's manifest last. Returns the report rank 0
+    writes to ``structure.json`` (sizes, recall@k, timings).
     """
     out_dir = Path(cfg.graph_dir)
-    report: dict[str, dict[str, float]] = {}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report: dict[str, dict[str, Any]] = {}
     embeddings = submodule(dmp, source)
+    params = ivf_params(cfg, seed)
+    comm = _comm_device(env)
     for side in ("user", "item"):
-        profiles, seen = entity_profiles(dataset, spec, side)
-        reps = side_representations(embeddings, spec, side, profiles, env)
-        if env.is_main:
-            t0 = time.perf_counter()
-            a_hat = build_graph(reps.numpy(), cfg.k, progress=True)
-            out_dir.mkdir(parents=True, exist_ok=True)
-            save_graph(graph_path(out_dir, side), a_hat)
-            np.save(out_dir / f"{side}_representations.npy", reps.numpy())
-            report[side] = {
-                "entities": float(reps.shape[0]),
-                "seen_in_data": float(seen.sum()),
-                "width": float(reps.shape[1]),
-                "k": float(cfg.k),
-                "nnz": float(a_hat.values().numel()),
-                "seconds": time.perf_counter() - t0,
-            }
-            logger.info(
-                "%s graph: %d nodes, %d edges, %.1fs → %s",
-                side,
-                reps.shape[0],
-                a_hat.values().numel(),
-                report[side]["seconds"],
-                graph_path(out_dir, side),
-            )
-    if dist.is_initialized():
-        dist.barrier()
+        t0 = time.perf_counter()
+        n = _num_entities(spec, side)
+        ranges = even_ranges(n, env.world_size)
+        lo, hi = ranges[env.rank]
+        profiles, seen = read_entity_rows(dataset, spec, side, lo, hi)
+        reps = side_representations(embeddings, spec, side, profiles, ranges, env).numpy()
+        t_read = time.perf_counter() - t0
+        knn = distributed_knn(reps, ranges, cfg.k, params, recall_queries=cfg.recall_queries, device=comm)
+        t_knn = time.perf_counter() - t0 - t_read
+        shard = shard_from_knn(knn.scores, knn.indices, ranges, comm)
+        meta = {
+            "k": knn.k,
+            "knn": cfg.knn,
+            "nlist": knn.nlist,
+            "nprobe": knn.nprobe,
+            "pq_m": cfg.pq_m,
+            "recall_at_k": knn.recall,
+            "recall_queries": knn.recall_queries,
+            "width": int(reps.shape[1]),
+        }
+        save_graph_shard(out_dir, side, shard, ranges, meta)
+        if cfg.save_representations:
+            _save_representations(out_dir / f"{side}_representations.npy", reps, lo, n, env)
+        nnz, seen_total = _sum_ints([int(shard.val.numel()), int(seen.sum())], env)
+        report[side] = {
+            "entities": n,
+            "seen_in_data": seen_total,
+            "width": int(reps.shape[1]),
+            "k": knn.k,
+            "knn": cfg.knn,
+            "nlist": knn.nlist,
+            "nprobe": knn.nprobe,
+            "recall_at_k": knn.recall,
+            "recall_queries": knn.recall_queries,
+            "nnz": nnz,
+            "ranks": env.world_size,
+            "read_out_s": t_read,
+            "knn_s": t_knn,
+            "knn_timings_rank0": knn.timings,
+            "seconds": time.perf_counter() - t0,
+        }
+        logger.info(
+            "%s graph: %d nodes, %d edges, recall@%d %s, %.1fs → %s",
+            side,
+            n,
+            nnz,
+            knn.k,
+            "n/a" if knn.recall is None else f"{knn.recall:.4f}",
+            report[side]["seconds"],
+            out_dir / f"{side}_graph",
+        )
+    _barrier()
     return report

@@ -1,9 +1,13 @@
-"""Representation read-out (Eq. 2): ``r_u`` / ``r_i`` for every entity from (sharded) field tables.
+"""Representation read-out (Eq. 2): ``r_u`` / ``r_i`` of this rank's entities from (sharded) field tables.
 
 Lookups go through the collection's own forward with a KeyedJaggedTensor of entity profiles, so the
-sharding plan (which rank owns which table or rows) is TorchRec's business, not ours. Entities are
-split evenly over ranks and looked up in equal-count chunks (the last chunk padded), because a
-sharded forward is a collective that every rank must enter the same number of times.
+sharding plan (which rank owns which table or rows) is TorchRec's business, not ours. Each rank reads
+out the entities of its own row block only; the blocks are looked up in equal-count chunks (the last
+one padded) and every rank runs the same number of chunks, because a sharded forward is a collective
+that every rank must enter the same number of times.
+
+Per-rank memory: the own block's representations ``n_r · width`` floats, one chunk's KJT
+(``chunk · fields`` ids) and its pooled output ``chunk · width``; nothing of size ``N``.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -18,7 +23,6 @@ from torch import nn
 
 from cstwa_dist.data.batch import make_kjt
 from cstwa_dist.data.spec import DatasetSpec
-from cstwa_dist.distributed.collectives import all_gather_rows
 from cstwa_dist.distributed.env import DistEnv
 
 logger = logging.getLogger(__name__)
@@ -30,25 +34,31 @@ def side_representations(
     spec: DatasetSpec,
     side: str,
     profiles: np.ndarray,
+    ranges: Sequence[tuple[int, int]],
     env: DistEnv,
     chunk: int = 65536,
 ) -> torch.Tensor:
-    """``[N, M_side·D]`` representations of every entity of ``side``, on every rank (CPU float32).
+    """``[hi − lo, width]`` representations of this rank's entities ``ranges[rank]`` (CPU float32).
 
-    ``embeddings`` is a ``FieldEmbeddings`` (its EBC possibly sharded); ``profiles`` comes from
-    ``entity_profiles``: row = entity id, columns = the side's fields in ``spec.side_fields`` order.
+    ``embeddings`` is a ``FieldEmbeddings`` (its EBC possibly sharded; its user/item view is what is
+    returned, so a collection holding only some of the side's fields returns only those); ``profiles``
+    are this rank's entities' rows from ``data.entities.read_entity_rows`` (columns in
+    ``spec.side_fields(side)`` order). Every rank must call it with the same ``ranges``.
     """
     if side not in ("user", "item"):
         raise ValueError(f"side must be user or item, got {side!r}")
+    lo, hi = ranges[env.rank]
+    if profiles.shape[0] != hi - lo:
+        raise ValueError(f"rank {env.rank}: {profiles.shape[0]} profile rows for the block [{lo}, {hi})")
     side_names = [f.name for f in spec.side_fields(side)]
-    n = profiles.shape[0]
-    per_rank = math.ceil(n / env.world_size)
-    lo, hi = min(env.rank * per_rank, n), min((env.rank + 1) * per_rank, n)
-    steps = max(1, math.ceil(per_rank / chunk))
+    if profiles.ndim != 2 or profiles.shape[1] != len(side_names):
+        raise ValueError(f"profiles have shape {profiles.shape}; the {side} side has fields {side_names}")
+    longest = max(b - a for a, b in ranges)
+    steps = max(1, math.ceil(longest / chunk))
     out: list[torch.Tensor] = []
     t0 = time.perf_counter()
     for s in range(steps):
-        a, b = min(lo + s * chunk, hi), min(lo + (s + 1) * chunk, hi)
+        a, b = min(s * chunk, hi - lo), min((s + 1) * chunk, hi - lo)
         real = b - a
         rows = np.zeros((chunk, len(side_names)), dtype=np.int64)
         rows[:real] = profiles[a:b]
@@ -58,13 +68,13 @@ def side_representations(
         kjt = make_kjt(cols, spec.names).to(env.device)
         r_u, r_i, _ = embeddings(kjt)
         out.append((r_u if side == "user" else r_i)[:real].float().cpu())
-    local = torch.cat(out) if out else torch.zeros(0)
-    full = all_gather_rows(local.to(env.device)).cpu()
+    local = torch.cat(out)
     logger.info(
-        "read out %d %s representations of width %d in %.1fs",
-        n,
+        "read out %d of %d %s representations of width %d in %.1fs",
+        hi - lo,
+        ranges[-1][1],
         side,
-        full.shape[1],
+        local.shape[1],
         time.perf_counter() - t0,
     )
-    return full
+    return local

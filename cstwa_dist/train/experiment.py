@@ -6,6 +6,11 @@ and each cell is a call to ``train``; structure (pre-training + graphs) is mined
 ``k`` and shared by every cell that needs it. A cell whose ``metrics.json`` exists is not re-run, so
 a killed experiment restarts where it stopped. Identical cells (e.g. full CSTWA in Table 2 and in
 the ablation) run once. Rank 0 writes ``report.json``, ``report.md`` and the sweep plots.
+
+Every number is a cell's reported test metric, i.e. that of the epoch ``train.select_epoch`` picked
+(by default the best validation Purchase AUC, as in the paper's protocol); the tables name the
+selected epochs. Besides AUC they carry GAUC (per-user AUC) and a calibration table (log loss, ECE),
+see ``cstwa_dist/train/metrics.py``. Cells written before those metrics existed show "n/a".
 """
 
 from __future__ import annotations
@@ -175,7 +180,11 @@ def run_experiment(base: RunConfig, cells: list[Cell], out: str | Path) -> dict[
     return report
 
 
-def _mean_std(xs: list[float]) -> tuple[float, float]:
+# per-task metrics aggregated besides AUC (mean ± std over seeds), as in metrics.json: <task>_<key>
+_EXTRA = ("gauc", "logloss", "ece")
+
+
+def _mean_std(xs: list[float | None]) -> tuple[float, float]:
     a = np.asarray([x for x in xs if x is not None and not math.isnan(x)], dtype=np.float64)
     if a.size == 0:
         return float("nan"), float("nan")
@@ -196,18 +205,27 @@ def build_report(cells: list[Cell], out: Path) -> dict[str, Any]:
                 "overrides": list(c.overrides),
                 "click": [],
                 "purchase": [],
+                **{f"{t}_{k}": [] for k in _EXTRA for t in ("click", "purchase")},
+                "best_epoch": [],
                 "seeds": [],
                 "samples_per_s": [],
             },
         )
         r["click"].append(m["click_auc"])
         r["purchase"].append(m["purchase_auc"])
+        for k in _EXTRA:
+            for t in ("click", "purchase"):
+                r[f"{t}_{k}"].append(m.get(f"{t}_{k}"))  # None in cells from before these metrics
+        r["best_epoch"].append(m.get("best_epoch"))
         r["seeds"].append(c.seed)
         r["samples_per_s"].append(m["samples_per_s"])
     table: list[dict[str, Any]] = []
     for r in rows.values():
         r["click_mean"], r["click_std"] = _mean_std(r["click"])
         r["purchase_mean"], r["purchase_std"] = _mean_std(r["purchase"])
+        for k in _EXTRA:
+            for t in ("click", "purchase"):
+                r[f"{t}_{k}_mean"], r[f"{t}_{k}_std"] = _mean_std(r[f"{t}_{k}"])
         table.append(r)
     for group in {r["group"] for r in table}:
         base = next((r for r in table if r["group"] == group and r["model"] == "mlp"), None)
@@ -229,6 +247,7 @@ def build_report(cells: list[Cell], out: Path) -> dict[str, Any]:
         "embedding_optimizer": sample.get("embedding_optimizer"),
         "train_rows_per_epoch": sample.get("train_rows_per_epoch"),
         "eval_rows": sample.get("eval_rows"),
+        "select_epoch": sample.get("config", {}).get("train", {}).get("select_epoch", "last"),
     }
 
 
@@ -240,6 +259,17 @@ def _gain(x: float | None) -> str:
     return "—" if x is None else f"{x:+.2f} %"
 
 
+def _ms(r: dict[str, Any], key: str) -> tuple[float, float]:
+    """(mean, std) of ``key`` in a report row; NaN for rows of older reports that lack it."""
+    nan = float("nan")
+    return r.get(f"{key}_mean", nan), r.get(f"{key}_std", nan)
+
+
+def _epochs(xs: list[int | None]) -> str:
+    """The selected epoch of each seed, in seed order ("?" for cells from before selection)."""
+    return ", ".join("?" if x is None else str(x) for x in xs)
+
+
 def write_reports(report: dict[str, Any], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     lines = [
@@ -247,8 +277,10 @@ def write_reports(report: dict[str, Any], out: Path) -> None:
         "",
         f"Dataset `{report['dataset']}`; {report['epochs']} epochs; {report['world_size']} rank(s); "
         f"embedding optimizer {report['embedding_optimizer']}; {report['train_rows_per_epoch']} train rows "
-        f"per epoch, {report['eval_rows']} evaluated impressions. AUCs are mean ± sample std over seeds; "
-        "gains are relative to MLP's mean.",
+        f"per epoch, {report['eval_rows']} evaluated impressions. Test metrics of the epoch selected by "
+        f"`train.select_epoch={report.get('select_epoch', 'last')}` (column *epoch*: per seed). AUC and "
+        "GAUC (per-user AUC, impression-weighted, single-class users skipped) are mean ± sample std "
+        "over seeds; gains are relative to MLP's mean AUC.",
     ]
     titles = {"table2": "Table 2: models", "ablation": "Table 3: ablation of CSTWA's components"}
     groups = sorted({r["group"] for r in report["rows"]}, key=lambda g: (g != "table2", g != "ablation", g))
@@ -257,18 +289,34 @@ def write_reports(report: dict[str, Any], out: Path) -> None:
         lines += ["", f"## {titles.get(group, 'Sweep of ' + group.removeprefix('sweep:'))}", ""]
         head = "value" if group.startswith("sweep:") else "model"
         lines += [
-            f"| {head} | seeds | Click AUC | Purchase AUC | Click gain | Purchase gain |",
-            "| --- | --- | --- | --- | --- | --- |",
+            f"| {head} | seeds | Click AUC | Click GAUC | Purchase AUC | Purchase GAUC | Click gain | "
+            "Purchase gain | epoch |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for r in rows:
             lines.append(
                 f"| {r['label']} | {len(r['seeds'])} | {_fmt(r['click_mean'], r['click_std'])} | "
-                f"{_fmt(r['purchase_mean'], r['purchase_std'])} | {_gain(r['click_gain_pct'])} | "
-                f"{_gain(r['purchase_gain_pct'])} |"
+                f"{_fmt(*_ms(r, 'click_gauc'))} | {_fmt(r['purchase_mean'], r['purchase_std'])} | "
+                f"{_fmt(*_ms(r, 'purchase_gauc'))} | {_gain(r['click_gain_pct'])} | "
+                f"{_gain(r['purchase_gain_pct'])} | {_epochs(r.get('best_epoch', []))} |"
             )
         if group.startswith("sweep:"):
             png = plot_sweep(group.removeprefix("sweep:"), rows, out)
             lines += ["", f"![{group}]({png.name})"]
+    lines += [
+        "",
+        "## Calibration (test, selected epoch)",
+        "",
+        "Log loss and expected calibration error over 10 equal-count bins of predicted probability "
+        "(mean ± std over seeds); per-run deciles are in each cell's metrics.json.",
+        "",
+        "| group | row | Click log loss | Click ECE | Purchase log loss | Purchase ECE |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for group in groups:
+        for r in (r for r in report["rows"] if r["group"] == group):
+            cols = [_fmt(*_ms(r, f"{t}_{k}")) for t in ("click", "purchase") for k in ("logloss", "ece")]
+            lines.append(f"| {group} | {r['label']} | " + " | ".join(cols) + " |")
     atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
     atomic_write_json(out / "report.json", report, sort_keys=False)
     logger.info("wrote %s and %s", out / "report.md", out / "report.json")

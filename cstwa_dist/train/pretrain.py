@@ -34,7 +34,9 @@ def pretrain_structure(cfg: RunConfig) -> dict[str, Any]:
         run_dir=Path(cfg.structure.graph_dir) / "pretrain",
         epochs=cfg.structure.pretrain_epochs,
     )
-    graphs = mine_structure(res.sharded.dmp, source, res.spec, cfg.data.dataset, cfg.structure, env)
+    graphs = mine_structure(
+        res.sharded.dmp, source, res.spec, cfg.data.dataset, cfg.structure, env, seed=cfg.train.seed
+    )
     report = {"pretrain": res.metrics, "graphs": graphs}
     if env.is_main:
         # last: its presence marks a complete structure directory

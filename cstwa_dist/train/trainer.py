@@ -4,9 +4,11 @@
 declares the structure tables (then the Structure Migrator runs at epoch boundaries). It reads the
 way a training loop is usually read: ``fit`` runs epochs; an epoch is an ``epoch_boundary`` (the
 structure step), ``train_step`` over the reader's batches, and an optional validation pass;
-``evaluate`` scores a split. Every rank runs the reader's ``steps_per_epoch`` fixed-size steps, so
-collectives never wait on a rank that ran out of data. ``.item()`` syncs happen only at logging
-steps.
+``evaluate`` scores a split (AUC, GAUC, calibration: ``metrics.py``). The run reports the test metrics
+of the epoch with the best validation Purchase AUC (``train.select_epoch``), tested at that epoch's end
+and kept in the history (so checkpoints carry it). Every rank runs the reader's ``steps_per_epoch``
+fixed-size steps, so collectives never wait on a rank that ran out of data. ``.item()`` syncs happen
+only at logging steps.
 """
 
 from __future__ import annotations
@@ -45,7 +47,12 @@ from cstwa_dist.losses.common import Collectives
 from cstwa_dist.registry import ModelSpec, get_model_spec
 from cstwa_dist.structure.migrator import StructureMigrator
 from cstwa_dist.train.checkpoint import Checkpointer, TrainState
-from cstwa_dist.train.metrics import exact_auc
+from cstwa_dist.train.metrics import (
+    evaluation_report,
+    is_new_best,
+    scalar_view,
+    select_record,
+)
 from cstwa_dist.train.monitor import RunMonitor
 from cstwa_dist.train.wrapper import ModelTrain, StepOutput
 
@@ -75,20 +82,34 @@ def build_sharded(cfg: RunConfig, model_name: str, env: DistEnv, spec: DatasetSp
     model = mspec.build(spec, cfg.model, torch.device("meta"))
     comm = Collectives(gather=all_gather_cat, sum=summed, world_size=env.world_size)
     loss = mspec.build_loss(cfg.loss, cfg.model, comm)
-    return shard_model(ModelTrain(model, loss, comm), env, cfg.optim)
+    row_wise = [t.table for t in mspec.structure_tables(cfg.model)]  # the row-sharded structure step
+    return shard_model(ModelTrain(model, loss, comm), env, cfg.optim, row_wise)
 
 
 @torch.no_grad()
 def predict(dmp: DistributedModelParallel, reader: SplitReader, env: DistEnv) -> dict[str, np.ndarray]:
-    """Predictions for every real row of the split, gathered from all ranks (rank order)."""
+    """Predictions for every real row of the split, gathered from all ranks (rank order).
+
+    Columns: ``click``/``purchase`` labels and ``p_click``/``p_purchase`` probabilities (float32),
+    and ``user``, the row's user id (int64, the ``spec.user_id`` feature), which GAUC groups by; a
+    user's rows may sit on several ranks, so GAUC too needs the gathered columns.
+    """
     dmp.eval()
-    cols: dict[str, list[torch.Tensor]] = {"click": [], "purchase": [], "p_click": [], "p_purchase": []}
+    user_key = reader.spec.user_id
+    cols: dict[str, list[torch.Tensor]] = {
+        "click": [],
+        "purchase": [],
+        "p_click": [],
+        "p_purchase": [],
+        "user": [],
+    }
     for batch in reader.epoch(0):
         batch = batch.to(env.device)
         _, step = dmp(batch)
         m = batch.mask
         cols["click"].append(batch.click[m])
         cols["purchase"].append(batch.purchase[m])
+        cols["user"].append(batch.features[user_key].values()[m])  # one id per row
         cols["p_click"].append(torch.sigmoid(step.click_logit)[m])
         if step.purchase_logit is not None:
             cols["p_purchase"].append(torch.sigmoid(step.purchase_logit)[m])
@@ -97,16 +118,18 @@ def predict(dmp: DistributedModelParallel, reader: SplitReader, env: DistEnv) ->
     for k, parts in cols.items():
         if not parts:
             continue
-        local = torch.cat(parts).float()
+        local = torch.cat(parts)
+        local = local.to(torch.int64) if k == "user" else local.float()  # ids stay exact
         out[k] = all_gather_rows(local).cpu().numpy()
     return out
 
 
-def auc_report(pred: dict[str, np.ndarray]) -> dict[str, float | None]:
-    """Click AUC and Purchase AUC over all impressions (purchase None for click-only models)."""
-    click_auc = exact_auc(pred["click"], pred["p_click"])
-    purchase_auc = exact_auc(pred["purchase"], pred["p_purchase"]) if "p_purchase" in pred else None
-    return {"click_auc": click_auc, "purchase_auc": purchase_auc, "rows": int(pred["click"].size)}
+def auc_report(pred: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Every metric of a split over all impressions: AUC, GAUC, calibration per task.
+
+    ``purchase_auc`` is None for click-only models; see ``cstwa_dist.train.metrics``.
+    """
+    return evaluation_report(pred)
 
 
 class Trainer:
@@ -288,10 +311,16 @@ class Trainer:
             self.structure_epochs_applied = epoch
             self.monitor.scalars("structure", {"beta_update_s": seconds}, epoch)
 
-    def evaluate(self, split: str) -> dict[str, float | None]:
-        """Click/Purchase AUC over every impression of ``split``, gathered from all ranks."""
+    def evaluate(self, split: str) -> dict[str, Any]:
+        """Every metric of ``split`` (``auc_report``) over its impressions, gathered from all ranks.
+
+        ``seconds``: the pass's wall time (prediction, gather and metrics).
+        """
         self._detach_pipeline()
-        return auc_report(predict(self.dmp, self.eval_reader(split), self.env))
+        t0 = time.perf_counter()
+        report = auc_report(predict(self.dmp, self.eval_reader(split), self.env))
+        report["seconds"] = time.perf_counter() - t0
+        return report
 
     def train_epoch(self, epoch: int, validate: bool, start_step: int = 0) -> dict[str, Any]:
         """One epoch of ``steps`` training steps (then validation); returns the epoch's record.
@@ -364,26 +393,46 @@ class Trainer:
         )
         if validate:
             record["val"] = self.evaluate("val")
-            aucs = {k: record["val"][k] for k in ("click_auc", "purchase_auc")}
-            self.monitor.scalars("val", aucs, epoch + 1)
-            logger.info(
-                "%s epoch %d val: click AUC %.4f purchase AUC %s",
-                self.model_name,
-                epoch + 1,
-                record["val"]["click_auc"],
-                _fmt(record["val"]["purchase_auc"]),
-            )
+            self.monitor.scalars("val", scalar_view(record["val"]), epoch + 1)
+            _log_split(self.model_name, f"epoch {epoch + 1} val", record["val"])
         return record
 
+    def _test_epoch(self, record: dict[str, Any], epoch: int) -> None:
+        """Evaluates the test split into ``record["test"]`` when the run may report this epoch.
+
+        The reported epoch (``train.select_epoch``) is the best by validation Purchase AUC or the last;
+        only an epoch that sets a new best, or the last epoch, can be it, so only those are tested
+        (every epoch when validation improves every epoch, at most one extra pass otherwise). The
+        result lives in the epoch's history record, which the epoch-end checkpoint saves: a resumed run
+        selects among the same records as an uninterrupted one, and no model copy is kept.
+        """
+        rule = self.cfg.train.select_epoch
+        last = epoch == self.epochs - 1
+        if not (last or (rule == "best_val_purchase_auc" and is_new_best(self.history, record))):
+            return
+        split = self.cfg.train.eval_split
+        record["test"] = self.evaluate(split)
+        record["test"]["split"] = split
+        self.monitor.scalars("test", scalar_view(record["test"]), epoch + 1)
+        _log_split(self.model_name, f"epoch {epoch + 1} {split}", record["test"])
+
     def fit(self, evaluate: bool = True) -> TrainResult:
-        """All epochs, then (``evaluate``) the test pass; rank 0 writes ``<run_dir>/metrics.json``."""
+        """All epochs; rank 0 writes ``<run_dir>/metrics.json``.
+
+        With ``evaluate``: validation after every epoch (``train.validate_every_epoch``), test passes
+        where ``_test_epoch`` needs them, and the reported test metrics are those of the epoch
+        ``train.select_epoch`` picks (``best_epoch``; by default the best validation Purchase AUC).
+        """
         cfg, env = self.cfg, self.env
         self.dmp.train()
         first_epoch, first_step = self.position
         for epoch in range(first_epoch, self.epochs):
             self.epoch_boundary(epoch)
             start = first_step if epoch == first_epoch else 0
-            self.history.append(self.train_epoch(epoch, evaluate and cfg.train.validate_every_epoch, start))
+            record = self.train_epoch(epoch, evaluate and cfg.train.validate_every_epoch, start)
+            if evaluate:
+                self._test_epoch(record, epoch)
+            self.history.append(record)
             zero = torch.zeros((), dtype=torch.float64, device=env.device)
             self.checkpointer.save(
                 self.dmp, self.optimizer, self._state(epoch, self.steps, True, zero, zero)
@@ -391,26 +440,7 @@ class Trainer:
         self._detach_pipeline()  # callers (pretrain's read-out, tests) use the model directly
         metrics = self._metrics()
         if evaluate:
-            t0 = time.perf_counter()
-            test = self.evaluate(cfg.train.eval_split)
-            metrics.update(
-                click_auc=test["click_auc"],
-                purchase_auc=test["purchase_auc"],
-                eval_split=cfg.train.eval_split,
-                eval_rows=test["rows"],
-                eval_seconds=time.perf_counter() - t0,
-            )
-            logger.info(
-                "%s %s: click AUC %.4f, purchase AUC %s over %d impressions",
-                self.model_name,
-                cfg.train.eval_split,
-                test["click_auc"],
-                _fmt(test["purchase_auc"]),
-                test["rows"],
-            )
-        if evaluate:
-            aucs = {k: metrics[k] for k in ("click_auc", "purchase_auc")}
-            self.monitor.scalars("test", aucs, self.epochs)
+            metrics.update(self._selected_metrics())
         self.monitor.close()
         metrics["wall_seconds"] = time.perf_counter() - self.t_start
         if env.is_main:
@@ -425,6 +455,47 @@ class Trainer:
             model_spec=self.model_spec,
             history=self.history,
         )
+
+    def _selected_metrics(self) -> dict[str, Any]:
+        """The test metrics of the epoch ``train.select_epoch`` picks, with ``best_epoch``.
+
+        Normally a record of ``history`` (see ``_test_epoch``). A run resumed from a checkpoint of an
+        older version that holds no tested epoch, with nothing left to train, tests the current model
+        (the last epoch's) now.
+        """
+        cfg = self.cfg
+        chosen, rule = select_record(self.history, cfg.train.select_epoch)
+        if chosen is None:
+            chosen = self.history[-1] if self.history else {"epoch": self.epochs}
+            chosen["test"] = self.evaluate(cfg.train.eval_split)
+            chosen["test"]["split"] = cfg.train.eval_split
+            rule = "last"
+        test = chosen["test"]
+        if rule != cfg.train.select_epoch:
+            # a click-only model (pre-training's CTR MLP) has nothing to select by; a run with
+            # validation off (train.validate_every_epoch=false) departs from the paper's protocol
+            click_only = test.get("purchase_auc") is None
+            (logger.info if click_only else logger.warning)(
+                "%s: train.select_epoch=%s needs a validation Purchase AUC (%s); reporting the last epoch",
+                self.model_name,
+                cfg.train.select_epoch,
+                "no purchase head" if click_only else "validation off, or no purchase in val",
+            )
+        selected = {k: v for k, v in test.items() if k not in ("rows", "seconds", "split")}
+        out: dict[str, Any] = {
+            **selected,
+            "best_epoch": chosen["epoch"],
+            "select_epoch": rule,
+            "best_val_purchase_auc": (chosen.get("val") or {}).get("purchase_auc"),
+            "eval_split": cfg.train.eval_split,
+            "eval_rows": test["rows"],
+            "eval_seconds": test.get("seconds"),
+        }
+        self.monitor.scalars("selected", {"best_epoch": chosen["epoch"], **scalar_view(test)}, self.epochs)
+        _log_split(
+            self.model_name, f"{cfg.train.eval_split} (epoch {chosen['epoch']}, {rule})", test
+        )
+        return out
 
     def _metrics(self) -> dict[str, Any]:
         cfg, env = self.cfg, self.env
@@ -488,3 +559,15 @@ def _fault_injection(global_step: int, rank: int) -> None:
 
 def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.4f}"
+
+
+def _log_split(model: str, what: str, r: dict[str, Any]) -> None:
+    """One line per evaluation: AUC and GAUC per task, and how calibrated (log loss, ECE)."""
+    logger.info(
+        "%s %s: click AUC %s GAUC %s logloss %s ECE %s | purchase AUC %s GAUC %s logloss %s ECE %s "
+        "| %d impressions",
+        model,
+        what,
+        *(_fmt(r.get(f"{t}_{k}")) for t in ("click", "purchase") for k in ("auc", "gauc", "logloss", "ece")),
+        r["rows"],
+    )

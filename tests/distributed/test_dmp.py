@@ -17,6 +17,7 @@ import torch.multiprocessing as mp
 from tests.conftest import free_port
 
 WORLD = 2
+COLLECTIONS = ("ctr_embeddings.ebc", "cvr_embeddings.ebc", "cvr_side_embeddings.ebc", "structure_embeddings")
 TINY = [
     "model.ctr_tower=[16, 8]",
     "model.cvr_tower=[16, 8]",
@@ -103,7 +104,7 @@ def _load_weights(sharded, ref_sd) -> None:
     from cstwa_dist.distributed.sharding import submodule
     from cstwa_dist.distributed.tables import write_full_table
 
-    for path in ("ctr_embeddings.ebc", "cvr_embeddings.ebc", "structure_embeddings"):
+    for path in COLLECTIONS:
         ebc = submodule(sharded.dmp, path)
         prefix = f"model.{path}.embedding_bags."
         for key, weight in ref_sd.items():
@@ -122,7 +123,6 @@ def _loss_worker(rank: int, dataset: str, graph_dir: str, out_dir: str) -> None:
     from cstwa_dist.data.spec import DatasetSpec
     from cstwa_dist.distributed.env import init_distributed
     from cstwa_dist.distributed.sharding import submodule
-    from cstwa_dist.distributed.tables import write_full_table
     from cstwa_dist.train.trainer import build_sharded
 
     cfg = load_config(None, [*TINY, f"data.dataset={dataset}", f"structure.graph_dir={graph_dir}"])
@@ -145,34 +145,43 @@ def _loss_worker(rank: int, dataset: str, graph_dir: str, out_dir: str) -> None:
         assert math.isclose(total.item(), ref_loss.item(), rel_tol=1e-5, abs_tol=1e-6), (
             f"step {step}: 2-rank loss {total.item()} != 1-rank loss {ref_loss.item()}"
         )
-    # the structure steps on 2 ranks: table read-back, Eq. 8 read-out and the β update
-    from cstwa_dist.distributed.tables import read_full_table
-    from cstwa_dist.structure.profiles import entity_profiles
-    from cstwa_dist.structure.propagate import structure_migrate
+    # the structure steps on 2 ranks: U is row-wise sharded (each rank a contiguous block, a live view),
+    # Eq. 8's read-out covers the own block only, and a write into the block is what lookups return
+    from cstwa_dist.data.entities import read_entity_rows
+    from cstwa_dist.distributed.tables import local_rows, read_full_table
     from cstwa_dist.structure.readout import side_representations
 
     sm_ebc = submodule(sharded.dmp, "structure_embeddings")
     u_ref = ref_sd["model.structure_embeddings.embedding_bags.sm__user.weight"]
-    assert torch.equal(read_full_table(sm_ebc, "sm__user", env.device), u_ref)
-    profiles, _ = entity_profiles(dataset, spec, "user")
+    assert "row_wise" in sharded.plan and "fused" in sharded.plan
+    ranges, own = local_rows(sm_ebc, "sm__user")
+    lo, hi = ranges[rank]
+    assert ranges[0][0] == 0 and ranges[-1][1] == spec.num_users and 0 < hi - lo < spec.num_users
+    assert torch.equal(own, u_ref[lo:hi])
+    profiles, _ = read_entity_rows(dataset, spec, "user", lo, hi)
     reps = side_representations(
-        submodule(sharded.dmp, "cvr_embeddings"), spec, "user", profiles, env, chunk=37
+        submodule(sharded.dmp, "cvr_side_embeddings"), spec, "user", profiles, ranges, env, chunk=37
     )
     want = torch.cat(
         [
-            ref_sd[f"model.cvr_embeddings.ebc.embedding_bags.cvr__{f.name}.weight"][profiles[:, j]]
+            ref_sd[f"model.cvr_side_embeddings.ebc.embedding_bags.cvr__{f.name}.weight"][profiles[:, j]]
             for j, f in enumerate(spec.user_fields)
+            if j > 0  # the id slot has no CVR table with SM on
         ],
         dim=1,
     )
     assert torch.allclose(reps, want), "r_u read out of sharded tables differs from the reference"
-    n = spec.num_users
-    a_hat = torch.eye(n).roll(1, dims=1).to_sparse_csr()  # each user takes its neighbour's row
-    new = structure_migrate(a_hat, u_ref, 1, 0.3)
-    write_full_table(sm_ebc, "sm__user", new)
-    assert torch.allclose(
-        read_full_table(sm_ebc, "sm__user", env.device), 0.7 * u_ref + 0.3 * u_ref.roll(-1, 0)
-    )
+    with torch.no_grad():
+        own.mul_(0.5)  # the β write-back path: in place into the live block
+    assert torch.allclose(read_full_table(sm_ebc, "sm__user", env.device), 0.5 * u_ref)
+    ids = torch.arange(spec.num_users)
+    cols = {f.name: torch.zeros(spec.num_users, dtype=torch.int64) for f in spec.fields}
+    cols[spec.user_id] = ids
+    from cstwa_dist.data.batch import make_kjt
+    from cstwa_dist.models.blocks import concat_by_keys
+
+    looked_up = concat_by_keys(sm_ebc(make_kjt(cols, spec.names)), [spec.user_id])
+    assert torch.allclose(looked_up, 0.5 * u_ref), "a lookup after the write-back misses the update"
     if rank == 0:
         Path(out_dir, "loss_ok").write_text("ok")
 
@@ -247,7 +256,7 @@ def _steps_worker(rank: int, dataset: str, out_dir: str, pipeline: bool = False)
         losses.append(total.item())
         assert out.rows.item() == int(_global_mask(step).sum())
     params["losses"] = torch.tensor(losses)
-    for path in ("ctr_embeddings.ebc", "cvr_embeddings.ebc", "structure_embeddings"):
+    for path in COLLECTIONS:
         ebc = submodule(sharded.dmp, path)
         prefix = f"model.{path}.embedding_bags."
         for key in ref_sd:
@@ -334,6 +343,7 @@ def _train_worker(rank: int, dataset: str, run_dir: str) -> None:
             "data.batch_size=512",
             "model.structure_migrator=false",
             "data.ray_num_cpus=1",
+            "train.select_epoch=last",  # the metrics of the final model, which `predict` below reads
         ],
     )
     env = init_distributed()

@@ -77,8 +77,12 @@ def test_pipeline_under_torchrun(tmp_path):
     assert (data / "spec.yaml").exists() and (data / "stats.json").exists()
     cfg = _config(tmp_path, data)
     _run(["bash", "launchers/torchrun.sh", "2", "pretrain", "--config", str(cfg)])
-    for side in ("user", "item"):
-        assert (tmp_path / "structure" / f"{side}_graph.pt").exists()
+    structure = json.loads((tmp_path / "structure" / "structure.json").read_text())
+    for side in ("user", "item"):  # one graph part per rank, a manifest, recall against exact
+        parts = tmp_path / "structure" / f"{side}_graph"
+        manifest = json.loads((parts / "manifest.json").read_text())
+        assert len(manifest["parts"]) == 2
+        assert structure["graphs"][side]["ranks"] == 2 and structure["graphs"][side]["recall_at_k"] > 0.8
     for model in ("cstwa", "esmm"):
         _run(["bash", "launchers/torchrun.sh", "2", "train", "--config", str(cfg), "--model", model])
         m = json.loads((tmp_path / "runs" / model / "metrics.json").read_text())
@@ -116,7 +120,7 @@ def test_train_without_graphs_says_run_pretrain(tmp_path, tiny_dataset):
     cfg = _config(tmp_path, tiny_dataset)
     proc = _run([str(BIN / "cstwa-dist"), "train", "--config", str(cfg), "--model", "cstwa"], check=False)
     assert proc.returncode == 2
-    assert "cstwa-dist pretrain" in proc.stderr and "_graph.pt not found" in proc.stderr
+    assert "cstwa-dist pretrain" in proc.stderr and "graph is not found" in proc.stderr
 
 
 @pytest.mark.parametrize(

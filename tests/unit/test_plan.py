@@ -7,41 +7,52 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 import pytest
 
 from cstwa_dist import cli
-from cstwa_dist.config import load_config, with_overrides
+from cstwa_dist.config import StructureConfig, load_config, with_overrides
 from cstwa_dist.data.spec import DatasetSpec, FieldSpec, SpecError
 from cstwa_dist.distributed.plan import (
     DryRun,
     StructureSide,
     dry_run,
+    knn_madds_per_rank,
     mining_structure_estimate,
     resolve_spec,
     synth_spec,
     train_structure_estimate,
 )
+from cstwa_dist.structure.ivf import auto_nlist
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "configs" / "demo.yaml"
 INDUSTRIAL = ROOT / "configs" / "industrial.yaml"
+STRUCTURE_TABLES = {"sm__user", "sm__item"}
 
 
 def _model_tables(d: DryRun) -> list[str]:
     return [t.name for t in d.tables]
 
 
-def _check_bytes_add_up(d: DryRun) -> None:
+def _check_bytes_add_up(d: DryRun, row_wise: set[str] = STRUCTURE_TABLES) -> None:
     names = _model_tables(d)
     assert len(names) == len(set(names)), "a table appears twice"
+    assert row_wise <= set(names)
     assert sum(r.embedding_bytes for r in d.ranks) == d.total_embedding_bytes
     for t in d.tables:
         assert sum(t.bytes_per_rank.values()) == t.bytes
         assert set(t.bytes_per_rank) == set(t.ranks)
         assert all(0 <= r < d.world_size for r in t.ranks)
-        assert t.sharding_type == "table_wise" and len(t.ranks) == 1
+        if t.name in row_wise:  # U/I: one row block on every rank, on the FUSED kernel
+            assert t.sharding_type == "row_wise" and t.compute_kernel == "fused"
+            assert t.ranks == list(range(d.world_size))
+            per_row = t.bytes // t.rows  # weights + optimizer state of one row
+            assert max(t.bytes_per_rank.values()) == math.ceil(t.rows / d.world_size) * per_row
+        else:
+            assert t.sharding_type == "table_wise" and len(t.ranks) == 1
     for r in d.ranks:
         assert sorted(r.tables) == sorted(t.name for t in d.tables if r.rank in t.ranks)
 
@@ -70,16 +81,22 @@ def test_resolve_spec(tmp_path: Path):
 
 
 def test_demo_plans_on_two_cpu_ranks():
-    d = dry_run(load_config(DEMO), synth_spec("demo"), world_size=2)
+    spec = synth_spec("demo")
+    d = dry_run(load_config(DEMO), spec, world_size=2)
     assert d.compute_device == "cpu" and d.embedding_optimizer == "rowwise_adagrad"
-    assert len(d.tables) == 2 * 12 + 2  # CTR + CVR field tables, U and I
+    # CTR: every field; CVR: the context fields (SM stands in for the sides); the CVR side tables of the
+    # non-id side fields (Eq. 8's initialisation); U and I
+    side_fields = len(spec.user_fields) - 1 + len(spec.item_fields) - 1
+    assert len(d.tables) == len(spec.names) + len(spec.context_fields) + side_fields + 2
     _check_bytes_add_up(d)
     for t in d.tables:  # fp32 weights + one fp32 per row (exact row-wise Adagrad)
         assert t.bytes == t.rows * t.dim * 4 + t.rows * 4
     for r in d.ranks:  # the planner's storage covers our weights + state (plus its I/O buffers)
         assert r.plan_ddr >= r.embedding_bytes and r.plan_hbm == 0
         assert r.host_total == r.plan_ddr + r.dense_bytes + r.structure_host
+        assert set(r.tables) >= STRUCTURE_TABLES
     assert d.structure.phase == "train" and d.mining.phase == "pretrain"
+    assert d.structure.device == 0 and all(t.where == "host" for t in d.structure.terms)  # CPU ranks
 
 
 def test_industrial_plans_on_64_cuda_ranks():
@@ -90,15 +107,42 @@ def test_industrial_plans_on_64_cuda_ranks():
     _check_bytes_add_up(d)
     by_name = {t.name: t for t in d.tables}
     u = by_name["sm__user"]
-    assert (u.rows, u.dim) == (30_000_000, 40)
+    assert (u.rows, u.dim) == (30_000_000, 40)  # 5 user fields x D = 8
     assert u.bytes == 3 * 30_000_000 * 40 * 4  # weights + Adam's two moments
+    assert set(u.bytes_per_rank.values()) == {468_750 * 40 * 12}  # 30M / 64 rows on every rank
     assert all(t.compute_kernel == "fused" for t in d.tables)  # everything fits HBM at 80 GiB
     assert all(r.device_total <= d.hbm_cap for r in d.ranks)
-    # the structure step: whole U per rank dominates, and every rank pays it
-    assert d.structure.dominant.startswith("β update user")
-    assert {r.structure_host for r in d.ranks} == {d.structure.host_rank0}
-    assert d.structure.host_rank0 > 25 * 1024**3
-    assert d.mining.host_rank0 > d.mining.host_other
+    # training, per rank: n_r = 468,750 users (w = 40), 4,375 items (w = 32), k = 8,
+    # f_r = n_r·k = 3,750,000 and 35,000 foreign rows
+    s = d.structure
+    resident = (3_750_000 * 12 + 468_751 * 8 + 16 * 3_750_000) + (35_000 * 12 + 4_376 * 8 + 16 * 35_000)
+    boundary = 2 * 3_750_000 * 40 * 4 + 3 * 468_750 * 40 * 4
+    assert s.device == resident + boundary
+    assert s.host_rank0 == s.host_other == 468_750 * 6 * 8 + 468_750 * 40 * 4
+    assert s.dominant.startswith("device: fetched foreign rows user")
+    assert {r.structure_device for r in d.ranks} == {s.device} and s.device < 1.5 * 1024**3
+    assert {r.structure_host for r in d.ranks} == {s.host_rank0}
+    # mining: rank 0 also holds the quantizer's sample, nlist = round(4·√30M) = 21,909 cells x 39 rows
+    m = d.mining
+    assert auto_nlist(30_000_000) == 21_909
+    assert m.host_rank0 - m.host_other == 21_909 * 39 * 40 * 4
+    assert m.host_other < 1024**3
+    assert d.knn_madds_per_rank < d.exact_knn_madds_per_rank == 30_000_000 * 468_750 * 40
+
+
+def test_structure_bytes_per_rank_shrink_as_one_over_w():
+    cfg = load_config(INDUSTRIAL)
+    spec = synth_spec("industrial-like")
+    plans = {w: dry_run(cfg, spec, world_size=w, gpus_per_node=8, hbm_gb=80) for w in (8, 64)}
+    small, large = plans[8].structure, plans[64].structure
+    assert large.host_rank0 * 8 == pytest.approx(small.host_rank0, rel=1e-4)  # SM init: n_r·(...) only
+    # the device peak shrinks a little less than 8x: at W = 8 the foreign rows hit their N − n_r bound
+    assert small.device / 8 < large.device < small.device / 6
+    assert plans[64].mining.host_other * 8 == pytest.approx(plans[8].mining.host_other, rel=0.1)  # b fixed
+    # in the n_r·k < N − n_r regime every training term is linear in n_r = ceil(N/W)
+    side = StructureSide(side="user", entities=30_000_000, fields=5, width=40, k=8)
+    at = {w: train_structure_estimate([side], w).device for w in (64, 128, 256)}
+    assert at[128] * 2 == pytest.approx(at[64], rel=1e-5) and at[256] * 4 == pytest.approx(at[64], rel=1e-5)
 
 
 def test_structure_formulas_match_a_hand_computation():
@@ -113,29 +157,53 @@ def test_structure_formulas_match_a_hand_computation():
         item_id="iid",
     )
     cfg = with_overrides(load_config(DEMO), ["structure.k=3"])  # D = 8: w_user = 2·8, w_item = 1·8
-    d = dry_run(cfg, spec, world_size=2)
-    # training: Â_U (10+1)·8 + 10·3·12 = 448, Â_I 6·8 + 5·3·12 = 228, profiles 10·2·8 = 160 and 5·1·8 = 40,
-    # β update 5 · (10·16·4 = 640) = 3200 → 4076 on every rank; device 2·640 = 1280
+    d = dry_run(cfg, spec, world_size=2)  # CPU ranks: everything on the host
+    # training, user: n_r = 5, f_r = min(5·3, 10 − 5) = 5; item: n_r = 3, f_r = min(9, 2) = 2
+    #   resident: CSR 5·3·12 + 6·8 = 228 and 3·3·12 + 4·8 = 140, fetch ids 16·5 = 80 and 16·2 = 32 → 480
+    #   boundary user 2·5·16·4 + 3·5·16·4 = 1600 > item 416; init user 5·3·8 + 5·16·4 = 440 < 1600
     s = d.structure
-    assert (s.host_rank0, s.host_other, s.device) == (4076, 4076, 1280)
-    assert s.dominant.startswith("β update user")
-    # mining, rank 0, user side: profiles 160 + max(24·160, 12·160 + 12·30, 4·160 + 66·30) = 160 + 3840
-    # other ranks: max(160 + 640, 40 + 160) = 800
+    assert (s.host_rank0, s.host_other, s.device) == (2080, 2080, 0)
+    assert s.dominant.startswith("host: propagation user")
+    # mining, user (the larger side): nlist = 1, nprobe = 1, b = 5; profiles 5·3·8 = 120, reps and
+    # normalised 5·16·4 = 320 each, index 5·(64 + 8) + 1·16·4 = 424, query block 5·(64 + 12) = 380,
+    # kNN lists 2·5·3·12 = 360, Â rows 5·3·20 = 300 → 2224; rank 0: + min(39, 10)·16·4 = 640
     m = d.mining
-    assert (m.host_rank0, m.host_other, m.device) == (4000, 800, 1280)
-    assert m.dominant.startswith("L2 normalisation user")
-    assert d.exact_knn_madds == 10**2 * 16
-    assert [r.structure_host for r in d.ranks] == [4076, 4076]
+    assert (m.host_rank0, m.host_other, m.device) == (2864, 2224, 0)
+    assert m.dominant.startswith("host: IVF training sample user")
+    # kNN work per rank: N·n_r·w·nprobe/nlist + n_r·nlist·w = 800 + 80; exact through the ring 800
+    assert (d.knn_madds_per_rank, d.exact_knn_madds_per_rank) == (880, 800)
+    assert [r.structure_host for r in d.ranks] == [2080, 2080]
+    # the same job on GPU ranks: resident + boundary on the device, the SM initialisation on the host
+    side_u = StructureSide(side="user", entities=10, fields=2, width=16, k=3)
+    side_i = StructureSide(side="item", entities=5, fields=1, width=8, k=3)
+    g = train_structure_estimate([side_u, side_i], 2, on_device=True)
+    assert (g.device, g.host_rank0) == (480 + 1600, 440)
 
 
-def test_structure_estimates_pick_the_graph_build_when_k_is_large():
-    side = StructureSide(side="user", entities=1000, fields=1, width=4, k=64)
-    m = mining_structure_estimate([side])
-    assert m.dominant.startswith("graph build user")
-    assert m.host_rank0 == 1000 * 8 + 4 * 1000 * 4 + 66 * 1000 * 64
-    t = train_structure_estimate([side])
-    assert t.dominant == "graph Â_user" and t.terms["graph Â_user"] == 1001 * 8 + 1000 * 64 * 12
-    assert train_structure_estimate([]).phase == "none"
+def test_mining_estimate_follows_the_knn_settings():
+    side = StructureSide(side="user", entities=1_000_000, fields=5, width=40, k=8)
+    flat = mining_structure_estimate([side], 4, StructureConfig())
+    pq = mining_structure_estimate([side], 4, StructureConfig(pq_m=8))
+    exact = mining_structure_estimate([side], 4, StructureConfig(knn="exact"))
+    n_r, nlist = 250_000, auto_nlist(1_000_000)
+    index = {t.name: t.bytes for t in flat.terms}["IVF-flat index user (+ centroids)"]
+    assert index == n_r * (40 * 4 + 8) + nlist * 40 * 4
+    assert {t.name: t.bytes for t in pq.terms}["IVF-PQ index user (+ centroids)"] == n_r * (
+        8 + 8
+    ) + nlist * 40 * 4
+    assert flat.host_other - pq.host_other == n_r * (40 * 4 - 8)
+    # exact: no index, no quantizer sample (rank 0 = the others), a query block without coarse lists
+    assert exact.host_rank0 == exact.host_other
+    assert flat.host_other - exact.host_other == index + 65_536 * 16 * 12
+    assert flat.host_rank0 - flat.host_other == nlist * 39 * 40 * 4
+    cfg = StructureConfig(nlist=100, nprobe=4)
+    assert knn_madds_per_rank(side, 4, cfg) == (
+        1_000_000 * n_r * 40 * 4 // 100 + n_r * 100 * 40,
+        10**6 * n_r * 40,
+    )
+    assert (
+        train_structure_estimate([], 4).phase == "none" and mining_structure_estimate([], 4).phase == "none"
+    )
 
 
 def test_a_model_without_graphs_has_no_structure_step():
@@ -156,7 +224,15 @@ def test_cli_plan_prints_the_table_and_writes_json(tmp_path, capsys, monkeypatch
     argv = ["plan", "--config", str(DEMO), "--world-size", "2", "--spec", "synth:demo", "--json", str(out)]
     assert _run_cli(argv, monkeypatch, caplog) == 0
     text = capsys.readouterr().out
-    for needle in ("sm__user", "5,000 x 40", "table_wise", "per rank", "dominant term"):
+    for needle in (
+        "sm__user",
+        "5,000 x 40",
+        "table_wise",
+        "row_wise",
+        "per rank",
+        "n_r=2,500",
+        "dominant term",
+    ):
         assert needle in text, needle
     report = json.loads(out.read_text())
     assert report["world_size"] == 2 and len(report["ranks"]) == 2

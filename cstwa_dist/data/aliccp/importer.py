@@ -127,7 +127,7 @@ def import_aliccp(
         note = f", {lines} sample lines ({lines / max(dt, 1e-9):.0f} lines/s)"
         if parallel:
             note += f", busiest Ray worker {ex.worker_rss:.0f} MiB"
-        run.finish(spec, stats, extra, note)
+        run.finish(spec, stats, extra, note, progress=progress)
     return stats
 
 
