@@ -272,6 +272,7 @@ def cmd_bench_knn(args: argparse.Namespace) -> int:
     exact_queries = args.exact_queries
     if exact_queries is None:
         exact_queries = 0 if users <= 100_000 else 10_000
+    load_before = os.getloadavg()  # the machine may be shared: every figure comes with its load
     report = run_bench(
         spec,
         ivf,
@@ -282,6 +283,7 @@ def cmd_bench_knn(args: argparse.Namespace) -> int:
         repeats=max(1, args.repeats),
     )
     report["command"] = "cstwa-dist " + " ".join(sys.argv[1:])
+    report["load_average_1_5_15"] = {"before": list(load_before), "after": list(os.getloadavg())}
     atomic_write_json(args.out, report, sort_keys=False)
     summary = {
         "users": users,
