@@ -77,10 +77,11 @@ def _attempt_store(timeout_s: float | None) -> dist.Store | None:
     "Connection refused", or (both ranks waiting for the other to connect) a hang in
     ``ProcessGroupGloo``'s ``connectFullMesh`` that the group's timeout does not end. One prefix per
     attempt, as torch had before, gives every attempt fresh keys. The prefix assumes every agent of
-    the job counts the same restarts: always true on one node and with the static rendezvous;
-    ``launchers/torchrun.sh`` gives the multi-node c10d rendezvous (where a node that only saw a
-    membership change does not count a restart) a fresh store per rendezvous round instead, which
-    turns this off (``TORCHELASTIC_USE_AGENT_STORE=False``).
+    the job counts the same restarts: always true on one node; with the static rendezvous on several
+    nodes only while every node's group fails and restarts together (a node whose ranks survive does
+    not restart). ``launchers/torchrun.sh`` runs the c10d rendezvous (where a node that only saw a
+    membership change does not count a restart) with a fresh store per rendezvous round instead,
+    which turns this off (``TORCHELASTIC_USE_AGENT_STORE=False``).
     """
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return None
