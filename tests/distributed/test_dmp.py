@@ -17,7 +17,6 @@ import torch.multiprocessing as mp
 from tests.conftest import free_port
 
 WORLD = 2
-COLLECTIONS = ("ctr_embeddings.ebc", "cvr_embeddings.ebc", "cvr_side_embeddings.ebc", "structure_embeddings")
 TINY = [
     "model.ctr_tower=[16, 8]",
     "model.cvr_tower=[16, 8]",
@@ -88,12 +87,12 @@ def _fixed_global_batch(spec, n: int, seed: int = 123, mask=None):
     return part
 
 
-def _reference_weights(spec, cfg):
-    """An unsharded CSTWA on CPU with seed 0: the weights every sharded run starts from."""
+def _reference_weights(spec, cfg, model: str = "cstwa"):
+    """An unsharded model (CSTWA by default) on CPU with seed 0: the weights every sharded run starts from."""
     from cstwa_dist.registry import get_model_spec
     from cstwa_dist.train.wrapper import ModelTrain
 
-    mspec = get_model_spec("cstwa")
+    mspec = get_model_spec(model)
     torch.manual_seed(0)
     model = mspec.build(spec, cfg.model, torch.device("cpu"))
     return ModelTrain(model, mspec.build_loss(cfg.loss, cfg.model))
@@ -104,12 +103,10 @@ def _load_weights(sharded, ref_sd) -> None:
     from cstwa_dist.distributed.sharding import submodule
     from cstwa_dist.distributed.tables import write_full_table
 
-    for path in COLLECTIONS:
-        ebc = submodule(sharded.dmp, path)
-        prefix = f"model.{path}.embedding_bags."
-        for key, weight in ref_sd.items():
-            if key.startswith(prefix):
-                write_full_table(ebc, key[len(prefix) :].removesuffix(".weight"), weight)
+    for key, weight in ref_sd.items():
+        if ".embedding_bags." in key:
+            path, table = key.removeprefix("model.").removesuffix(".weight").split(".embedding_bags.")
+            write_full_table(submodule(sharded.dmp, path), table, weight)
     with torch.no_grad():
         for name, p in sharded.dmp.module.model.named_parameters():
             if "embedding_bags" not in name:
@@ -205,7 +202,9 @@ def _global_mask(step: int) -> torch.Tensor:
     return mask
 
 
-def _steps_worker(rank: int, dataset: str, out_dir: str, pipeline: bool = False) -> None:
+def _steps_worker(
+    rank: int, dataset: str, out_dir: str, pipeline: bool = False, model_name: str = "cstwa"
+) -> None:
     from cstwa_dist.config import load_config
     from cstwa_dist.data.spec import DatasetSpec
     from cstwa_dist.distributed.env import init_distributed
@@ -217,8 +216,8 @@ def _steps_worker(rank: int, dataset: str, out_dir: str, pipeline: bool = False)
     cfg = load_config(None, [*TINY, f"data.dataset={dataset}", "loss.window=100", "loss.high_percentile=80"])
     env = init_distributed()
     spec = DatasetSpec.load(dataset)
-    sharded = build_sharded(cfg, "cstwa", env, spec)
-    ref_sd = _reference_weights(spec, cfg).state_dict()
+    sharded = build_sharded(cfg, model_name, env, spec)
+    ref_sd = _reference_weights(spec, cfg, model_name).state_dict()
     _load_weights(sharded, ref_sd)
     share = WORLD * ROWS // env.world_size
     losses = []
@@ -256,29 +255,19 @@ def _steps_worker(rank: int, dataset: str, out_dir: str, pipeline: bool = False)
         losses.append(total.item())
         assert out.rows.item() == int(_global_mask(step).sum())
     params["losses"] = torch.tensor(losses)
-    for path in COLLECTIONS:
-        ebc = submodule(sharded.dmp, path)
-        prefix = f"model.{path}.embedding_bags."
-        for key in ref_sd:
-            if key.startswith(prefix):
-                table = key[len(prefix) :].removesuffix(".weight")
-                params[table] = read_full_table(ebc, table, env.device)
+    for key in ref_sd:
+        if ".embedding_bags." in key:
+            path, table = key.removeprefix("model.").removesuffix(".weight").split(".embedding_bags.")
+            params[table] = read_full_table(submodule(sharded.dmp, path), table, env.device)
     for name, p in model.named_parameters():
         if "embedding_bags" not in name:
             params[name] = p.detach().clone()
     if rank == 0:
-        suffix = "_pipeline" if pipeline else ""
+        suffix = ("_pipeline" if pipeline else "") + ("" if model_name == "cstwa" else f"_{model_name}")
         torch.save(params, Path(out_dir) / f"params_w{env.world_size}{suffix}.pt")
 
 
-def test_two_ranks_train_like_one_process_on_the_same_global_batches(tiny_dataset, tmp_path):
-    """Parameters after N steps (uneven last batch, CE on, dense Adam + fused embedding optimizer)
-    on 2 ranks equal those of 1 process fed the concatenated batches: losses are normalised by the
-    global real-row count and dense gradients summed, like the embedding gradients."""
-    _spawn(_steps_worker, str(tiny_dataset), str(tmp_path), world=1)
-    _spawn(_steps_worker, str(tiny_dataset), str(tmp_path), world=WORLD)
-    one = torch.load(tmp_path / "params_w1.pt")
-    two = torch.load(tmp_path / f"params_w{WORLD}.pt")
+def _assert_same_parameters(one: dict[str, torch.Tensor], two: dict[str, torch.Tensor]) -> None:
     assert one.keys() == two.keys()
     diffs = {k: float((one[k] - two[k]).abs().max()) for k in one}
     # Dense gradients (what DDP hands the optimizer) and losses agree to float rounding. Weights agree
@@ -291,6 +280,25 @@ def test_two_ranks_train_like_one_process_on_the_same_global_batches(tiny_datase
         if not torch.allclose(one[k], two[k], rtol=1e-4, atol=1e-6 if k.startswith(("grad", "los")) else 2e-4)
     ]
     assert not bad, {k: diffs[k] for k in bad}
+
+
+def test_esmm_on_two_ranks_trains_like_one_process(tiny_dataset, tmp_path):
+    """The same for the shared-embedding family (ESMM: one collection, the entire-space loss)."""
+    _spawn(_steps_worker, str(tiny_dataset), str(tmp_path), False, "esmm", world=1)
+    _spawn(_steps_worker, str(tiny_dataset), str(tmp_path), False, "esmm", world=WORLD)
+    one = torch.load(tmp_path / "params_w1_esmm.pt")
+    _assert_same_parameters(one, torch.load(tmp_path / f"params_w{WORLD}_esmm.pt"))
+
+
+def test_two_ranks_train_like_one_process_on_the_same_global_batches(tiny_dataset, tmp_path):
+    """Parameters after N steps (uneven last batch, CE on, dense Adam + fused embedding optimizer)
+    on 2 ranks equal those of 1 process fed the concatenated batches: losses are normalised by the
+    global real-row count and dense gradients summed, like the embedding gradients."""
+    _spawn(_steps_worker, str(tiny_dataset), str(tmp_path), world=1)
+    _spawn(_steps_worker, str(tiny_dataset), str(tmp_path), world=WORLD)
+    one = torch.load(tmp_path / "params_w1.pt")
+    two = torch.load(tmp_path / f"params_w{WORLD}.pt")
+    _assert_same_parameters(one, two)
     # TorchRec's train pipeline (input all-to-all of the next batch overlapping this one) leaves the
     # same parameters as the plain loop on the same ranks
     _spawn(_steps_worker, str(tiny_dataset), str(tmp_path), True, world=WORLD)
