@@ -57,8 +57,15 @@ class ModelConfig:
     ple_task_experts: int = 2
     # AITM: width of the attention (AIT) projections
     ait_dim: int = 32
+    # How every model turns its context fields into the context part of its input: "mean" of their
+    # embeddings (Eq. 7, the paper's choice, [B, d]) or "concat" ([B, M_ctx·d], what the baselines'
+    # reference implementations do with every field; Ali-CCP's cross features are context fields).
+    # Applied to all models alike; the default is the paper's until measured otherwise.
+    context_pooling: str = "mean"
 
     def __post_init__(self) -> None:
+        if self.context_pooling not in ("mean", "concat"):
+            raise ConfigError(f"model.context_pooling must be mean or concat, got {self.context_pooling!r}")
         if self.embedding_dim < 4 or self.embedding_dim % 4:
             raise ConfigError(
                 f"model.embedding_dim={self.embedding_dim}: FBGEMM's table-batched kernels need a "

@@ -53,7 +53,9 @@ class SharedBottom(RecModel):
         conversion_layer: bool = True,
     ) -> None:
         super().__init__()
-        self.embeddings = FieldEmbeddings(spec, prefix, cfg.embedding_dim, device)
+        self.embeddings = FieldEmbeddings(
+            spec, prefix, cfg.embedding_dim, device, context_pooling=cfg.context_pooling
+        )
         # width of x = r_u ‖ r_i ‖ ctx, the input of the towers (or of the first expert layer)
         self.in_dim = self.embeddings.out_dim
         width = rep_dim or self.in_dim
@@ -86,6 +88,12 @@ class SharedBottom(RecModel):
         return self.outputs(x, click_logit, cvr_logit)
 
 
+def input_width(spec: DatasetSpec, cfg: ModelConfig) -> int:
+    """Width of ``r_u ‖ r_i ‖ ctx`` for a spec: ``(M_u + M_i)·d`` plus the pooled context."""
+    ctx = 1 if cfg.context_pooling == "mean" else len(spec.context_fields)
+    return (len(spec.user_fields) + len(spec.item_fields) + ctx) * cfg.embedding_dim
+
+
 class SeparateEmbeddings(RecModel):
     """``click_logit = ClickLayer(ClickTower(x^ctr))``; ``purchase_logit = ConvLayer(ConvTower(x^cvr))``.
 
@@ -98,11 +106,12 @@ class SeparateEmbeddings(RecModel):
     def __init__(self, spec: DatasetSpec, cfg: ModelConfig, device: torch.device | None = None) -> None:
         super().__init__()
         d = cfg.embedding_dim
-        self.ctr_embeddings = FieldEmbeddings(spec, "ctr", d, device)
-        self.cvr_embeddings = FieldEmbeddings(spec, "cvr", d, device, self.cvr_fields(spec))
+        pool = cfg.context_pooling
+        self.ctr_embeddings = FieldEmbeddings(spec, "ctr", d, device, context_pooling=pool)
+        self.cvr_embeddings = FieldEmbeddings(spec, "cvr", d, device, self.cvr_fields(spec), pool)
         self.build_cvr_input(spec, cfg, device)
         # x^cvr has the width of r_u ‖ r_i ‖ ctx in every variant, whichever tables produce it
-        x_dim = (len(spec.user_fields) + len(spec.item_fields) + 1) * d
+        x_dim = input_width(spec, cfg)
         self.click_tower, self.click_layer = tower_with_logit(
             self.ctr_embeddings.out_dim, cfg.ctr_tower, cfg.dropout, device
         )

@@ -124,9 +124,10 @@ class FieldEmbeddings(nn.Module):
     """One embedding table per field of a spec, with the side views the models need.
 
     ``forward`` returns ``(r_u, r_i, ctx)``: user-side and item-side concatenations (docs/method.md Eq. 2)
-    and the mean of the context embeddings. ``fields`` restricts the collection to some of the spec's
-    fields (default all): a view whose fields are absent is ``[B, 0]``, and no table exists (or is
-    looked up) for a field nobody reads.
+    and the context embeddings pooled by ``context_pooling``: their mean (Eq. 7, ``[B, D]``) or their
+    concatenation (``[B, M_ctx·D]``). ``fields`` restricts the collection to some of the spec's fields
+    (default all): a view whose fields are absent is ``[B, 0]``, and no table exists (or is looked up)
+    for a field nobody reads.
     """
 
     def __init__(
@@ -136,8 +137,12 @@ class FieldEmbeddings(nn.Module):
         dim: int,
         device: torch.device | None,
         fields: list[str] | None = None,
+        context_pooling: str = "mean",
     ) -> None:
         super().__init__()
+        if context_pooling not in ("mean", "concat"):
+            raise ValueError(f"context_pooling must be mean or concat, got {context_pooling!r}")
+        self.context_pooling = context_pooling
         keep = set(spec.names if fields is None else fields)
         unknown = keep - set(spec.names)
         if unknown:
@@ -159,7 +164,9 @@ class FieldEmbeddings(nn.Module):
 
     @property
     def context_dim(self) -> int:
-        return self.dim if self.context_keys else 0
+        if not self.context_keys:
+            return 0
+        return self.dim if self.context_pooling == "mean" else len(self.context_keys) * self.dim
 
     @property
     def out_dim(self) -> int:
@@ -172,5 +179,10 @@ class FieldEmbeddings(nn.Module):
         return (
             concat_by_keys(kt, self.user_keys) if self.user_keys else empty,  # [B, M_u·D]
             concat_by_keys(kt, self.item_keys) if self.item_keys else empty,  # [B, M_i·D]
-            mean_by_keys(kt, self.context_keys) if self.context_keys else empty,  # [B, D]
+            self._context(kt) if self.context_keys else empty,  # [B, D] or [B, M_ctx·D]
         )
+
+    def _context(self, kt: KeyedTensor) -> torch.Tensor:
+        if self.context_pooling == "mean":
+            return mean_by_keys(kt, self.context_keys)
+        return concat_by_keys(kt, self.context_keys)

@@ -19,7 +19,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from cstwa_dist.config import ModelConfig
 from cstwa_dist.data.spec import DatasetSpec
-from cstwa_dist.models.base import SeparateEmbeddings
+from cstwa_dist.models.base import SeparateEmbeddings, input_width
 from cstwa_dist.models.blocks import FieldEmbeddings, InfoLayer, concat_by_keys, embedding_collection
 
 STRUCTURE_COLLECTION = "structure_embeddings"  # attribute holding U and I
@@ -65,7 +65,7 @@ class CSTWA(SeparateEmbeddings):
 
     def build_transfer(self, spec: DatasetSpec, cfg: ModelConfig, device: torch.device | None) -> None:
         if self.use_cp:
-            x_dim = (len(spec.user_fields) + len(spec.item_fields) + 1) * cfg.embedding_dim
+            x_dim = input_width(spec, cfg)
             self.info_layer = InfoLayer(self.click_tower.out_dim, x_dim, cfg.info_layer, device)
 
     def cvr_input(self, features: KeyedJaggedTensor) -> torch.Tensor:

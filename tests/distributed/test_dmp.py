@@ -415,6 +415,12 @@ def _pipeline_worker(rank: int, dataset: str, out_dir: str) -> None:
         outs = [pipe.progress(batches) for _ in range(3)]
         assert all(torch.isfinite(o.loss) for o in outs), name
         ok.append(name)
+    # concatenated context pooling goes through the sharded collections (keys, not positions) too
+    overrides = [*TINY, f"data.dataset={dataset}", "model.context_pooling=concat"]
+    sharded = build_sharded(load_config(None, overrides), "esmm", env, spec)
+    pipe = TrainPipelineSparseDist(sharded.dmp, sharded.optimizer, env.device, execute_all_batches=True)
+    batches = iter([_fixed_global_batch(spec, 32, seed=s)(0, 32) for s in range(2)])
+    assert all(torch.isfinite(pipe.progress(batches).loss) for _ in range(2))
     if rank == 0:
         Path(out_dir, "pipeline_ok").write_text(",".join(ok))
 

@@ -19,10 +19,13 @@ def test_unknown_model_lists_registered():
         get_model_spec("nope")
 
 
+@pytest.mark.parametrize("pooling", ["mean", "concat"])
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_shapes_and_every_parameter_gets_a_gradient(name):
+def test_shapes_and_every_parameter_gets_a_gradient(name, pooling):
     spec = get_model_spec(name)
-    cfg = ModelConfig(ctr_tower=[16, 8], cvr_tower=[16, 8], dropout=[0.0, 0.0], info_layer=[8])
+    cfg = ModelConfig(
+        ctr_tower=[16, 8], cvr_tower=[16, 8], dropout=[0.0, 0.0], info_layer=[8], context_pooling=pooling
+    )
     torch.manual_seed(0)
     module = ModelTrain(spec.build(SPEC, cfg, torch.device("cpu")), spec.build_loss(LossConfig(), cfg, None))
     b = _batch()
@@ -70,3 +73,25 @@ def test_models_build_on_meta():
     for name in MODELS:
         m = get_model_spec(name).build(SPEC, cfg, torch.device("meta"))
         assert all(p.is_meta for p in m.parameters())
+
+
+def test_context_pooling_mean_or_concat_of_the_context_embeddings():
+    """``concat`` keeps every context field's embedding; ``mean`` (Eq. 7) averages them; the first
+    layer of every tower is sized for what it gets."""
+    from cstwa_dist.models.blocks import FieldEmbeddings, concat_by_keys
+
+    torch.manual_seed(0)
+    b = _batch()
+    ctx_keys = [f.name for f in SPEC.context_fields]
+    mean = FieldEmbeddings(SPEC, "t", 8, torch.device("cpu"), context_pooling="mean")
+    cat = FieldEmbeddings(SPEC, "t", 8, torch.device("cpu"), context_pooling="concat")
+    cat.load_state_dict(mean.state_dict())
+    kt = mean.ebc(b.features)
+    _, _, m = mean(b.features)
+    _, _, c = cat(b.features)
+    assert m.shape == (32, 8) and c.shape == (32, 8 * len(ctx_keys))
+    assert torch.allclose(c, concat_by_keys(kt, ctx_keys))
+    assert torch.allclose(m, c.view(32, len(ctx_keys), 8).mean(dim=1))
+    assert cat.out_dim == mean.out_dim + 8 * (len(ctx_keys) - 1)
+    with pytest.raises(ValueError, match="context_pooling"):
+        FieldEmbeddings(SPEC, "t", 8, torch.device("cpu"), context_pooling="max")
