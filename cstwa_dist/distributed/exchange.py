@@ -59,6 +59,15 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+def all_reduce_ints(values: list[int], device: torch.device) -> list[int]:
+    """Sums of a few ints over all ranks (the values themselves without a group)."""
+    if world()[1] == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.int64, device=device)
+    dist.all_reduce(t)
+    return [int(v) for v in t.tolist()]
+
+
 def comm_device(device: torch.device | str | None = None) -> torch.device:
     """Where tensors travel for collectives: ``device`` if given, else the current CUDA device on an
     NCCL group and the CPU otherwise (gloo, or no group)."""

@@ -12,17 +12,11 @@ in-place ``copy_`` into them updates the table that the next forward uses (docs/
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 
 from cstwa_dist.distributed.collectives import all_reduce_sum
-
-
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+from cstwa_dist.distributed.exchange import world as _world
 
 
 def _table_state(ebc: nn.Module, table: str) -> torch.Tensor:

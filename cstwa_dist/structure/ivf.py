@@ -62,6 +62,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from cstwa_dist.distributed.exchange import all_reduce_ints
+from cstwa_dist.distributed.exchange import world as _world
 from cstwa_dist.structure.knn import ensure_self_first, l2_normalise
 
 logger = logging.getLogger(__name__)
@@ -405,12 +407,6 @@ class _ShardSearcher:
 # --- the ring ---------------------------------------------------------------------------------
 
 
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _chunk_bounds(n: int, chunks: int, c: int) -> tuple[int, int]:
     return n * c // chunks, n * (c + 1) // chunks
 
@@ -575,14 +571,6 @@ def _broadcast_bytes(blob: np.ndarray | None, device: torch.device) -> np.ndarra
     return buf.cpu().numpy()
 
 
-def _all_reduce_ints(values: list[int], device: torch.device) -> list[int]:
-    if _world()[1] == 1:
-        return values
-    t = torch.tensor(values, dtype=torch.int64, device=device)
-    dist.all_reduce(t)
-    return [int(v) for v in t.tolist()]
-
-
 def distributed_knn(
     x_local: np.ndarray,
     ranges: Sequence[tuple[int, int]],
@@ -674,7 +662,7 @@ def distributed_knn(
         )
         es, ei = ensure_self_first(es, ei, mine + lo, self_scores[mine])
         found, total = recall_counts(indices[mine], ei)
-        found, total = _all_reduce_ints([found, total], device)
+        found, total = all_reduce_ints([found, total], device)
         recall = found / total if total else None
         timings["recall_s"] = time.perf_counter() - t0
         say(f"recall@{k} against exact on {sample_ids.size} queries: {recall}")

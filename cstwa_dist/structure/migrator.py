@@ -46,6 +46,7 @@ from cstwa_dist.config import StructureConfig
 from cstwa_dist.data.entities import read_entity_rows
 from cstwa_dist.data.spec import DatasetSpec
 from cstwa_dist.distributed.env import DistEnv
+from cstwa_dist.distributed.exchange import all_reduce_ints, comm_device
 from cstwa_dist.distributed.sharding import submodule
 from cstwa_dist.distributed.tables import local_rows
 from cstwa_dist.fs import atomic_path
@@ -67,22 +68,9 @@ def _num_entities(spec: DatasetSpec, side: str) -> int:
     return spec.num_users if side == "user" else spec.num_items
 
 
-def _comm_device(env: DistEnv) -> torch.device:
-    """Where tensors travel for collectives: the rank's GPU under NCCL, the CPU under gloo."""
-    return env.device if env.backend == "nccl" else torch.device("cpu")
-
-
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
-
-
-def _sum_ints(values: list[int], env: DistEnv) -> list[int]:
-    if not dist.is_initialized() or env.world_size == 1:
-        return values
-    t = torch.tensor(values, dtype=torch.int64, device=_comm_device(env))
-    dist.all_reduce(t)
-    return [int(v) for v in t.tolist()]
 
 
 class StructureMigrator:
@@ -123,7 +111,7 @@ class StructureMigrator:
             ranges, _ = local_rows(submodule(dmp, t.collection), t.table)
             lo, hi = ranges[env.rank]
             shard = load_graph_rows(cfg.graph_dir, t.side, lo, hi)
-            self.propagators[t.table] = ShardedPropagator(shard, ranges, _comm_device(env))
+            self.propagators[t.table] = ShardedPropagator(shard, ranges, comm_device())
             logger.info(
                 "structure migrator: %s rows [%d, %d) of %d, %d graph entries, %s",
                 t.table,
@@ -174,13 +162,13 @@ class StructureMigrator:
             with torch.no_grad():
                 cur = own.detach().to(torch.float32)
                 new = prop.migrate(cur, self.cfg.layers, self.cfg.beta)
-                moved = _sum_ints([int(own.shape[0])], self.env)[0]
-                delta = float((new - cur).abs().sum())
+                # |Δ| summed and rows counted over all ranks, in one collective, for the log line
+                delta_rows = [float((new - cur).abs().sum()), float(own.shape[0])]
+                stats = torch.tensor(delta_rows, dtype=torch.float64, device=comm_device())
                 own.copy_(new.to(dtype=own.dtype))
             if dist.is_initialized() and self.env.world_size > 1:
-                t_delta = torch.tensor([delta], dtype=torch.float64, device=_comm_device(self.env))
-                dist.all_reduce(t_delta)
-                delta = float(t_delta.item())
+                dist.all_reduce(stats)
+            delta, moved = float(stats[0]), int(stats[1])
             logger.info(
                 "epoch %d: %s ← (1−%.2f)·U + %.2f·Â^%d U, mean |Δ| %.3g",
                 epoch,
@@ -247,7 +235,7 @@ def mine_structure(
     report: dict[str, dict[str, Any]] = {}
     embeddings = submodule(dmp, source)
     params = ivf_params(cfg, seed)
-    comm = _comm_device(env)
+    comm = comm_device()
     for side in ("user", "item"):
         t0 = time.perf_counter()
         n = _num_entities(spec, side)
@@ -272,7 +260,7 @@ def mine_structure(
         save_graph_shard(out_dir, side, shard, ranges, meta)
         if cfg.save_representations:
             _save_representations(out_dir / f"{side}_representations.npy", reps, lo, n, env)
-        nnz, seen_total = _sum_ints([int(shard.val.numel()), int(seen.sum())], env)
+        nnz, seen_total = all_reduce_ints([int(shard.val.numel()), int(seen.sum())], comm)
         report[side] = {
             "entities": n,
             "seen_in_data": seen_total,

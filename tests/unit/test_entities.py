@@ -31,7 +31,6 @@ from cstwa_dist.data.entities import (
 from cstwa_dist.data.spec import SPLITS, DatasetSpec, FieldSpec, split_files
 from cstwa_dist.data.synth import generate
 from cstwa_dist.data.writer import dataset_complete
-from cstwa_dist.structure.profiles import entity_profiles
 from tests.fixtures.aliccp_raw import write_raw_aliccp_fixture
 
 SMALL_RG = 16  # row groups of 16 ids: the demo users (100) span 7 row groups, the last one short
@@ -140,18 +139,6 @@ def test_only_overlapping_row_groups_are_read(
     monkeypatch.setattr(pq.ParquetFile, "read_row_group", counting)
     read_entity_rows(small_rg, spec, "user", lo, hi)
     assert read == groups
-
-
-def test_entity_profiles_delegates_to_the_tables(small_rg: Path) -> None:
-    spec = DatasetSpec.load(small_rg)
-    for a, b in zip(entity_profiles(small_rg, spec, "item"), _full(small_rg, spec, "item"), strict=True):
-        np.testing.assert_array_equal(a, b)
-    for a, b in zip(
-        entity_profiles(small_rg, spec, "user", 10, 20),
-        read_entity_rows(small_rg, spec, "user", 10, 20),
-        strict=True,
-    ):
-        np.testing.assert_array_equal(a, b)
 
 
 def test_errors_name_the_file_and_the_fix(synth_ds: Path, tmp_path: Path) -> None:
