@@ -67,9 +67,12 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from cstwa_dist.data.synth import generate
+    from cstwa_dist.data.synth import generate, preset_with
 
-    _log_stats(generate(args.preset, args.scale, args.seed, args.out, rows_per_file=args.rows_per_file))
+    preset = preset_with(args.preset, conflict=args.conflict, profile_leakage=args.profile_leakage)
+    _log_stats(
+        generate(preset, args.scale, args.seed, args.out, rows_per_file=args.rows_per_file, name=args.preset)
+    )
     return 0
 
 
@@ -461,9 +464,7 @@ def _add_quarantine_args(p: argparse.ArgumentParser, unit: str) -> None:
     p.add_argument(
         "--strict", action="store_true", help=f"fail at the first bad {unit} instead of quarantining it"
     )
-    p.add_argument(
-        "--max-quarantine-fraction", type=float, default=0.01, metavar="F", help=_QUARANTINE_HELP
-    )
+    p.add_argument("--max-quarantine-fraction", type=float, default=0.01, metavar="F", help=_QUARANTINE_HELP)
 
 
 def _model_list(names: list[str]) -> str:
@@ -487,7 +488,21 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write <out>/{train,val,test}/*.parquet, spec.yaml and stats.json from "
         "the generative model documented in the README.",
     )
-    p.add_argument("--preset", required=True, choices=["demo", "aliccp-like", "industrial-like"])
+    p.add_argument("--preset", required=True, choices=["fair", "demo", "aliccp-like", "industrial-like"])
+    p.add_argument(
+        "--conflict",
+        choices=["none", "moderate", "strong"],
+        default=None,
+        help="click/purchase conflict level: net effect of click-bait on purchases over all impressions "
+        "none / -1 / -2 per unit of bait (default: the preset's, i.e. none)",
+    )
+    p.add_argument(
+        "--profile-leakage",
+        type=float,
+        default=None,
+        help="probability that each cluster-linked profile field takes its cluster's value (default: the "
+        "preset's)",
+    )
     p.add_argument("--scale", type=float, default=1.0, help="multiplies rows, users and items (default 1.0)")
     p.add_argument("--seed", type=int, default=0, help="generator seed (same seed = same files)")
     p.add_argument("--out", required=True, help="output dataset directory (must not exist or be empty)")
@@ -772,9 +787,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="plan CUDA ranks, this many per node (default 0: CPU ranks on one node)",
     )
-    p.add_argument(
-        "--hbm-gb", type=float, default=None, help="HBM per GPU in GiB (default: TorchRec's 32)"
-    )
+    p.add_argument("--hbm-gb", type=float, default=None, help="HBM per GPU in GiB (default: TorchRec's 32)")
     p.add_argument(
         "--ddr-gb", type=float, default=None, help="host memory per rank in GiB (default: TorchRec's 128)"
     )

@@ -30,8 +30,9 @@ Generative model (``SynthPreset`` holds every knob named here; values are at ``s
 5. ``p_click = sigmoid(affinity_click * aff + bait_i - necessity_click_penalty * nec_i + ctx + b_ctr)``
    with ``ctx = context_strength * (0.2 sin(2 pi hour / 24) - 0.08 position + device offset)``.
 6. ``p_buy|click = sigmoid(affinity_purchase * aff - bait_purchase_penalty * bait_i + nec_i + prop_u
-   + b_cvr)``; ``click ~ Bernoulli(p_click)``, ``purchase = click * Bernoulli(p_buy|click)``, so
-   ``purchase = 1`` implies ``click = 1`` on every row.
+   + b_cvr)`` (``bait_purchase_penalty`` is the conflict axis, ``CONFLICT_LEVELS``: at 1 bait has no net
+   effect on purchases over all impressions, above 1 a negative one); ``click ~ Bernoulli(p_click)``,
+   ``purchase = click * Bernoulli(p_buy|click)``, so ``purchase = 1`` implies ``click = 1`` on every row.
 7. ``b_ctr`` and ``b_cvr`` are solved by bisection on a 200k-impression pilot sample so the expected
    click rate and purchase rate (purchases over all impressions) equal the preset's targets.
 8. Profile fields are pure functions of the id (seeded hash). User: ``user_age`` (8), ``user_gender``
@@ -40,7 +41,9 @@ Generative model (``SynthPreset`` holds every knob named here; values are at ``s
    Item: ``item_category`` (64) is the cluster's category with probability
    ``max(profile_cluster_corr, 0.8)``, ``item_brand`` (100) the cluster's brand with probability
    ``profile_cluster_corr / 2``, ``item_price`` (10) a noisy decile of ``nec_i``. Context: ``ctx_hour``
-   (24), ``ctx_position`` (10), ``ctx_device`` (4).
+   (24), ``ctx_position`` (10), ``ctx_device`` (4). With ``profile_leakage`` set, every cluster-linked
+   field (age, gender, city, category, brand) takes its cluster's value with exactly that probability
+   instead: the knob for how much the profiles alone give the clusters away.
 9. Vocabulary: ``user_id`` in ``[0, num_users)``, ``item_id`` in ``[0, num_items)``; 0 is a normal id.
 
 Output layout (``spec.py``): ``<out>/{train,val,test}/part-NNNNN.parquet`` (int64 feature columns,
@@ -59,11 +62,12 @@ accept.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -129,6 +133,10 @@ class SynthPreset:
     user_propensity_std: float = 0.3
     context_strength: float = 1.0
     profile_cluster_corr: float = 0.6
+    # None: the historical rule (category leaks max(corr, 0.8), brand corr/2). A value in [0, 1]: every
+    # cluster-linked profile field (age, gender, city, category, brand) takes its cluster's value with
+    # exactly this probability, so how much the profiles give the clusters away is one knob.
+    profile_leakage: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("train_rows", "val_rows", "test_rows", "num_users", "num_items", "num_clusters"):
@@ -154,6 +162,10 @@ class SynthPreset:
         for name in ("in_cluster_exposure", "profile_cluster_corr"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"SynthPreset.{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.profile_leakage is not None and not 0.0 <= self.profile_leakage <= 1.0:
+            raise ValueError(
+                f"SynthPreset.profile_leakage must be in [0, 1] or None, got {self.profile_leakage}"
+            )
         for name in (
             "latent_noise",
             "affinity_click",
@@ -183,6 +195,19 @@ class SynthPreset:
 
 
 PRESETS: dict[str, SynthPreset] = {
+    "fair": SynthPreset(
+        description="the experiments' instrument: ~200 train impressions per user and ~400 per item so "
+        "interactions are learnable, 5,000 test purchases at scale 1, profiles that leak the clusters "
+        "only weakly (docs/experiments/README.md)",
+        train_rows=400_000,
+        val_rows=40_000,
+        test_rows=275_000,
+        num_users=2_000,
+        num_items=1_000,
+        click_rate=0.15,
+        purchase_rate=0.02,
+        profile_leakage=0.25,
+    ),
     "demo": SynthPreset(
         description="small and label-rich so a laptop run learns something in minutes",
         train_rows=300_000,
@@ -216,6 +241,28 @@ PRESETS: dict[str, SynthPreset] = {
         num_clusters=32,
     ),
 }
+
+# The conflict-strength axis (pre-registered in docs/experiments/README.md before any model ran on it):
+# the purchase-given-click penalty of click-bait. Bait adds +1·bait to the click logit; over all
+# impressions the purchase log-probability moves by about (1 − p_click) − penalty·(1 − p_buy) per unit
+# of bait, i.e. about 1 − penalty at small rates. "none": bait has no net effect on purchases over
+# all impressions (it still conflicts among clicked rows); "moderate" / "strong": net effect −1 / −2.
+CONFLICT_LEVELS: dict[str, float] = {"none": 1.0, "moderate": 2.0, "strong": 3.0}
+
+
+def preset_with(
+    preset: str | SynthPreset, *, conflict: str | None = None, profile_leakage: float | None = None
+) -> SynthPreset:
+    """``preset`` with the conflict level and / or the profile leakage set (the CLI's knobs)."""
+    p = _resolve(preset)
+    changes: dict[str, float] = {}
+    if conflict is not None:
+        if conflict not in CONFLICT_LEVELS:
+            raise ValueError(f"unknown conflict level {conflict!r}; valid: {list(CONFLICT_LEVELS)}")
+        changes["bait_purchase_penalty"] = CONFLICT_LEVELS[conflict]
+    if profile_leakage is not None:
+        changes["profile_leakage"] = float(profile_leakage)
+    return replace(p, **changes) if changes else p
 
 
 # --- seeded hashing: per-id values without per-id state ----------------------------------------
@@ -320,15 +367,20 @@ class SynthWorld:
 
         # Item profile fields.
         corr = p.profile_cluster_corr
+        leak = p.profile_leakage
         ncat = ITEM_PROFILE_VOCAB["item_category"]
         pref_cat = rng.integers(0, ncat, size=c)
         self.item_category = np.where(
-            rng.random(self.num_items) < max(corr, 0.8), pref_cat[icl], rng.integers(0, ncat, self.num_items)
+            rng.random(self.num_items) < (max(corr, 0.8) if leak is None else leak),
+            pref_cat[icl],
+            rng.integers(0, ncat, self.num_items),
         ).astype(np.int64)
         nbrand = ITEM_PROFILE_VOCAB["item_brand"]
         pref_brand = rng.integers(0, nbrand, size=c)
         self.item_brand = np.where(
-            rng.random(self.num_items) < corr * 0.5, pref_brand[icl], rng.integers(0, nbrand, self.num_items)
+            rng.random(self.num_items) < (corr * 0.5 if leak is None else leak),
+            pref_brand[icl],
+            rng.integers(0, nbrand, self.num_items),
         ).astype(np.int64)
         nec_z = self.item_necessity / max(p.necessity_std, 1e-12)
         self.item_price = _decile(0.6 * nec_z + 0.8 * rng.standard_normal(self.num_items))
@@ -350,6 +402,46 @@ class SynthWorld:
         z = _hash_normal(_hash(self.key, _SALT["user_prop"], uid))
         return (z * self.preset.user_propensity_std).astype(np.float32)
 
+    def truth(
+        self, uid: np.ndarray, iid: np.ndarray, hour: np.ndarray, position: np.ndarray, device: np.ndarray
+    ) -> dict[str, np.ndarray]:
+        """The ground-truth terms of impressions (steps 2, 4–6), before the calibrated biases.
+
+        A function of the row's ids and context only, so the partial oracles of the experiment reports
+        (``cstwa_dist/train/oracles.py``) recompute it for any written row: ``affinity``, ``bait``,
+        ``necessity``, ``propensity``, ``context`` and the two logits ``click_logit`` and ``buy_logit``
+        (add ``bias_ctr`` / ``bias_cvr`` from ``synth.json`` and apply a sigmoid for the probabilities).
+        """
+        p = self.preset
+        uid = np.asarray(uid, dtype=np.int64)
+        iid = np.asarray(iid, dtype=np.int64)
+        ucl = self.user_cluster[uid].astype(np.int64)
+        # aff = (m_cu + noise_u) . l_i = (l_i . m_cu) + noise_u . l_i
+        aff = self.item_centre_dot[iid, ucl]
+        aff = aff + np.einsum("nd,nd->n", self.user_noise(uid), self.item_latent[iid])
+        ctx = (
+            p.context_strength
+            * (
+                0.2 * np.sin(2.0 * np.pi * np.asarray(hour) / 24.0).astype(np.float32)
+                - 0.08 * np.asarray(position).astype(np.float32)
+            )
+            + self.device_effect[np.asarray(device)]
+        )
+        bait = self.item_bait[iid]
+        nec = self.item_necessity[iid]
+        prop = self.user_propensity(uid)
+        click_logit = p.affinity_click * aff + bait - p.necessity_click_penalty * nec + ctx
+        buy_logit = p.affinity_purchase * aff - p.bait_purchase_penalty * bait + nec + prop
+        return {
+            "affinity": aff.astype(np.float32),
+            "bait": bait,
+            "necessity": nec,
+            "propensity": prop,
+            "context": ctx.astype(np.float32),
+            "click_logit": click_logit.astype(np.float32),
+            "buy_logit": buy_logit.astype(np.float32),
+        }
+
     def user_profile(self, uid: np.ndarray) -> dict[str, np.ndarray]:
         """Profile fields of the given users: functions of the id only (and of its cluster)."""
         ucl = self.user_cluster[uid].astype(np.int64)
@@ -363,13 +455,28 @@ class SynthWorld:
             pick = _hash_uniform(_hash(self.key, _SALT["profile_pick"] + k, uid))
             own = _hash(self.key, _SALT["profile_value"] + k, uid) % np.uint64(vocab)
             pref = _hash(self.key, _SALT["cluster_value"] + k, ucl) % np.uint64(vocab)
-            out[name] = np.where(pick < self.preset.profile_cluster_corr, pref, own).astype(np.int64)
+            leak = self.preset.profile_leakage
+            corr = self.preset.profile_cluster_corr if leak is None else leak
+            out[name] = np.where(pick < corr, pref, own).astype(np.int64)
         return out
 
 
 def build_world(preset: str | SynthPreset, scale: float, seed: int) -> SynthWorld:
     """The ground truth behind ``generate(preset, scale, seed, ...)``, without writing any data."""
     return SynthWorld(_resolve(preset), scale, seed)
+
+
+def world_of(dataset: str | Path) -> tuple[SynthWorld, dict]:
+    """The world behind a written synthetic data set (from its ``synth.json``) and that metadata.
+
+    Raises FileNotFoundError for a data set that ``synth`` did not write (an import has no ground truth).
+    """
+    path = Path(dataset) / "synth.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not a synthetic data set (no ground truth to compare with)")
+    meta = json.loads(path.read_text())
+    world = SynthWorld(SynthPreset(**meta["preset"]), meta["scale"], meta["seed"])
+    return world, meta
 
 
 def _resolve(preset: str | SynthPreset) -> SynthPreset:
@@ -410,20 +517,7 @@ def _sample_impressions(
     position = rng.choice(CONTEXT_VOCAB["ctx_position"], size=n, p=_POSITION_PROBS)
     device = rng.choice(CONTEXT_VOCAB["ctx_device"], size=n, p=_DEVICE_PROBS)
 
-    # aff = (m_cu + noise_u) . l_i = (l_i . m_cu) + noise_u . l_i
-    aff = world.item_centre_dot[iid, ucl]
-    aff += np.einsum("nd,nd->n", world.user_noise(uid), world.item_latent[iid])
-    ctx = (
-        p.context_strength
-        * (0.2 * np.sin(2.0 * np.pi * hour / 24.0).astype(np.float32) - 0.08 * position.astype(np.float32))
-        + world.device_effect[device]
-    )
-    bait = world.item_bait[iid]
-    nec = world.item_necessity[iid]
-    click_logit = (p.affinity_click * aff + bait - p.necessity_click_penalty * nec + ctx).astype(np.float32)
-    buy_logit = (
-        p.affinity_purchase * aff - p.bait_purchase_penalty * bait + nec + world.user_propensity(uid)
-    ).astype(np.float32)
+    truth = world.truth(uid, iid, hour, position, device)
 
     cols: dict[str, np.ndarray] = {"user_id": uid}
     cols.update(world.user_profile(uid))
@@ -434,7 +528,7 @@ def _sample_impressions(
     cols["ctx_hour"] = hour.astype(np.int64)
     cols["ctx_position"] = position.astype(np.int64)
     cols["ctx_device"] = device.astype(np.int64)
-    return cols, click_logit, buy_logit
+    return cols, truth["click_logit"], truth["buy_logit"]
 
 
 def _bisect_bias(
@@ -498,15 +592,17 @@ def generate(
     *,
     rows_per_file: int | None = None,
     progress: bool = True,
+    name: str | None = None,
 ) -> dict[str, SplitStats]:
     """Write a synthetic data set to ``out`` and return the per-split statistics (also in stats.json).
 
     ``rows_per_file`` overrides ``default_rows_per_file`` for every split; it changes only how rows
     are cut into files, never the rows themselves. Raises FileExistsError if ``out`` exists and is not
-    an empty directory.
+    an empty directory. ``name`` is the preset name recorded in ``synth.json`` (for a preset changed
+    by :func:`preset_with`; the changed knobs are recorded with the whole preset).
     """
     p = _resolve(preset)
-    preset_name = preset if isinstance(preset, str) else "custom"
+    preset_name = name or (preset if isinstance(preset, str) else "custom")
     if rows_per_file is not None and int(rows_per_file) < 1:
         raise ValueError(f"rows_per_file must be >= 1, got {rows_per_file}")
     out = Path(out)

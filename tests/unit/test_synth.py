@@ -202,3 +202,60 @@ def test_tiny_scale_floors_and_preset_validation() -> None:
         build_world("nope", 1.0, 0)
     with pytest.raises(ValueError, match="scale"):
         PRESETS["demo"].sizes(0.0)
+
+
+def _oracle_aucs(preset: SynthPreset, n: int = 120_000) -> dict[str, float]:
+    """AUCs of ground-truth scores for purchases over all impressions, on fresh rows of the world."""
+    from sklearn.metrics import roc_auc_score
+
+    from cstwa_dist.data.synth import SynthWorld, _sample_impressions, _sigmoid, calibrate
+
+    world = SynthWorld(preset, 0.3, 3)
+    biases = calibrate(world)
+    rng = np.random.default_rng(11)
+    cols, click_logit, buy_logit = _sample_impressions(world, rng, n)
+    p_click = _sigmoid(click_logit + biases["bias_ctr"])
+    click = rng.random(n) < p_click
+    buy = click & (rng.random(n) < _sigmoid(buy_logit + biases["bias_cvr"]))
+    truth = world.truth(
+        cols["user_id"], cols["item_id"], cols["ctx_hour"], cols["ctx_position"], cols["ctx_device"]
+    )
+    np.testing.assert_array_equal(truth["click_logit"], click_logit)  # truth() is what generated the row
+    return {
+        "bait": float(roc_auc_score(buy, truth["bait"])),
+        "p_click": float(roc_auc_score(buy, p_click)),
+        "p_click_among_clicks": float(roc_auc_score(buy[click], p_click[click])),
+    }
+
+
+def test_conflict_axis_moves_bait_effect_on_purchases() -> None:
+    """The pre-registered levels: bait's net effect on purchases goes from about none to strongly negative."""
+    from cstwa_dist.data.synth import CONFLICT_LEVELS, preset_with
+
+    aucs = {lvl: _oracle_aucs(preset_with("fair", conflict=lvl)) for lvl in CONFLICT_LEVELS}
+    assert abs(aucs["none"]["bait"] - 0.5) < 0.05
+    assert aucs["none"]["bait"] > aucs["moderate"]["bait"] + 0.05 > aucs["strong"]["bait"] + 0.1
+    assert aucs["none"]["p_click"] > aucs["moderate"]["p_click"] > aucs["strong"]["p_click"]
+    for lvl in CONFLICT_LEVELS:  # among clicked rows the click signal points the wrong way at every level
+        assert aucs[lvl]["p_click_among_clicks"] < 0.45
+    with pytest.raises(ValueError, match="conflict level"):
+        preset_with("fair", conflict="extreme")
+
+
+def test_profile_leakage_sets_how_often_profiles_name_the_cluster() -> None:
+    from cstwa_dist.data.synth import preset_with
+
+    def same_cluster_value_rate(leak: float) -> float:
+        world = build_world(preset_with("fair", profile_leakage=leak), 0.5, 0)
+        cat = world.item_category
+        # share of items whose category is their cluster's most common category
+        hits = 0
+        for c in range(world.preset.num_clusters):
+            vals = cat[world.item_cluster == c]
+            hits += np.bincount(vals).max()
+        return hits / world.num_items
+
+    low, high = same_cluster_value_rate(0.1), same_cluster_value_rate(0.9)
+    assert low < 0.3 < 0.85 < high
+    with pytest.raises(ValueError, match="profile_leakage"):
+        preset_with("fair", profile_leakage=1.5)
