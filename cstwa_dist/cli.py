@@ -433,6 +433,23 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_oracles(args: argparse.Namespace) -> int:
+    """Prints (and with ``--out`` writes) the partial oracles and lookups as JSON; numpy + pyarrow only."""
+    from cstwa_dist.fs import atomic_write_json
+    from cstwa_dist.train.oracles import graph_cluster_rate, partial_oracles
+
+    if not args.dataset.is_dir():
+        raise FileNotFoundError(f"{args.dataset}: no such data set folder")
+    result = {"oracles": partial_oracles(args.dataset, split=args.split)}
+    if args.graph_dir is not None:
+        result["graph_cluster_rate"] = graph_cluster_rate(args.graph_dir, args.dataset)
+    sys.stdout.write(json.dumps(result, indent=2, sort_keys=False) + "\n")
+    if args.out is not None:
+        atomic_write_json(args.out, result, sort_keys=False)
+        logger.info("oracles written to %s", args.out)
+    return 0
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     """Sharding dry run: no process group, no data, no table memory (the model is built on ``meta``)."""
     from cstwa_dist.config import load_config
@@ -770,6 +787,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("runs", nargs="+", help="run directories (or metrics.json files)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser(
+        "oracles",
+        help="partial oracles and per-item lookups of a data set (AUC/GAUC), and the graphs' cluster rate",
+        description="On the test split: Click/Purchase AUC and GAUC of the true click and purchase "
+        "probabilities and of the user-item affinity (synthetic data only: from synth.json) and of the "
+        "smoothed per-item train CTR and purchase-rate lookups (any data set); with --graph-dir, the share "
+        "of the mined kNN graphs' neighbours in the same true cluster. Prints JSON; nothing is written into "
+        "the data set.",
+    )
+    p.add_argument("--dataset", required=True, type=Path, help="data set folder")
+    p.add_argument(
+        "--graph-dir", type=Path, default=None, help="a structure.graph_dir written by pretrain (optional)"
+    )
+    p.add_argument("--split", choices=["val", "test"], default="test", help="evaluated split (default test)")
+    p.add_argument("--out", type=Path, default=None, metavar="FILE", help="also write the JSON here")
+    p.set_defaults(func=cmd_oracles)
 
     p = sub.add_parser(
         "plan",

@@ -11,6 +11,12 @@ Every number is a cell's reported test metric, i.e. that of the epoch ``train.se
 (by default the best validation Purchase AUC, as in the paper's protocol); the tables name the
 selected epochs. Besides AUC they carry GAUC (per-user AUC) and a calibration table (log loss, ECE),
 see ``cstwa_dist/train/metrics.py``. Cells written before those metrics existed show "n/a".
+
+Next to the tables rank 0 puts the *instrument* (``report.json["instrument"]``,
+:mod:`cstwa_dist.train.oracles`): the partial oracles and per-item lookups on the evaluated split (Table 2
+and Table 3 list the two lookups as reference rows, the floor a model must clear) and, per structure
+directory the experiment mined (one per seed and ``k``), the share of the kNN graphs' neighbours in the
+same true cluster. Both are cached under ``<out>/instrument/`` so a rerun does not recompute them.
 """
 
 from __future__ import annotations
@@ -174,10 +180,62 @@ def run_experiment(base: RunConfig, cells: list[Cell], out: str | Path) -> dict[
             atomic_write_json(run_dir / "cell.json", asdict(cell), sort_keys=False)
     report = build_report(cells, out) if env.is_main else {}
     if env.is_main:
+        # rank 0 only, while the other ranks wait in the broadcast below (seconds at scale 1; cached)
+        report["instrument"] = instrument_report(base, cells, out)
         report["wall_seconds_this_run"] = time.perf_counter() - t0
         write_reports(report, out)
     broadcast_object(None)
     return report
+
+
+def instrument_report(base: RunConfig, cells: list[Cell], out: Path) -> dict[str, Any]:
+    """The partial oracles and the graphs' same-cluster rate of this experiment (``report["instrument"]``).
+
+    ``oracles``: :func:`~cstwa_dist.train.oracles.partial_oracles` on ``train.eval_split`` of the base
+    config's data set (the split the cells' test metrics are on). ``graphs``: one entry per structure
+    directory a cell of this experiment used (``seed``, ``k`` and
+    :func:`~cstwa_dist.train.oracles.graph_cluster_rate`'s result); ``graph_mean``: per ``k``, the mean
+    over the seeds whose graphs are available. Results are cached under ``<out>/instrument/``. A failure
+    here is logged and recorded as ``error`` rather than raised: the tables of finished cells matter more.
+    Memory: :mod:`cstwa_dist.train.oracles` (rank 0 only; O(evaluated rows) for the exact AUCs).
+    """
+    from cstwa_dist.train.oracles import graph_cluster_rate, partial_oracles
+
+    dataset = Path(base.data.dataset)
+    cache = out / "instrument"
+    result: dict[str, Any] = {}
+    try:
+        split = base.train.eval_split
+        result["oracles"] = partial_oracles(dataset, split=split, cache=cache / f"oracles-{split}.json")
+    except Exception as e:  # the report of finished cells must still be written
+        logger.exception("partial oracles failed")
+        result["oracles"] = {"error": f"{type(e).__name__}: {e}"}
+    dirs: dict[str, tuple[int, int]] = {}
+    for cell in {c.cell_id: c for c in cells}.values():
+        cfg = cell_config(base, cell, out)
+        if get_model_spec(cell.model).needs_graphs(cfg.model):
+            dirs.setdefault(cfg.structure.graph_dir, (cell.seed, cfg.structure.k))
+    graphs: list[dict[str, Any]] = []
+    for gd, (seed, k) in sorted(dirs.items(), key=lambda kv: (kv[1][1], kv[1][0])):
+        try:
+            rate = graph_cluster_rate(gd, dataset, cache=cache / f"graph-{Path(gd).name}.json")
+        except Exception as e:  # as above
+            logger.exception("graph cluster rate of %s failed", gd)
+            rate = {"graph_dir": gd, "available": False, "reason": f"{type(e).__name__}: {e}"}
+        graphs.append({"seed": seed, "k": k, **rate})
+    result["graphs"] = graphs
+    result["graph_mean"] = []
+    for k in sorted({g["k"] for g in graphs}):
+        ok = [g for g in graphs if g["k"] == k and g.get("available")]
+        if not ok:
+            continue
+        mean: dict[str, Any] = {"k": k, "seeds": [g["seed"] for g in ok]}
+        for side in ("user", "item"):
+            mean[side] = {
+                key: _mean_std([g[side][key] for g in ok])[0] for key in ("rate", "weighted_rate", "chance")
+            }
+        result["graph_mean"].append(mean)
+    return result
 
 
 # per-task metrics aggregated besides AUC (mean ± std over seeds), as in metrics.json: <task>_<key>
@@ -270,8 +328,100 @@ def _epochs(xs: list[int | None]) -> str:
     return ", ".join("?" if x is None else str(x) for x in xs)
 
 
+def _f4(x: float | None) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100.0 * x:.1f} %"
+
+
+_LOOKUPS = ("item_ctr", "item_purchase_rate")
+
+
+def _lookup_rows(oracles: dict[str, Any]) -> list[str]:
+    """Table 2 / 3 reference rows: the two per-item train lookups (no seeds, gains or epochs)."""
+    scores = oracles.get("scores") or {}
+    lines = []
+    for name in _LOOKUPS:
+        s = scores.get(name)
+        if not s:
+            continue
+        cols = [_f4(s.get(f"{t}_{m}")) for t in ("click", "purchase") for m in ("auc", "gauc")]
+        lines.append(f"| *reference: {s['description']}* | — | " + " | ".join(cols) + " | — | — | — |")
+    return lines
+
+
+def _instrument_lines(instrument: dict[str, Any]) -> list[str]:
+    """report.md's "Partial oracles" table and the graphs' same-cluster neighbour rate."""
+    if not instrument:
+        return []
+    lines: list[str] = []
+    o = instrument.get("oracles") or {}
+    if "error" in o:
+        lines += ["", f"## Partial oracles: not computed ({o['error']})"]
+    elif o:
+        lines += [
+            "",
+            f"## Partial oracles ({o['split']} split)",
+            "",
+            f"What the data allow, on the impressions the models are evaluated on ({o['rows']} rows, "
+            f"{o['clicks']} clicks, {o['purchases']} purchases; `cstwa-dist oracles`). *truth*: the "
+            "generator's probabilities (synthetic data only); *lookup*: the item's train rate, smoothed "
+            f"toward the global rate with a Beta prior of {o['prior_impressions']:g} impressions. Every "
+            "score is evaluated as a Click and as a Purchase score; the oracles are the true click "
+            "probability for Click and the true purchase probability for Purchase.",
+            "",
+            "| score | kind | Click AUC | Click GAUC | Purchase AUC | Purchase GAUC |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        for s in (o.get("scores") or {}).values():
+            if s.get("available"):
+                cols = [_f4(s.get(f"{t}_{m}")) for t in ("click", "purchase") for m in ("auc", "gauc")]
+            else:
+                cols = ["n/a (no ground truth)"] * 4
+            lines.append(f"| {s['description']} | {s['kind']} | " + " | ".join(cols) + " |")
+        c = o.get("truth_check")
+        if c:
+            lines += [
+                "",
+                "Truth check (do the recomputed probabilities explain the labels? |z| > 5 means the data set "
+                f"came from another generator version): click {c['click_mean_truth']:.4f} predicted vs "
+                f"{c['click_observed_rate']:.4f} observed (z {c['click_z']:+.1f}), purchase "
+                f"{c['purchase_mean_truth']:.4f} vs {c['purchase_observed_rate']:.4f} "
+                f"(z {c['purchase_z']:+.1f}).",
+            ]
+    graphs = instrument.get("graphs") or []
+    if graphs:
+        lines.append("")
+        for m in instrument.get("graph_mean") or []:
+            per_seed = "; ".join(
+                f"seed {g['seed']}: users {_pct(g['user']['rate'])}, items {_pct(g['item']['rate'])}"
+                for g in graphs
+                if g["k"] == m["k"] and g.get("available")
+            )
+            lines.append(
+                f"Graph same-cluster neighbour rate (k={m['k']}, mean over {len(m['seeds'])} seed(s)): "
+                f"users {_pct(m['user']['rate'])} (chance {_pct(m['user']['chance'])}), items "
+                f"{_pct(m['item']['rate'])} (chance {_pct(m['item']['chance'])}); {per_seed}."
+            )
+        for g in graphs:
+            if not g.get("available"):
+                lines.append(
+                    f"Graph same-cluster neighbour rate (k={g['k']}, seed {g['seed']}): not available "
+                    f"({g.get('reason', '?')})."
+                )
+        lines += [
+            "",
+            "(Share of the kNN graphs' non-self neighbours in the entity's true cluster; chance: "
+            "Σ_c share_c², the rate of uniformly random neighbours.)",
+        ]
+    return lines
+
+
 def write_reports(report: dict[str, Any], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    instrument = report.get("instrument") or {}
     lines = [
         "# Experiment report",
         "",
@@ -300,9 +450,12 @@ def write_reports(report: dict[str, Any], out: Path) -> None:
                 f"{_fmt(*_ms(r, 'purchase_gauc'))} | {_gain(r['click_gain_pct'])} | "
                 f"{_gain(r['purchase_gain_pct'])} | {_epochs(r.get('best_epoch', []))} |"
             )
+        if group in ("table2", "ablation"):
+            lines += _lookup_rows(instrument.get("oracles") or {})
         if group.startswith("sweep:"):
             png = plot_sweep(group.removeprefix("sweep:"), rows, out)
             lines += ["", f"![{group}]({png.name})"]
+    lines += _instrument_lines(instrument)
     lines += [
         "",
         "## Calibration (test, selected epoch)",

@@ -164,5 +164,10 @@ def test_experiment_runs_and_resumes(tmp_path, tiny_dataset):
     _run(cmd)
     md = (tmp_path / "exp" / "report.md").read_text()
     assert "| mlp | 1 |" in md and "| cstwa | 1 |" in md
+    # the instrument: oracles on the evaluated split, the cluster rate of the graphs cstwa used
+    inst = json.loads((tmp_path / "exp" / "report.json").read_text())["instrument"]
+    assert inst["oracles"]["scores"]["oracle_purchase"]["available"]
+    assert [g["seed"] for g in inst["graphs"]] == [0] and inst["graphs"][0]["available"]
+    assert "Partial oracles" in md and "*reference: per-item train CTR*" in md
     again = _run(cmd)
     assert again.stderr.count("finished before, skipped") == 2
