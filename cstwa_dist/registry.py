@@ -4,12 +4,14 @@ This is the junction between the rooms. ``models/`` (networks) and ``losses/`` (
 know each other's registry entries, and the trainer, pre-training, the experiment planner and the CLI
 learn everything they need about a model here — never by building or inspecting a model instance:
 
-* ``structure_tables(model_cfg)``: the per-entity tables the Structure Migrator initialises and
-  smooths (empty: the model needs no graphs);
+* ``structure_tables(model_cfg, structure_cfg)``: the per-entity tables the Structure Migrator
+  initialises and smooths, or recomputes (empty: the model needs no graphs);
 * ``representation_source``: the field embeddings whose user/item tables give ``r_u``, ``r_i`` (the
   pre-training model);
 * ``pretrain_only`` / ``in_table2``: which list a model belongs to (``train --model`` choices, the
-  experiment's default Table 2 rows, in this order).
+  experiment's default Table 2 rows, in this order);
+* ``takes_structure`` / ``shared_tables``: whether the model is built with the ``structure`` section
+  (CSTWA: the SM reading shapes the network) and whether it honours ``model.shared_tables``.
 
 Adding a model touches its file under ``models/``, its entry here and its tests.
 
@@ -23,9 +25,9 @@ import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from cstwa_dist.config import LossConfig, ModelConfig
+from cstwa_dist.config import ConfigError, LossConfig, ModelConfig, StructureConfig
 
 if TYPE_CHECKING:  # only for annotations: the heavy modules load when a builder is called
     import torch
@@ -46,20 +48,35 @@ class StructureTable:
     side: str  # "user" | "item": which graph and which entity ids
     collection: str  # path of the EmbeddingBagCollection holding the table
     table: str  # table name inside that collection
-    # path of the FieldEmbeddings holding the side's non-id field tables: a row starts as its id slot
-    # (the table's own random start) followed by those fields' embeddings (Eq. 8, docs/method.md §2);
-    # a model whose sides have no other fields has no such module, and rows keep their own start
+    # path of the FieldEmbeddings the side's representation is read out of (Eq. 8, docs/method.md §2):
+    # with ``reads_id`` False it holds the side's non-id field tables, and a row starts as its id slot
+    # (the table's own random start) followed by those fields' embeddings; a model whose sides have no
+    # other fields has no such module, and rows keep their own start. With ``reads_id`` True it holds
+    # every field of the side, id included, and the read-out fills the whole row (reading b's ``R``;
+    # reading a with shared tables, where the CTR id table exists anyway).
     init_from: str
+    reads_id: bool = False
 
 
 LossKwargs = Callable[[ModelConfig], Mapping[str, Any]]
+
+
+class TablesFn(Protocol):
+    """``structure_tables``: what a model needs from the migrator, given its switches; the
+    ``structure`` section (default: the paper's reading) says how the SM is read."""
+
+    def __call__(
+        self, model_cfg: ModelConfig, structure_cfg: StructureConfig | None = None
+    ) -> tuple[StructureTable, ...]: ...
 
 
 def _no_kwargs(model_cfg: ModelConfig) -> Mapping[str, Any]:
     return {}
 
 
-def _no_tables(model_cfg: ModelConfig) -> tuple[StructureTable, ...]:
+def _no_tables(
+    model_cfg: ModelConfig, structure_cfg: StructureConfig | None = None
+) -> tuple[StructureTable, ...]:
     return ()
 
 
@@ -78,23 +95,54 @@ class ModelSpec:
     loss: str  # "module:Class"; called as Class(loss_cfg, comm=comm, **loss_kwargs(model_cfg))
     model_kwargs: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     loss_kwargs: LossKwargs = _no_kwargs
-    structure_tables: Callable[[ModelConfig], tuple[StructureTable, ...]] = _no_tables
+    structure_tables: TablesFn = _no_tables
     representation_source: str | None = None
     pretrain_only: bool = False
     in_table2: bool = True
+    takes_structure: bool = False  # the builder takes ``structure=StructureConfig`` (CSTWA's SM reading)
+    shared_tables: bool = False  # honours model.shared_tables (separate CTR/CVR collections to share)
 
     @property
     def predicts_purchase(self) -> bool:
         """Every trainable model predicts purchases; the pre-training model predicts clicks only."""
         return not self.pretrain_only
 
-    def needs_graphs(self, model_cfg: ModelConfig) -> bool:
+    def needs_graphs(self, model_cfg: ModelConfig, structure_cfg: StructureConfig | None = None) -> bool:
         """True when training this model (with these switches) reads the user/item graphs."""
-        return bool(self.structure_tables(model_cfg))
+        return bool(self.structure_tables(model_cfg, structure_cfg))
 
-    def build(self, spec: DatasetSpec, model_cfg: ModelConfig, device: torch.device | None) -> nn.Module:
-        """The model, built on ``device`` (``meta`` for DistributedModelParallel)."""
-        return _load(self.model)(spec, model_cfg, device, **self.model_kwargs)
+    def check(self, model_cfg: ModelConfig) -> None:
+        """Rejects switches this model cannot honour (before anything is built or distributed).
+
+        ``model.shared_tables`` shares a separate CVR collection with the CTR one: a model that
+        already feeds both towers from one collection would run unchanged under it, so it refuses
+        rather than pretend to be ablated. A click-only model (pre-training) has no CVR side and
+        ignores it, so that ``pretrain`` and ``train`` can share a config.
+        """
+        if model_cfg.shared_tables and not self.shared_tables and self.predicts_purchase:
+            honour = sorted(s.name for s in _SPECS if s.shared_tables)
+            raise ConfigError(
+                f"model.shared_tables applies to models with separate CTR/CVR collections ({honour}); "
+                f"{self.name} already shares one collection between its towers"
+            )
+
+    def build(
+        self,
+        spec: DatasetSpec,
+        model_cfg: ModelConfig,
+        device: torch.device | None,
+        structure: StructureConfig | None = None,
+    ) -> nn.Module:
+        """The model, built on ``device`` (``meta`` for DistributedModelParallel).
+
+        ``structure``: the run's ``structure`` section, passed to a model that ``takes_structure``
+        (default: ``StructureConfig()``, the paper's reading); other models ignore it.
+        """
+        self.check(model_cfg)
+        kwargs = dict(self.model_kwargs)
+        if self.takes_structure:
+            kwargs["structure"] = structure or StructureConfig()
+        return _load(self.model)(spec, model_cfg, device, **kwargs)
 
     def build_loss(
         self, loss_cfg: LossConfig, model_cfg: ModelConfig, comm: Collectives | None = None
@@ -106,14 +154,30 @@ class ModelSpec:
         return _load(self.loss)(loss_cfg, **kwargs)
 
 
-def _cstwa_tables(model_cfg: ModelConfig) -> tuple[StructureTable, ...]:
-    """With SM on, ``U`` and ``I`` (CSTWA's ``structure_embeddings``) start from the CVR side tables."""
+def _cstwa_tables(
+    model_cfg: ModelConfig, structure_cfg: StructureConfig | None = None
+) -> tuple[StructureTable, ...]:
+    """With SM on, ``U`` and ``I`` (CSTWA's ``structure_embeddings``), read out of the CVR tables.
+
+    Reading (a) with separate tables: the CVR side tables without the ids (the id slot keeps the
+    row's own start). Reading (b): the live CVR collection, every field. With ``model.shared_tables``
+    the CTR collection, every field (its id tables exist anyway).
+    """
     if not model_cfg.structure_migrator:
         return ()
     from cstwa_dist.models.cstwa import SIDE_COLLECTION, SM_ITEM_TABLE, SM_USER_TABLE, STRUCTURE_COLLECTION
 
+    recomputed = (structure_cfg or StructureConfig()).sm_reading == "recomputed"
+    if model_cfg.shared_tables:
+        source, reads_id = "ctr_embeddings", True
+    elif recomputed:
+        source, reads_id = "cvr_embeddings", True
+    else:
+        source, reads_id = SIDE_COLLECTION, False
     return tuple(
-        StructureTable(side=side, collection=STRUCTURE_COLLECTION, table=table, init_from=SIDE_COLLECTION)
+        StructureTable(
+            side=side, collection=STRUCTURE_COLLECTION, table=table, init_from=source, reads_id=reads_id
+        )
         for side, table in (("user", SM_USER_TABLE), ("item", SM_ITEM_TABLE))
     )
 
@@ -127,6 +191,7 @@ _SPECS = (
         description="two independent single-task MLPs; purchase tower trained on clicked rows only",
         model="cstwa_dist.models.mlp:SingleTaskMLPs",
         loss="cstwa_dist.losses.bce:ClickedSpaceLoss",
+        shared_tables=True,
     ),
     ModelSpec(
         name="esmm",
@@ -173,6 +238,8 @@ _SPECS = (
         loss="cstwa_dist.losses.constrained:CSTWALoss",
         loss_kwargs=lambda mc: {"curse_escaper": mc.curse_escaper},
         structure_tables=_cstwa_tables,
+        takes_structure=True,
+        shared_tables=True,
     ),
     # trainable, outside the paper's Table 2
     ModelSpec(

@@ -7,6 +7,7 @@ fails before any process group, Ray runtime or dataset is touched, with the vali
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -62,8 +63,18 @@ class ModelConfig:
     # reference implementations do with every field; Ali-CCP's cross features are context fields).
     # Applied to all models alike; the default is the paper's until measured otherwise.
     context_pooling: str = "mean"
+    # Ablation only, a labelled deviation from Eq. 6: the CVR side reads the CTR collection's field
+    # embeddings instead of its own (docs/method.md §2, "Two readings of the Structure Migrator").
+    # Honoured by CSTWA and the MLP baseline; every other trainable model already shares one
+    # collection between its towers and rejects it (registry.py), so a run never pretends to ablate.
+    shared_tables: bool = False
+    # Standard deviation every embedding table starts with; 0 = TorchRec's default uniform ±√(1/N)
+    # per table (models/blocks.py init_bounds says why that matters).
+    embedding_init_std: float = 0.0
 
     def __post_init__(self) -> None:
+        if not (math.isfinite(self.embedding_init_std) and self.embedding_init_std >= 0):
+            raise ConfigError(f"model.embedding_init_std must be >= 0, got {self.embedding_init_std}")
         if self.context_pooling not in ("mean", "concat"):
             raise ConfigError(f"model.context_pooling must be mean or concat, got {self.context_pooling!r}")
         if self.embedding_dim < 4 or self.embedding_dim % 4:
@@ -129,11 +140,30 @@ class StructureConfig:
     pq_m: int = 0  # > 0: PQ codes of pq_m bytes instead of float rows (memory), candidates re-scored
     recall_queries: int = 1000  # recall@k against exact on this many sampled queries, written with the graph
     save_representations: bool = True  # <side>_representations.npy next to the graphs (bench knn input)
+    # The two readings of the Structure Migrator (docs/method.md §2): "free" (the default, reading a):
+    # U/I are trainable per-entity rows, started by Eq. 8 and smoothed by Eq. 10 between epochs;
+    # "recomputed" (reading b): the CVR field tables keep training, and P = Â^L R of the live tables
+    # is recomputed at the start and at every epoch boundary and enters x_cvr as a fixed β-term.
+    # The model's CVR collection depends on it, so the model is built with this section too.
+    sm_reading: str = "free"
+    # How reading (a) starts U/I: "fields" (Eq. 8, the default: id slot keeps its own random start,
+    # the other side fields from the CVR side embeddings) or "pretrained" (the pre-trained r_u/r_i the
+    # graph was mined from, <graph_dir>/<side>_representations.npy; needs save_representations).
+    sm_init: str = "fields"
 
     def __post_init__(self) -> None:
         _positive(self, "k", "layers", "pretrain_epochs", "nprobe")
         if not 0.0 <= self.beta <= 1.0:
             raise ConfigError("structure.beta must be in [0, 1]")
+        if self.sm_reading not in ("free", "recomputed"):
+            raise ConfigError(f"structure.sm_reading must be free or recomputed, got {self.sm_reading!r}")
+        if self.sm_init not in ("fields", "pretrained"):
+            raise ConfigError(f"structure.sm_init must be fields or pretrained, got {self.sm_init!r}")
+        if self.sm_reading == "recomputed" and self.sm_init == "pretrained":
+            raise ConfigError(
+                "structure.sm_init=pretrained applies to structure.sm_reading=free only: the recomputed "
+                "reading has no free U/I rows to start; it recomputes Â^L R from the live CVR tables"
+            )
         if self.knn not in ("ivf", "exact"):
             raise ConfigError(f"structure.knn must be ivf or exact, got {self.knn!r}")
         if self.nlist < 0 or self.pq_m < 0 or self.recall_queries < 0:

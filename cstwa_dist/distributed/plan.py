@@ -457,7 +457,7 @@ def structure_sides(
     mspec = get_model_spec(model_name)
     k, dim = cfg.structure.k, cfg.model.embedding_dim
     train_sides = []
-    for t in mspec.structure_tables(cfg.model):
+    for t in mspec.structure_tables(cfg.model, cfg.structure):
         ebc = _collection_at(model, t.collection)
         conf = next(c for c in ebc.embedding_bag_configs() if c.name == t.table)
         train_sides.append(
@@ -643,9 +643,9 @@ def dry_run(
 
     mspec = get_model_spec(model_name)
     emb_opt = embedding_optimizer_name(cfg.optim, torch.device(compute_device))
-    model = mspec.build(spec, cfg.model, torch.device("meta"))
+    model = mspec.build(spec, cfg.model, torch.device("meta"), structure=cfg.structure)
     module = ModelTrain(model, mspec.build_loss(cfg.loss, cfg.model))
-    row_wise = [t.table for t in mspec.structure_tables(cfg.model)]
+    row_wise = [t.table for t in mspec.structure_tables(cfg.model, cfg.structure)]
     constraints = prepare_tables(module, cfg.optim, emb_opt, row_wise=row_wise)
     planner = build_planner(
         module,

@@ -7,7 +7,8 @@
   returned: ESCM²'s extra tensors).
 * ``SeparateEmbeddings``: separate CTR and CVR embedding collections, each feeding its own tower (the
   MLP baseline, and CSTWA per Eq. 6). Subclasses override ``cvr_input`` (the Structure Migrator's
-  ``U``/``I``) and ``transfer`` (the Click Perceptron's gate).
+  ``U``/``I``) and ``transfer`` (the Click Perceptron's gate). ``model.shared_tables`` (ablation
+  only, a deviation from Eq. 6) drops the CVR collection: the CVR side reads the CTR one's output.
 
 Models declare nothing to the trainer: what a model needs (graphs, structure tables, a
 representation source) is declared in its registry entry (``cstwa_dist/registry.py``), so nobody
@@ -18,6 +19,8 @@ same weights).
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -26,6 +29,11 @@ from cstwa_dist.config import ModelConfig
 from cstwa_dist.data.spec import DatasetSpec
 from cstwa_dist.models.blocks import FieldEmbeddings, MLPTower, ctcvr_logit, tower_with_logit
 from cstwa_dist.models.outputs import ModelOutput
+
+logger = logging.getLogger(__name__)
+
+# (r_u, r_i, ctx) of one collection for a batch: FieldEmbeddings' output
+SideViews = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 class RecModel(nn.Module):
@@ -54,7 +62,12 @@ class SharedBottom(RecModel):
     ) -> None:
         super().__init__()
         self.embeddings = FieldEmbeddings(
-            spec, prefix, cfg.embedding_dim, device, context_pooling=cfg.context_pooling
+            spec,
+            prefix,
+            cfg.embedding_dim,
+            device,
+            context_pooling=cfg.context_pooling,
+            init_std=cfg.embedding_init_std,
         )
         # width of x = r_u ‖ r_i ‖ ctx, the input of the towers (or of the first expert layer)
         self.in_dim = self.embeddings.out_dim
@@ -101,14 +114,27 @@ class SeparateEmbeddings(RecModel):
     CVR loss never updates the CTR tables, and vice versa. The purchase logit is the CVR side's own
     prediction, output for every impression. ``build_cvr_input`` and ``build_transfer`` run between the
     collections and the towers so that subclasses add their modules in the order DMP initialises.
+
+    ``cfg.shared_tables`` (ablation only, not the paper's Eq. 6): no CVR collection is built and the
+    CVR side reads the CTR collection's output of the same step (one lookup serves both towers), so
+    both losses train the CTR tables. Logged as a warning at build, so no run uses it unnoticed.
     """
 
     def __init__(self, spec: DatasetSpec, cfg: ModelConfig, device: torch.device | None = None) -> None:
         super().__init__()
         d = cfg.embedding_dim
         pool = cfg.context_pooling
-        self.ctr_embeddings = FieldEmbeddings(spec, "ctr", d, device, context_pooling=pool)
-        self.cvr_embeddings = FieldEmbeddings(spec, "cvr", d, device, self.cvr_fields(spec), pool)
+        std = cfg.embedding_init_std
+        self.shared_tables = cfg.shared_tables
+        self.ctr_embeddings = FieldEmbeddings(spec, "ctr", d, device, context_pooling=pool, init_std=std)
+        if self.shared_tables:
+            logger.warning(
+                "%s: model.shared_tables=true — the CVR side reads the CTR collection's field "
+                "embeddings; a deviation from the paper's Eq. 6 (separate collections), for ablation only",
+                type(self).__name__,
+            )
+        else:
+            self.cvr_embeddings = FieldEmbeddings(spec, "cvr", d, device, self.cvr_fields(spec), pool, std)
         self.build_cvr_input(spec, cfg, device)
         # x^cvr has the width of r_u ‖ r_i ‖ ctx in every variant, whichever tables produce it
         x_dim = input_width(spec, cfg)
@@ -121,8 +147,13 @@ class SeparateEmbeddings(RecModel):
         )
 
     def cvr_fields(self, spec: DatasetSpec) -> list[str] | None:
-        """The fields the CVR collection has tables for (all by default)."""
+        """The fields the CVR collection has tables for (all by default; unused with shared tables)."""
         return None
+
+    @property
+    def cvr_source(self) -> str:
+        """Attribute name of the field embeddings the CVR side reads (``ctr_embeddings`` if shared)."""
+        return "ctr_embeddings" if self.shared_tables else "cvr_embeddings"
 
     def build_cvr_input(self, spec: DatasetSpec, cfg: ModelConfig, device: torch.device | None) -> None:
         """Modules ``cvr_input`` needs beyond the CVR field embeddings (none by default)."""
@@ -130,19 +161,23 @@ class SeparateEmbeddings(RecModel):
     def build_transfer(self, spec: DatasetSpec, cfg: ModelConfig, device: torch.device | None) -> None:
         """Modules ``transfer`` needs (none by default)."""
 
-    def cvr_input(self, features: KeyedJaggedTensor) -> torch.Tensor:
-        """``x^cvr = r_u^cvr ‖ r_i^cvr ‖ ctx^cvr``: ``[B, (M_u + M_i)·D + D]``."""
-        c_u, c_i, c_ctx = self.cvr_embeddings(features)
-        return torch.cat([c_u, c_i, c_ctx], dim=1)
+    def cvr_views(self, features: KeyedJaggedTensor, ctr: SideViews) -> SideViews:
+        """``(r_u^cvr, r_i^cvr, ctx^cvr)``: the CVR collection's lookup, or ``ctr`` itself when the
+        tables are shared (no second lookup of the same tables)."""
+        return ctr if self.shared_tables else self.cvr_embeddings(features)
+
+    def cvr_input(self, features: KeyedJaggedTensor, cvr: SideViews) -> torch.Tensor:
+        """``x^cvr = r_u^cvr ‖ r_i^cvr ‖ ctx^cvr``: ``[B, (M_u + M_i)·D + D]`` from ``cvr_views``."""
+        return torch.cat(list(cvr), dim=1)
 
     def transfer(self, h_ctr: torch.Tensor, x_cvr: torch.Tensor) -> torch.Tensor:
         """What the conversion tower sees, given the click tower's last hidden state (``x^cvr`` as is)."""
         return x_cvr
 
     def forward(self, features: KeyedJaggedTensor) -> ModelOutput:
-        r_u, r_i, ctx = self.ctr_embeddings(features)
-        h_ctr = self.click_tower(torch.cat([r_u, r_i, ctx], dim=1))
+        ctr = self.ctr_embeddings(features)
+        h_ctr = self.click_tower(torch.cat(list(ctr), dim=1))
         click_logit = self.click_layer(h_ctr).squeeze(-1)
-        x_cvr = self.transfer(h_ctr, self.cvr_input(features))
+        x_cvr = self.transfer(h_ctr, self.cvr_input(features, self.cvr_views(features, ctr)))
         cvr_logit = self.conversion_layer(self.conversion_tower(x_cvr)).squeeze(-1)
         return ModelOutput(click_logit=click_logit, purchase_logit=cvr_logit)

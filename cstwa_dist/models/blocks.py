@@ -6,6 +6,8 @@ and materialised by DistributedModelParallel (no process-group or rank logic in 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -85,7 +87,24 @@ class InfoLayer(nn.Module):
         return 2.0 * torch.sigmoid(self.net(h_ctr))
 
 
-def field_tables(fields: list[FieldSpec], prefix: str, dim: int) -> list[EmbeddingBagConfig]:
+def init_bounds(init_std: float) -> dict[str, float]:
+    """``EmbeddingBagConfig`` init bounds for a table drawn with standard deviation ``init_std``.
+
+    ``0`` keeps TorchRec's default, uniform on ``±√(1/N)`` per table: about ±0.02 for an id table of a
+    few thousand rows but ±0.5 for a 4-value field, so small fields start loud and id tables nearly
+    silent. ``> 0`` gives every table the same spread, the small-normal start of the baselines'
+    reference implementations; it is drawn uniformly on ``±√3·init_std`` (the same standard deviation)
+    because FBGEMM's fused kernels initialise their rows uniformly between two bounds.
+    """
+    if init_std <= 0:
+        return {}
+    bound = math.sqrt(3.0) * init_std
+    return {"weight_init_min": -bound, "weight_init_max": bound}
+
+
+def field_tables(
+    fields: list[FieldSpec], prefix: str, dim: int, init_std: float = 0.0
+) -> list[EmbeddingBagConfig]:
     """One table per field, named ``<prefix>__<field>``, looked up by the feature of that field."""
     return [
         EmbeddingBagConfig(
@@ -94,6 +113,7 @@ def field_tables(fields: list[FieldSpec], prefix: str, dim: int) -> list[Embeddi
             num_embeddings=f.vocab_size,
             feature_names=[f.name],
             pooling=PoolingType.SUM,
+            **init_bounds(init_std),
         )
         for f in fields
     ]
@@ -138,6 +158,7 @@ class FieldEmbeddings(nn.Module):
         device: torch.device | None,
         fields: list[str] | None = None,
         context_pooling: str = "mean",
+        init_std: float = 0.0,
     ) -> None:
         super().__init__()
         if context_pooling not in ("mean", "concat"):
@@ -151,7 +172,7 @@ class FieldEmbeddings(nn.Module):
         self.item_keys = [f.name for f in spec.item_fields if f.name in keep]
         self.context_keys = [f.name for f in spec.context_fields if f.name in keep]
         self.dim = dim
-        tables = field_tables([f for f in spec.fields if f.name in keep], prefix, dim)
+        tables = field_tables([f for f in spec.fields if f.name in keep], prefix, dim, init_std)
         self.ebc = embedding_collection(tables, device)
 
     @property

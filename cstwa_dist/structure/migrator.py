@@ -13,6 +13,13 @@ Every rank works on the entities of its own row block and nothing of size ``N`` 
 * ``StructureMigrator.epoch_boundary`` (Eq. 9–10): each rank reads its block of the live table (a
   view, no copy of the table), propagates ``L`` layers fetching only the foreign neighbour rows each
   layer needs, and writes ``(1−β)·U + β·U^(L)`` back into its block, on the rank's device.
+* ``structure.sm_init=pretrained`` (reading a): ``initialise`` copies the block's rows of the
+  pre-trained representations the graph was mined from (``<graph_dir>/<side>_representations.npy``,
+  memory-mapped, only rows ``[lo, hi)`` read) instead of Eq. 8.
+* ``structure.sm_reading=recomputed`` (reading b, docs/method.md §2): ``initialise`` and every
+  ``epoch_boundary`` recompute, for the block, ``R`` from the live field tables (the read-out Eq. 8
+  uses, every field of the side, id included), propagate it ``L`` layers like reading (a), and store
+  ``P = Â^L R`` in the block. The model adds ``β·P`` detached, so ``P`` changes only here.
 
 The training blocks are the table's row-wise shards (TorchRec's), which need not match the blocks the
 graph was mined with: graph parts are read by row range (``load_graph_rows``), so pretrain and train
@@ -25,9 +32,13 @@ history earned; resetting the state would give every smoothed row a burst of lar
 
 **Per-rank memory** (``n_r`` own rows, ``w`` table width, ``k`` neighbours, ``f_r`` distinct foreign
 neighbour rows, at most ``min(n_r·k, N − n_r)``): epoch boundary ``n_r·w`` (the propagated block) +
-``f_r·w`` (fetched rows) per layer + ``n_r·k·12`` B (own CSR rows); initialisation ``n_r·(w + M·8)``;
+``f_r·w`` (fetched rows) per layer + ``n_r·k·12`` B (own CSR rows); initialisation ``n_r·(w + M·8)``
+(``sm_init=pretrained``: ``n_r·w·4`` B, the block's rows of the memory map);
 mining as ``structure/ivf.py`` states plus ``n_r·(M·8 + w·4)``. Rank 0 also holds the IVF training
-sample (``nlist·39·w`` floats).
+sample (``nlist·39·w`` floats). Reading (b), at initialisation and every boundary: ``n_r·M·8`` B
+(the block's profiles) + ``n_r·w·4`` B (``R``, on the host, and once more on the table's device) +
+the propagation's ``f_r·w`` per layer and two ``n_r·w`` layer outputs, as above; ``P`` is written in
+place. Nothing of size ``N`` in either reading.
 """
 
 from __future__ import annotations
@@ -42,7 +53,7 @@ import torch
 import torch.distributed as dist
 from torchrec.distributed.model_parallel import DistributedModelParallel
 
-from cstwa_dist.config import StructureConfig
+from cstwa_dist.config import ConfigError, StructureConfig
 from cstwa_dist.data.entities import read_entity_rows
 from cstwa_dist.data.spec import DatasetSpec
 from cstwa_dist.distributed.env import DistEnv
@@ -74,7 +85,9 @@ def _barrier() -> None:
 
 
 class StructureMigrator:
-    """Initialises and smooths a model's row-sharded structure tables over this rank's graph rows."""
+    """Initialises and smooths (reading a) or recomputes (reading b) a model's row-sharded structure
+    tables over this rank's graph rows; ``cfg.sm_reading`` and ``cfg.sm_init`` choose (docs/method.md
+    §2). Every method is collective: all ranks call it, in the same order."""
 
     def __init__(
         self,
@@ -94,7 +107,14 @@ class StructureMigrator:
             env,
         )
         self.propagators: dict[str, ShardedPropagator] = {}
+        self.recomputed = cfg.sm_reading == "recomputed"
         for t in tables:
+            if self.recomputed and not t.reads_id:
+                raise ValueError(
+                    f"{t.table}: structure.sm_reading=recomputed reads R out of every field of the "
+                    f"{t.side} side, but {t.init_from} lacks the id table (build the model with the "
+                    "same structure section: registry.ModelSpec.build(..., structure=cfg.structure))"
+                )
             n = _num_entities(spec, t.side)
             try:
                 rows = graph_rows(cfg.graph_dir, t.side)
@@ -127,8 +147,16 @@ class StructureMigrator:
 
         The id slot keeps the row's random start (the structure table is drawn with the bound of the
         CVR id table it stands in for: both have one row per entity); reading out the side fields is a
-        collective, so every rank runs it even for an empty block.
+        collective, so every rank runs it even for an empty block. A table whose ``init_from`` holds the
+        id table too (``reads_id``: shared tables) is read out whole. ``sm_init=pretrained``: the
+        pre-trained rows instead. Reading (b): ``P = Â^L R`` (``recompute``).
         """
+        if self.recomputed:
+            self.recompute(0)
+            return
+        if self.cfg.sm_init == "pretrained":
+            self._initialise_pretrained()
+            return
         d = None
         for t in self.tables:
             ebc = submodule(self.dmp, t.collection)
@@ -145,16 +173,81 @@ class StructureMigrator:
             reps = side_representations(
                 submodule(self.dmp, t.init_from), self.spec, t.side, profiles, ranges, self.env
             )
-            if reps.shape[1] != own.shape[1] - d:
+            start = 0 if t.reads_id else d  # the id slot keeps its start unless the source has the id
+            if reps.shape[1] != own.shape[1] - start:
                 raise ValueError(f"{t.table}: {reps.shape[1]} side columns for a row of width {own.shape[1]}")
             with torch.no_grad():
-                own[:, d:] = reps.to(device=own.device, dtype=own.dtype)
+                own[:, start:] = reps.to(device=own.device, dtype=own.dtype)
             logger.info(
                 "structure migrator: initialised %s rows [%d, %d) from %s", t.table, lo, hi, t.init_from
             )
 
+    def _initialise_pretrained(self) -> None:
+        """``U[u] = r_u`` of the pre-trained CTR model (the vectors the graph was mined from), read
+        from ``<graph_dir>/<side>_representations.npy`` through a memory map, own rows only.
+
+        Every rank reads the same file, so a missing file or a width that does not match raises on
+        every rank alike (no collective runs here, so none is left waiting).
+        """
+        for t in self.tables:
+            ranges, own = local_rows(submodule(self.dmp, t.collection), t.table)
+            lo, hi = ranges[self.env.rank]
+            block = pretrained_rows(self.cfg, t.side, _num_entities(self.spec, t.side), lo, hi, own.shape[1])
+            with torch.no_grad():
+                own.copy_(block.to(device=own.device, dtype=own.dtype))
+            logger.info(
+                "structure migrator: initialised %s rows [%d, %d) from the pre-trained %s representations",
+                t.table,
+                lo,
+                hi,
+                t.side,
+            )
+
+    def recompute(self, epoch: int) -> float:
+        """Reading (b) on this rank's block of every structure table: ``P = Â^L R``, ``R`` read out of
+        the live field tables (``t.init_from``, every field of the side), written in place; returns
+        the seconds it took. ``epoch`` 0 is the initialisation."""
+        t0 = time.perf_counter()
+        for t in self.tables:
+            ranges, own = local_rows(submodule(self.dmp, t.collection), t.table)
+            lo, hi = ranges[self.env.rank]
+            profiles, _ = read_entity_rows(self.dataset, self.spec, t.side, lo, hi)
+            reps = side_representations(
+                submodule(self.dmp, t.init_from), self.spec, t.side, profiles, ranges, self.env
+            )
+            del profiles
+            if reps.shape[1] != own.shape[1]:  # the same on every rank: all raise together
+                raise ValueError(f"{t.table}: R has width {reps.shape[1]}, the table {own.shape[1]}")
+            with torch.no_grad():
+                r = reps.to(device=own.device, dtype=torch.float32)
+                del reps
+                p = self.propagators[t.table].propagate(r, self.cfg.layers)
+                # |P − previous P| summed and rows counted over all ranks, in one collective (log)
+                prev = own.detach().to(torch.float32)
+                delta_rows = [float((p - prev).abs().sum()), float(own.shape[0])]
+                del prev
+                own.copy_(p.to(dtype=own.dtype))
+            stats = torch.tensor(delta_rows, dtype=torch.float64, device=comm_device())
+            if dist.is_initialized() and self.env.world_size > 1:
+                dist.all_reduce(stats)
+            delta, moved = float(stats[0]), int(stats[1])
+            logger.info(
+                "%s: %s ← Â^%d R, R read out of %s (x = (1−%.2f)·r + %.2f·P), mean |ΔP| %.3g",
+                "initialisation" if epoch == 0 else f"epoch {epoch}",
+                t.table,
+                self.cfg.layers,
+                t.init_from,
+                self.cfg.beta,
+                self.cfg.beta,
+                delta / max(moved * own.shape[1], 1),
+            )
+        return time.perf_counter() - t0
+
     def epoch_boundary(self, epoch: int) -> float:
-        """Eq. 9–10 on this rank's block of every structure table; returns the seconds it took."""
+        """Eq. 9–10 on this rank's block of every structure table (reading b: ``recompute``);
+        returns the seconds it took."""
+        if self.recomputed:
+            return self.recompute(epoch)
         t0 = time.perf_counter()
         for t in self.tables:
             _, own = local_rows(submodule(self.dmp, t.collection), t.table)
@@ -179,6 +272,31 @@ class StructureMigrator:
                 delta / max(moved * own.shape[1], 1),
             )
         return time.perf_counter() - t0
+
+
+def pretrained_rows(cfg: StructureConfig, side: str, n: int, lo: int, hi: int, width: int) -> torch.Tensor:
+    """Rows ``[lo, hi)`` of ``<graph_dir>/<side>_representations.npy`` (float32, memory-mapped: only
+    those rows are read). Raises FileNotFoundError when ``pretrain`` did not save them and
+    ConfigError when their width is not the structure table's."""
+    path = Path(cfg.graph_dir) / f"{side}_representations.npy"
+    if not path.exists():
+        raise FileNotFoundError(
+            f"structure.sm_init=pretrained needs the pre-trained {side} representations {path}: run "
+            "`cstwa-dist pretrain` with structure.save_representations=true (the default) and the same "
+            "structure.graph_dir, or use structure.sm_init=fields"
+        )
+    mm = np.load(path, mmap_mode="r")
+    if mm.ndim != 2 or mm.shape[0] != n:
+        raise ValueError(f"{path} has shape {mm.shape}; the dataset has {n} {side}s: mined from other data")
+    if mm.shape[1] != width:
+        raise ConfigError(
+            f"{path} has width {mm.shape[1]} but the {side} structure table's rows have width {width} "
+            f"(fields of the side × model.embedding_dim): pre-training used another embedding_dim or "
+            "field set; run `cstwa-dist pretrain` again with this config, or use structure.sm_init=fields"
+        )
+    block = torch.from_numpy(np.array(mm[lo:hi], dtype=np.float32))  # a copy: the map can close
+    del mm
+    return block
 
 
 def ivf_params(cfg: StructureConfig, seed: int = 0) -> IVFParams:

@@ -79,10 +79,11 @@ def build_sharded(cfg: RunConfig, model_name: str, env: DistEnv, spec: DatasetSp
     """Registry → model on ``meta`` + loss → ``ModelTrain`` → DistributedModelParallel."""
     mspec = get_model_spec(model_name)
     seed_everything(cfg.train.seed)
-    model = mspec.build(spec, cfg.model, torch.device("meta"))
+    model = mspec.build(spec, cfg.model, torch.device("meta"), structure=cfg.structure)
     comm = Collectives(gather=all_gather_cat, sum=summed, world_size=env.world_size)
     loss = mspec.build_loss(cfg.loss, cfg.model, comm)
-    row_wise = [t.table for t in mspec.structure_tables(cfg.model)]  # the row-sharded structure step
+    # the row-sharded structure step
+    row_wise = [t.table for t in mspec.structure_tables(cfg.model, cfg.structure)]
     return shard_model(ModelTrain(model, loss, comm), env, cfg.optim, row_wise)
 
 
@@ -167,7 +168,7 @@ class Trainer:
         )
         self.structure_seconds = 0.0
         self.migrator: StructureMigrator | None = None
-        tables = self.model_spec.structure_tables(cfg.model)
+        tables = self.model_spec.structure_tables(cfg.model, cfg.structure)
         if tables:
             t0 = time.perf_counter()
             self.migrator = StructureMigrator(
@@ -300,7 +301,8 @@ class Trainer:
             self.pipeline.detach()
 
     def epoch_boundary(self, epoch: int) -> None:
-        """The Structure Migrator's β update before every epoch but the first (Eq. 9–10), once each.
+        """The Structure Migrator's β update before every epoch but the first (Eq. 9–10), once each
+        (``structure.sm_reading=recomputed``: the recomputation of ``P = Â^L R``, likewise).
 
         A run resumed in the middle of an epoch finds that epoch's update already in the tables.
         """
