@@ -450,6 +450,14 @@ def cmd_oracles(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_experiment_summary(args: argparse.Namespace) -> int:
+    """Reads finished experiments' report.json files only (no data, no process group)."""
+    from cstwa_dist.train.summary import load_reports, summarise
+
+    summarise(load_reports(args.reports), args.out)
+    return 0
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     """Sharding dry run: no process group, no data, no table memory (the model is built on ``meta``)."""
     from cstwa_dist.config import load_config
@@ -804,6 +812,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=["val", "test"], default="test", help="evaluated split (default test)")
     p.add_argument("--out", type=Path, default=None, metavar="FILE", help="also write the JSON here")
     p.set_defaults(func=cmd_oracles)
+
+    p = sub.add_parser(
+        "experiment-summary",
+        help="one table and plot across experiments (e.g. one per conflict level): Purchase AUC per model",
+        description="Reads the report.json of each experiment directory and writes summary.md, summary.json "
+        "and purchase_vs_conflict.png under --out: per level every Table 2 / Table 3 row's Purchase AUC "
+        "(mean ± std), its paired difference against that level's best baseline, whether it beats both "
+        "per-item lookups, and the partial oracles and graph cluster rates beside them.",
+    )
+    p.add_argument(
+        "reports",
+        nargs="+",
+        metavar="LABEL=DIR",
+        help="experiment directories in plot order, each labelled (e.g. none=runs/fair/none)",
+    )
+    p.add_argument("--out", required=True, type=Path, help="folder for summary.md / .json / .png")
+    p.set_defaults(func=cmd_experiment_summary)
 
     p = sub.add_parser(
         "plan",

@@ -296,9 +296,11 @@ def build_report(cells: list[Cell], out: Path) -> dict[str, Any]:
                 r[f"{k}_gain_pct"] = (
                     100.0 * (r[f"{k}_mean"] - base[f"{k}_mean"]) / base[f"{k}_mean"] if base else None
                 )
+    paired = paired_differences(table)
     sample = json.loads((out / "cells" / cells[0].cell_id / "metrics.json").read_text()) if cells else {}
     return {
         "rows": table,
+        "paired": paired,
         "dataset": sample.get("config", {}).get("data", {}).get("dataset"),
         "world_size": sample.get("world_size"),
         "epochs": sample.get("epochs"),
@@ -307,6 +309,40 @@ def build_report(cells: list[Cell], out: Path) -> dict[str, Any]:
         "eval_rows": sample.get("eval_rows"),
         "select_epoch": sample.get("config", {}).get("train", {}).get("select_epoch", "last"),
     }
+
+
+def paired_differences(table: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Per-seed Purchase AUC differences of every Table 2 / Table 3 row against the best baseline.
+
+    The best baseline is the Table 2 row with the highest mean Purchase AUC among the models other than
+    CSTWA. Seeds share the data and (per seed) the data order and initialisation seed, so the per-seed
+    difference removes what the seeds have in common; its mean ± std and the count of seeds won say
+    more than two overlapping mean ± std intervals. Only seeds present in both rows are paired.
+    """
+    baselines = [r for r in table if r["group"] == "table2" and r["model"] != "cstwa"]
+    if not baselines:
+        return None
+    best = max(baselines, key=lambda r: r["purchase_mean"])
+    ref = dict(zip(best["seeds"], best["purchase"], strict=True))
+    rows = []
+    for r in table:
+        if r["group"] not in ("table2", "ablation") or r is best:
+            continue
+        diffs = [x - ref[s] for s, x in zip(r["seeds"], r["purchase"], strict=True) if s in ref]
+        if not diffs:
+            continue
+        mean, std = _mean_std(diffs)
+        rows.append(
+            {
+                "group": r["group"],
+                "label": r["label"],
+                "diffs": diffs,
+                "mean": mean,
+                "std": std,
+                "wins": sum(d > 0 for d in diffs),
+            }
+        )
+    return {"baseline": best["label"], "rows": rows}
 
 
 def _fmt(mean: float, std: float) -> str:
@@ -455,6 +491,24 @@ def write_reports(report: dict[str, Any], out: Path) -> None:
         if group.startswith("sweep:"):
             png = plot_sweep(group.removeprefix("sweep:"), rows, out)
             lines += ["", f"![{group}]({png.name})"]
+    paired = report.get("paired")
+    if paired:
+        lines += [
+            "",
+            f"## Paired differences against the best baseline ({paired['baseline']})",
+            "",
+            "Purchase AUC of the row minus that of the best baseline, seed by seed (same data, same seed); "
+            "mean ± std of the differences, and on how many seeds the row was ahead.",
+            "",
+            "| group | row | Δ Purchase AUC | ahead on | per seed |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for d in paired["rows"]:
+            per_seed = ", ".join(f"{x:+.4f}" for x in d["diffs"])
+            lines.append(
+                f"| {d['group']} | {d['label']} | {d['mean']:+.4f} ± {d['std']:.4f} | "
+                f"{d['wins']}/{len(d['diffs'])} | {per_seed} |"
+            )
     lines += _instrument_lines(instrument)
     lines += [
         "",
