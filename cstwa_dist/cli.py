@@ -179,11 +179,10 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     if args.seeds < 1:
         raise ValueError("--seeds must be >= 1")
     models = args.models.split(",") if args.models else None
-    if models is None and not args.ablation and not args.sweep:
+    if models is None and not args.ablation and not args.sweep and not args.variant:
         models = table2_models()
-    cells = plan_cells(
-        models, list(range(args.seed_base, args.seed_base + args.seeds)), args.ablation, args.sweep
-    )
+    seeds = list(range(args.seed_base, args.seed_base + args.seeds))
+    cells = plan_cells(models, seeds, args.ablation, args.sweep, args.variant)
     cfg = load_config(args.config, args.overrides)  # validates the config before any rank starts work
     with command_runtime(cfg.data.ray_num_cpus, cfg.train.collective_timeout_s):
         run_experiment(cfg, cells, args.out)
@@ -665,6 +664,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="PARAM=V1,V2,...",
         help="Figure 2-style sweep of CSTWA over beta, gamma, layers, k (or any section.key); repeatable",
+    )
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="LABEL=MODEL:KEY=V[;KEY=V]",
+        help="a named configuration of a model as its own row, e.g. "
+        "'SM reading (b)=cstwa:structure.sm_reading=recomputed' (repeatable; overrides separated by ;)",
     )
     p.add_argument("--out", required=True, help="experiment directory (cells, structure, reports)")
     p.set_defaults(func=cmd_experiment)

@@ -107,7 +107,33 @@ def parse_sweep(spec: str) -> tuple[str, str, list[Any]]:
     return name, key, parsed
 
 
-def plan_cells(models: list[str] | None, seeds: list[int], ablation: bool, sweeps: list[str]) -> list[Cell]:
+def parse_variant(spec: str) -> tuple[str, str, tuple[str, ...]]:
+    """``LABEL=MODEL:section.key=value;section.key=value`` → (label, model, overrides).
+
+    A named configuration of one model, e.g. ``SM reading (b)=cstwa:structure.sm_reading=recomputed``;
+    overrides are separated by ``;`` (values may hold commas, e.g. lists).
+    """
+    label, sep, rest = spec.partition("=")
+    model, sep2, overrides = rest.partition(":")
+    if not sep or not sep2 or not label.strip() or not model.strip():
+        raise ValueError(
+            f"--variant {spec!r} must look like LABEL=MODEL:section.key=value[;section.key=value]"
+        )
+    ov = tuple(o.strip() for o in overrides.split(";") if o.strip())
+    bad = [o for o in ov if "=" not in o or "." not in o.partition("=")[0]]
+    if not ov or bad:
+        raise ValueError(f"--variant {spec!r}: overrides must be section.key=value, got {bad or 'none'}")
+    get_model_spec(model.strip())  # unknown names fail before anything runs
+    return label.strip(), model.strip(), ov
+
+
+def plan_cells(
+    models: list[str] | None,
+    seeds: list[int],
+    ablation: bool,
+    sweeps: list[str],
+    variants: list[str] | None = None,
+) -> list[Cell]:
     """The grid, in run order; cells shared between groups appear once per group (run once)."""
     cells: list[Cell] = []
     for m in models or []:
@@ -122,6 +148,9 @@ def plan_cells(models: list[str] | None, seeds: list[int], ablation: bool, sweep
         name, key, values = parse_sweep(spec)
         for v in values:
             cells += [Cell(f"sweep:{name}", str(v), "cstwa", s, (f"{key}={v}",)) for s in seeds]
+    for spec in variants or []:
+        label, model, ov = parse_variant(spec)
+        cells += [Cell("variants", label, model, s, ov) for s in seeds]
     return cells
 
 
@@ -326,7 +355,7 @@ def paired_differences(table: list[dict[str, Any]]) -> dict[str, Any] | None:
     ref = dict(zip(best["seeds"], best["purchase"], strict=True))
     rows = []
     for r in table:
-        if r["group"] not in ("table2", "ablation") or r is best:
+        if r["group"] not in ("table2", "ablation", "variants") or r is best:
             continue
         diffs = [x - ref[s] for s, x in zip(r["seeds"], r["purchase"], strict=True) if s in ref]
         if not diffs:
@@ -468,7 +497,11 @@ def write_reports(report: dict[str, Any], out: Path) -> None:
         "GAUC (per-user AUC, impression-weighted, single-class users skipped) are mean ± sample std "
         "over seeds; gains are relative to MLP's mean AUC.",
     ]
-    titles = {"table2": "Table 2: models", "ablation": "Table 3: ablation of CSTWA's components"}
+    titles = {
+        "table2": "Table 2: models",
+        "ablation": "Table 3: ablation of CSTWA's components",
+        "variants": "Variants (named configurations, `--variant`)",
+    }
     groups = sorted({r["group"] for r in report["rows"]}, key=lambda g: (g != "table2", g != "ablation", g))
     for group in groups:
         rows = [r for r in report["rows"] if r["group"] == group]
@@ -486,7 +519,7 @@ def write_reports(report: dict[str, Any], out: Path) -> None:
                 f"{_fmt(*_ms(r, 'purchase_gauc'))} | {_gain(r['click_gain_pct'])} | "
                 f"{_gain(r['purchase_gain_pct'])} | {_epochs(r.get('best_epoch', []))} |"
             )
-        if group in ("table2", "ablation"):
+        if group in ("table2", "ablation", "variants"):
             lines += _lookup_rows(instrument.get("oracles") or {})
         if group.startswith("sweep:"):
             png = plot_sweep(group.removeprefix("sweep:"), rows, out)

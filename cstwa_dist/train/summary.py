@@ -72,7 +72,7 @@ def summarise(reports: list[tuple[str, dict[str, Any]]], out: str | Path) -> dic
     for level, rep in reports:
         paired = {(d["group"], d["label"]): d for d in (rep.get("paired") or {}).get("rows", [])}
         for r in rep["rows"]:
-            if r["group"] not in ("table2", "ablation"):
+            if r["group"] not in ("table2", "ablation", "variants"):
                 continue
             row = rows.setdefault((r["group"], r["label"]), {"group": r["group"], "label": r["label"]})
             d = paired.get((r["group"], r["label"]))
@@ -124,7 +124,11 @@ def _markdown(summary: dict[str, Any], png: str) -> list[str]:
         "A row marked † does not beat both per-item lookups at that level (Click AUC above the CTR "
         "lookup and Purchase AUC above both lookups).",
     ]
-    for group, title in (("table2", "Table 2: models"), ("ablation", "Table 3: CSTWA ablation")):
+    for group, title in (
+        ("table2", "Table 2: models"),
+        ("ablation", "Table 3: CSTWA ablation"),
+        ("variants", "Variants"),
+    ):
         group_rows = [r for r in summary["rows"] if r["group"] == group]
         if not group_rows:
             continue

@@ -67,3 +67,32 @@ def test_report_mean_std_gain_and_plot(tmp_path):
     assert "Table 2" in md and "0.6500 ± 0.0141" in md and "sweep_beta.png" in md
     assert (tmp_path / "sweep_beta.png").stat().st_size > 1000
     assert json.loads((tmp_path / "report.json").read_text())["rows"]
+
+
+def test_variants_are_named_rows_with_their_overrides():
+    from cstwa_dist.train.experiment import parse_variant
+
+    cells = plan_cells(
+        None,
+        [0, 1],
+        False,
+        [],
+        [
+            "SM reading (b)=cstwa:structure.sm_reading=recomputed",
+            "wide=esmm:model.ctr_tower=[8, 4];model.cvr_tower=[8, 4]",
+        ],
+    )
+    assert [(c.group, c.label, c.model, c.seed) for c in cells] == [
+        ("variants", "SM reading (b)", "cstwa", 0),
+        ("variants", "SM reading (b)", "cstwa", 1),
+        ("variants", "wide", "esmm", 0),
+        ("variants", "wide", "esmm", 1),
+    ]
+    assert cells[2].overrides == ("model.ctr_tower=[8, 4]", "model.cvr_tower=[8, 4]")
+    # the same model and overrides as a Table 2 cell ⇒ the same cell, run once
+    assert (
+        plan_cells(None, [0], False, [], ["x=cstwa:model.curse_escaper=true"])[0].cell_id != cells[0].cell_id
+    )
+    for bad in ("no-model", "x=cstwa", "x=cstwa:", "x=cstwa:beta", "x=nosuch:model.dropout=[0]"):
+        with pytest.raises(ValueError):
+            parse_variant(bad)
