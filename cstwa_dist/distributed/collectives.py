@@ -19,19 +19,28 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=-1)
 
 
-def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
-    """Concatenates tensors whose first dims differ between ranks (rank order), on every rank."""
+def gather_rows_to_main(t: torch.Tensor) -> torch.Tensor | None:
+    """Concatenates tensors whose first dims differ between ranks (rank order) on rank 0 only.
+
+    Evaluation needs every prediction in one place, but only in one: an all-gather would put
+    O(evaluated rows) on every rank. Memory: rank 0 holds ``W·max_rows`` rows
+    (the padded parts) while concatenating; the other ranks their own rows only. Returns None on
+    ranks other than 0.
+    """
     if world_size() == 1:
         return t
     n = torch.tensor([t.shape[0]], dtype=torch.int64, device=t.device)
     sizes = [torch.zeros_like(n) for _ in range(world_size())]
-    dist.all_gather(sizes, n)
+    dist.all_gather(sizes, n)  # W integers
     counts = [int(s.item()) for s in sizes]
     longest = max(counts)
     padded = torch.zeros((longest, *t.shape[1:]), dtype=t.dtype, device=t.device)
     padded[: t.shape[0]] = t
+    if dist.get_rank() != 0:
+        dist.gather(padded, None, dst=0)
+        return None
     parts = [torch.empty_like(padded) for _ in counts]
-    dist.all_gather(parts, padded)
+    dist.gather(padded, parts, dst=0)
     return torch.cat([p[:c] for p, c in zip(parts, counts, strict=True)], dim=0)
 
 
