@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Table 2 (8 models) and Table 3 (CSTWA ablation) on the fair instrument at the three pre-registered
-# conflict levels, 5 seeds each, 2 ranks (docs/experiments/README.md). Resumable: finished cells and data
+# Table 2 (8 models), Table 3 (CSTWA ablation) and three CSTWA variants (SM reading (b), U/I from the
+# pre-trained representation, shared tables) on the fair instrument at the three pre-registered
+# conflict levels, 5 seeds each, 2 ranks, then the summary across levels (docs/experiments/README.md). Resumable: finished cells and data
 # sets are kept, so re-running continues where a killed run stopped.
 #   launchers/experiments_fair.sh [LEVELS...]        default: none moderate strong
 # Env: NPROC (default 2), SEEDS (default 5), SCALE (default 1.0), OUT (default runs/fair).
@@ -22,5 +23,12 @@ for level in "${levels[@]}"; do
   VENV=$venv bash launchers/torchrun.sh "$nproc" experiment --config configs/fair.yaml \
     --set "data.dataset=$data" --set "train.run_dir=$out/$level" \
     --set "structure.graph_dir=$out/$level/structure" \
-    --seeds "$seeds" --ablation --models "$models" --out "$out/$level"
+    --seeds "$seeds" --ablation --models "$models" \
+    --variant "CSTWA, SM reading (b)=cstwa:structure.sm_reading=recomputed" \
+    --variant "CSTWA, U/I from the pre-trained representation=cstwa:structure.sm_init=pretrained" \
+    --variant "CSTWA, shared CTR/CVR tables (deviation from Eq. 6)=cstwa:model.shared_tables=true" \
+    --out "$out/$level"
 done
+args=()
+for level in "${levels[@]}"; do args+=("$level=$out/$level"); done
+"$venv/bin/cstwa-dist" experiment-summary "${args[@]}" --out "$out/summary"
