@@ -45,3 +45,23 @@ def test_overrides_are_typed():
 def test_bad_overrides_are_rejected(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
+
+
+def test_embedding_init_std_bounds_and_validation():
+    import math
+
+    from cstwa_dist.models.blocks import field_tables, init_bounds
+
+    assert init_bounds(0.0) == {}  # TorchRec's default ±√(1/N) per table
+    b = init_bounds(0.05)
+    assert b["weight_init_max"] == pytest.approx(math.sqrt(3) * 0.05) == -b["weight_init_min"]
+    cfg = load_config(None, ["model.embedding_init_std=0.05"])
+    assert cfg.model.embedding_init_std == 0.05
+    with pytest.raises(ConfigError, match="embedding_init_std"):
+        load_config(None, ["model.embedding_init_std=-1"])
+    from cstwa_dist.data.spec import FieldSpec
+
+    (t,) = field_tables([FieldSpec(name="f", side="user", vocab_size=4)], "p", 8, 0.05)
+    assert t.get_weight_init_max() == pytest.approx(math.sqrt(3) * 0.05)
+    (t,) = field_tables([FieldSpec(name="f", side="user", vocab_size=4)], "p", 8)
+    assert t.get_weight_init_max() == pytest.approx(0.5)  # √(1/4): why small fields start loud
