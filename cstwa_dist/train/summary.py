@@ -30,6 +30,10 @@ _REFERENCE = (
 )
 
 
+# the reference lines in black, told apart by their dashes (the models take the colour cycle)
+_REFERENCE_STYLE = {"oracle_purchase": "--", "item_ctr": ":", "item_purchase_rate": "-."}
+
+
 def load_reports(specs: list[str]) -> list[tuple[str, dict[str, Any]]]:
     """``LABEL=DIR`` (or ``DIR``, labelled by its name) → (label, report.json of DIR)."""
     out = []
@@ -198,14 +202,15 @@ def plot_levels(summary: dict[str, Any], path: Path) -> Path:
             marker="o",
             capsize=3,
             label=r["label"],
-            linewidth=2.0 if r["label"].lower() == "cstwa" else 1.0,
+            linewidth=2.5 if r["label"].lower() == "cstwa" else 1.0,
+            color="crimson" if r["label"].lower() == "cstwa" else None,
         )
     for key, name in _REFERENCE:
         if key in ("oracle_click", "affinity"):
             continue
         ys = [summary["reference"][key][lvl]["purchase"] for lvl in levels]
         if all(y is not None for y in ys):
-            ax.plot(x, ys, linestyle="--", color="grey" if key != "oracle_purchase" else "black", label=name)
+            ax.plot(x, ys, color="black", linestyle=_REFERENCE_STYLE[key], linewidth=1.0, label=name)
     ax.set_xticks(x, levels)
     ax.set_xlabel("conflict level")
     ax.set_ylabel("test Purchase AUC")
