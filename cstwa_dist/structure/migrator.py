@@ -222,15 +222,8 @@ class StructureMigrator:
                 r = reps.to(device=own.device, dtype=torch.float32)
                 del reps
                 p = self.propagators[t.table].propagate(r, self.cfg.layers)
-                # |P − previous P| summed and rows counted over all ranks, in one collective (log)
-                prev = own.detach().to(torch.float32)
-                delta_rows = [float((p - prev).abs().sum()), float(own.shape[0])]
-                del prev
+                change = _mean_abs_change(p, own.detach().to(torch.float32), self.env)
                 own.copy_(p.to(dtype=own.dtype))
-            stats = torch.tensor(delta_rows, dtype=torch.float64, device=comm_device())
-            if dist.is_initialized() and self.env.world_size > 1:
-                dist.all_reduce(stats)
-            delta, moved = float(stats[0]), int(stats[1])
             logger.info(
                 "%s: %s ← Â^%d R, R read out of %s (x = (1−%.2f)·r + %.2f·P), mean |ΔP| %.3g",
                 "initialisation" if epoch == 0 else f"epoch {epoch}",
@@ -239,7 +232,7 @@ class StructureMigrator:
                 t.init_from,
                 self.cfg.beta,
                 self.cfg.beta,
-                delta / max(moved * own.shape[1], 1),
+                change,
             )
         return time.perf_counter() - t0
 
@@ -255,13 +248,8 @@ class StructureMigrator:
             with torch.no_grad():
                 cur = own.detach().to(torch.float32)
                 new = prop.migrate(cur, self.cfg.layers, self.cfg.beta)
-                # |Δ| summed and rows counted over all ranks, in one collective, for the log line
-                delta_rows = [float((new - cur).abs().sum()), float(own.shape[0])]
-                stats = torch.tensor(delta_rows, dtype=torch.float64, device=comm_device())
+                change = _mean_abs_change(new, cur, self.env)
                 own.copy_(new.to(dtype=own.dtype))
-            if dist.is_initialized() and self.env.world_size > 1:
-                dist.all_reduce(stats)
-            delta, moved = float(stats[0]), int(stats[1])
             logger.info(
                 "epoch %d: %s ← (1−%.2f)·U + %.2f·Â^%d U, mean |Δ| %.3g",
                 epoch,
@@ -269,9 +257,20 @@ class StructureMigrator:
                 self.cfg.beta,
                 self.cfg.beta,
                 self.cfg.layers,
-                delta / max(moved * own.shape[1], 1),
+                change,
             )
         return time.perf_counter() - t0
+
+
+def _mean_abs_change(new: torch.Tensor, old: torch.Tensor, env: DistEnv) -> float:
+    """Mean ``|new − old|`` per element over every rank's block (the log line of both readings): the
+    block's sum and row count travel in one collective (all ranks call it)."""
+    stats = torch.tensor(
+        [float((new - old).abs().sum()), float(new.shape[0])], dtype=torch.float64, device=comm_device()
+    )
+    if dist.is_initialized() and env.world_size > 1:
+        dist.all_reduce(stats)
+    return float(stats[0]) / max(float(stats[1]) * new.shape[1], 1.0)
 
 
 def pretrained_rows(cfg: StructureConfig, side: str, n: int, lo: int, hi: int, width: int) -> torch.Tensor:

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
 from cstwa_dist.fs import atomic_write_json, atomic_write_text
+from cstwa_dist.train.experiment import _f4, _fmt  # the reports' number formats
 
 logger = logging.getLogger(__name__)
 
@@ -45,16 +45,6 @@ def load_reports(specs: list[str]) -> list[tuple[str, dict[str, Any]]]:
             raise FileNotFoundError(f"{report}: no report.json (run `cstwa-dist experiment` first)")
         out.append((label or directory.name, json.loads(report.read_text())))
     return out
-
-
-def _cell(mean: float | None, std: float | None) -> str:
-    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
-        return "—"
-    return f"{mean:.4f} ± {std:.4f}"
-
-
-def _f(x: float | None) -> str:
-    return "—" if x is None else f"{x:.4f}"
 
 
 def _pc(x: float) -> str:
@@ -145,7 +135,7 @@ def _markdown(summary: dict[str, Any], png: str) -> list[str]:
                     cells.append("—")
                     continue
                 mark = " †" if v["beats_lookups"] is False else ""
-                cells.append(_cell(v["purchase_mean"], v["purchase_std"]) + mark)
+                cells.append(_fmt(v["purchase_mean"], v["purchase_std"]) + mark)
             lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
         lines += ["", f"Paired Δ Purchase AUC against each level's best baseline ({group}):", "", head, sep]
         for r in group_rows:
@@ -165,7 +155,7 @@ def _markdown(summary: dict[str, Any], png: str) -> list[str]:
         for lvl in levels:
             v = summary["reference"][key][lvl]
             c, p = v["click"], v["purchase"]
-            cells.append("—" if c is None and p is None else f"{_f(c)} / {_f(p)}")
+            cells.append("—" if c is None and p is None else f"{_f4(c)} / {_f4(p)}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     g_cells = []
     for lvl in levels:
