@@ -38,7 +38,12 @@ from cstwa_dist.distributed.collectives import broadcast_object
 from cstwa_dist.distributed.env import init_distributed
 from cstwa_dist.fs import atomic_write_json, atomic_write_text
 from cstwa_dist.registry import get_model_spec
-from cstwa_dist.train.pretrain import pretrain_structure, structure_complete
+from cstwa_dist.train.pretrain import (
+    mining_settings,
+    pretrain_structure,
+    structure_complete,
+    structure_mismatch,
+)
 from cstwa_dist.train.trainer import train
 
 logger = logging.getLogger(__name__)
@@ -157,16 +162,79 @@ def plan_cells(
 def cell_config(base: RunConfig, cell: Cell, out: Path) -> RunConfig:
     """The typed config of one cell: the base run config, the cell's overrides, its seed and folders.
 
-    Structure is shared per seed and ``k`` (``<out>/structure/k<k>-seed<s>``), results go to
-    ``<out>/cells/<cell_id>``. Every value is validated once, by the config dataclasses.
+    Structure is shared per seed and ``k`` (``<out>/structure/k<k>-seed<s>``); a cell whose overrides
+    change how the structure is mined (``pretrain.mining_settings``: e.g. ``structure.pretrain_epochs``,
+    the kNN search, the CTR MLP's width) gets its own ``k<k>-seed<s>-<hash>`` instead of silently
+    reading graphs mined otherwise. Results go to ``<out>/cells/<cell_id>``. Every value is validated
+    once, by the config dataclasses.
     """
     cfg = with_overrides(base, cell.overrides)
-    graph_dir = out / "structure" / f"k{cfg.structure.k}-seed{cell.seed}"
+    name = f"k{cfg.structure.k}-seed{cell.seed}"
+    mine = _mining_key(cfg)
+    if mine != _mining_key(replace(base, structure=replace(base.structure, k=cfg.structure.k))):
+        name += "-" + hashlib.sha1(json.dumps(mine, sort_keys=True).encode()).hexdigest()[:8]
+    graph_dir = out / "structure" / name
     return replace(
         cfg,
         train=replace(cfg.train, seed=cell.seed, run_dir=str(out / "cells")),
         structure=replace(cfg.structure, graph_dir=str(graph_dir)),
     )
+
+
+def _mining_key(cfg: RunConfig) -> dict[str, Any]:
+    """The mining settings that name a structure directory (seed and ``k`` are in the name already)."""
+    return {k: v for k, v in mining_settings(cfg).items() if k not in ("train.seed", "structure.k")}
+
+
+# Settings that do not change a cell's results (where things go, how chatty, how fast): a finished
+# cell stays valid when only these differ.
+_OPERATIONAL = {
+    "data.prefetch_batches",
+    "data.ray_num_cpus",
+    "data.eval_batch_size",
+    "train.run_dir",
+    "train.log_every",
+    "train.tensorboard",
+    "train.checkpoint_every",
+    "train.checkpoint_dir",
+    "train.keep_checkpoints",
+    "train.resume",
+    "train.collective_timeout_s",
+    "structure.graph_dir",
+    "structure.recall_queries",
+    "structure.save_representations",
+}
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def stale_settings(run_dir: Path, cfg: RunConfig) -> list[str]:
+    """How a finished cell's recorded config differs from the one it would run with now.
+
+    Cells are named by model, overrides and seed only, so an experiment re-run with another base
+    config (a changed YAML, another ``--set``, new code defaults) would otherwise reuse results that
+    were computed differently. Keys the cell did not record (written before the key existed) count
+    as the default. Operational keys (paths, logging, checkpoint cadence) are ignored.
+    """
+    recorded = _flat(json.loads((run_dir / "metrics.json").read_text()).get("config", {}))
+    wanted = _flat(json.loads(json.dumps(cfg.to_dict())))
+    defaults = _flat(json.loads(json.dumps(RunConfig().to_dict())))
+    diff = []
+    for key in sorted(wanted):
+        if key in _OPERATIONAL:
+            continue
+        have = recorded.get(key, defaults.get(key))
+        if have != wanted[key]:
+            diff.append(f"{key}: {have!r} → {wanted[key]!r}")
+    return diff
 
 
 def run_experiment(base: RunConfig, cells: list[Cell], out: str | Path) -> dict[str, Any]:
@@ -179,21 +247,46 @@ def run_experiment(base: RunConfig, cells: list[Cell], out: str | Path) -> dict[
     t0 = time.perf_counter()
     unique = list({c.cell_id: c for c in cells}.values())
     logger.info("experiment: %d cells (%d unique) → %s", len(cells), len(unique), out)
+    # every cell's config first: a bad override fails now, not after the cells before it ran
+    configs = {c.cell_id: cell_config(base, c, out) for c in unique}
+    stale: list[str] = []
+    if env.is_main:
+        for c in unique:
+            run_dir = out / "cells" / c.cell_id
+            if (run_dir / "metrics.json").exists():
+                diff = stale_settings(run_dir, configs[c.cell_id])
+                if diff:
+                    stale.append(f"{run_dir}: {'; '.join(diff)}")
+    stale = broadcast_object(stale)
+    if stale:
+        raise ValueError(
+            f"{len(stale)} finished cell(s) in {out} were run with another config than this "
+            f"experiment's and would be reused as if they matched; use a new --out (or delete those "
+            f"cells). First: {stale[0]}"
+        )
     for i, cell in enumerate(unique, 1):
         run_dir = out / "cells" / cell.cell_id
         done = broadcast_object((run_dir / "metrics.json").exists())
         if done:
             logger.info("[%d/%d] %s: finished before, skipped", i, len(unique), cell.cell_id)
             continue
-        cfg = cell_config(base, cell, out)
+        cfg = configs[cell.cell_id]
         graph_dir = cfg.structure.graph_dir
-        if get_model_spec(cell.model).needs_graphs(cfg.model) and not broadcast_object(
-            structure_complete(graph_dir)
-        ):
-            logger.info(
-                "[%d/%d] mining structure for seed %d, k %d", i, len(unique), cell.seed, cfg.structure.k
-            )
-            pretrain_structure(cfg)
+        if get_model_spec(cell.model).needs_graphs(cfg.model):
+            if broadcast_object(structure_complete(graph_dir)):
+                problem = broadcast_object(structure_mismatch(graph_dir, cfg) if env.is_main else None)
+                if problem:
+                    raise ValueError(problem)
+            else:
+                logger.info(
+                    "[%d/%d] mining structure for seed %d, k %d → %s",
+                    i,
+                    len(unique),
+                    cell.seed,
+                    cfg.structure.k,
+                    graph_dir,
+                )
+                pretrain_structure(cfg)
         logger.info(
             "[%d/%d] %s %s seed %d %s",
             i,
@@ -251,11 +344,12 @@ def instrument_report(base: RunConfig, cells: list[Cell], out: Path) -> dict[str
         except Exception as e:  # as above
             logger.exception("graph cluster rate of %s failed", gd)
             rate = {"graph_dir": gd, "available": False, "reason": f"{type(e).__name__}: {e}"}
-        graphs.append({"seed": seed, "k": k, **rate})
+        graphs.append({"seed": seed, "k": k, "dir": Path(gd).name, **rate})
     result["graphs"] = graphs
     result["graph_mean"] = []
     for k in sorted({g["k"] for g in graphs}):
-        ok = [g for g in graphs if g["k"] == k and g.get("available")]
+        # the base config's graphs only (a cell that changes how they are mined has its own dir)
+        ok = [g for g in graphs if g["k"] == k and g.get("available") and g["dir"] == f"k{k}-seed{g['seed']}"]
         if not ok:
             continue
         mean: dict[str, Any] = {"k": k, "seeds": [g["seed"] for g in ok]}

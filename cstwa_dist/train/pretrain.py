@@ -5,6 +5,7 @@ docs/method.md §1 states the steps; this module is steps 1 (pre-training) and 2
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,65 @@ from cstwa_dist.structure.migrator import mine_structure
 from cstwa_dist.train.trainer import train
 
 logger = logging.getLogger(__name__)
+
+
+# Every setting the mined structure depends on: the pre-training run (data, the CTR MLP's model and
+# optimizer settings, seed, epochs) and the graph build (k and the kNN search). Anything else (β, the SM
+# reading, the loss, the CVR side) only reads the graphs, so cells that differ only there share them.
+_MINING_KEYS = {
+    "data": ("dataset", "batch_size", "shuffle"),
+    "model": ("embedding_dim", "ctr_tower", "dropout", "embedding_init_std", "context_pooling"),
+    "optim": None,  # the whole section
+    "train": ("seed",),
+    "structure": ("k", "pretrain_epochs", "knn", "nlist", "nprobe", "pq_m"),
+}
+
+
+def mining_settings(cfg: RunConfig) -> dict[str, Any]:
+    """The settings a structure directory was (or will be) mined with, as ``section.key`` → value.
+
+    Written into ``structure.json`` so a directory is never reused for a config it was not mined
+    with (:func:`check_structure`), and hashed by ``experiment`` to give cells that change one of
+    them their own directory.
+    """
+    full = cfg.to_dict()
+    out: dict[str, Any] = {}
+    for section, keys in _MINING_KEYS.items():
+        for key in keys if keys is not None else sorted(full[section]):
+            out[f"{section}.{key}"] = full[section][key]
+    return out
+
+
+def settings_differences(recorded: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """``key: recorded → wanted`` for every key whose value differs (JSON-normalised: lists vs tuples)."""
+    norm = json.loads(json.dumps(wanted))
+    return [
+        f"{k}: {recorded.get(k, '(not recorded)')!r} → {norm[k]!r}"
+        for k in sorted(norm)
+        if recorded.get(k) != norm[k]
+    ]
+
+
+def structure_mismatch(graph_dir: str | Path, cfg: RunConfig) -> str | None:
+    """Why the complete structure in ``graph_dir`` must not serve ``cfg`` (mined with other settings),
+    or None when it may. A directory written before the settings were recorded is accepted with a
+    warning naming it.
+    """
+    report = json.loads((Path(graph_dir) / "structure.json").read_text())
+    recorded = report.get("settings")
+    if recorded is None:
+        logger.warning(
+            "%s/structure.json records no mining settings (written by an older version): reused as is",
+            graph_dir,
+        )
+        return None
+    diff = settings_differences(recorded, mining_settings(cfg))
+    if not diff:
+        return None
+    return (
+        f"{graph_dir} was mined with other settings than this run's ({'; '.join(diff)}); point "
+        "structure.graph_dir elsewhere or delete the directory to mine it again"
+    )
 
 
 def pretrain_structure(cfg: RunConfig) -> dict[str, Any]:
@@ -37,7 +97,7 @@ def pretrain_structure(cfg: RunConfig) -> dict[str, Any]:
     graphs = mine_structure(
         res.sharded.dmp, source, res.spec, cfg.data.dataset, cfg.structure, env, seed=cfg.train.seed
     )
-    report = {"pretrain": res.metrics, "graphs": graphs}
+    report = {"settings": mining_settings(cfg), "pretrain": res.metrics, "graphs": graphs}
     if env.is_main:
         # last: its presence marks a complete structure directory
         atomic_write_json(Path(cfg.structure.graph_dir) / "structure.json", report, sort_keys=False)

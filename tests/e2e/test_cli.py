@@ -171,3 +171,7 @@ def test_experiment_runs_and_resumes(tmp_path, tiny_dataset):
     assert "Partial oracles" in md and "*reference: per-item train CTR*" in md
     again = _run(cmd)
     assert again.stderr.count("finished before, skipped") == 2
+    # the same --out with another setting must not pass the old cells off as this config's results
+    stale = _run([*cmd, "--set", "optim.lr=0.002"], check=False)
+    assert stale.returncode != 0
+    assert "run with another config" in stale.stderr and "optim.lr: 0.001 → 0.002" in stale.stderr

@@ -4,7 +4,17 @@ import json
 
 import pytest
 
-from cstwa_dist.train.experiment import Cell, build_report, parse_sweep, plan_cells, write_reports
+from cstwa_dist.config import RunConfig, with_overrides
+from cstwa_dist.train.experiment import (
+    Cell,
+    build_report,
+    cell_config,
+    parse_sweep,
+    plan_cells,
+    stale_settings,
+    write_reports,
+)
+from cstwa_dist.train.pretrain import mining_settings, structure_mismatch
 
 
 def test_parse_sweep():
@@ -96,3 +106,54 @@ def test_variants_are_named_rows_with_their_overrides():
     for bad in ("no-model", "x=cstwa", "x=cstwa:", "x=cstwa:beta", "x=nosuch:model.dropout=[0]"):
         with pytest.raises(ValueError):
             parse_variant(bad)
+
+
+def test_cells_share_structure_unless_they_change_how_it_is_mined(tmp_path):
+    base = RunConfig()
+
+    def gdir(*ov: str, seed: int = 0) -> str:
+        return cell_config(base, Cell("v", "x", "cstwa", seed, ov), tmp_path).structure.graph_dir
+
+    plain = gdir()
+    assert plain.endswith("structure/k8-seed0") and gdir(seed=1).endswith("k8-seed1")
+    # settings that only read the graphs share them
+    for ov in ("structure.beta=0.5", "model.click_perceptron=false", "structure.sm_reading=recomputed"):
+        assert gdir(ov) == plain
+    assert gdir("structure.k=4").endswith("k4-seed0")
+    # settings that change the mined graphs get their own directory, one per setting
+    longer, wider = gdir("structure.pretrain_epochs=3"), gdir("model.embedding_dim=16")
+    assert len({plain, longer, wider}) == 3 and longer.startswith(plain + "-")
+    assert gdir("structure.pretrain_epochs=3", seed=1).startswith(gdir(seed=1) + "-")
+
+
+def test_structure_reused_only_for_the_settings_it_was_mined_with(tmp_path, caplog):
+    cfg = RunConfig()
+    (tmp_path / "structure.json").write_text(json.dumps({"settings": mining_settings(cfg), "graphs": {}}))
+    assert structure_mismatch(tmp_path, cfg) is None
+    # β only reads the graphs; pre-training epochs change them
+    assert structure_mismatch(tmp_path, with_overrides(cfg, ["structure.beta=0.9"])) is None
+    why = structure_mismatch(tmp_path, with_overrides(cfg, ["structure.pretrain_epochs=3"]))
+    assert why is not None and "structure.pretrain_epochs: 1 → 3" in why and str(tmp_path) in why
+    # written before settings were recorded: reused, with a warning naming the directory
+    (tmp_path / "structure.json").write_text(json.dumps({"graphs": {}}))
+    assert structure_mismatch(tmp_path, with_overrides(cfg, ["structure.pretrain_epochs=3"])) is None
+    assert "records no mining settings" in caplog.text
+
+
+def test_finished_cell_with_another_config_is_reported_stale(tmp_path):
+    cfg = cell_config(RunConfig(), Cell("table2", "esmm", "esmm", 0, ()), tmp_path)
+    run = tmp_path / "cell"
+    run.mkdir()
+    recorded = cfg.to_dict()
+    (run / "metrics.json").write_text(json.dumps({"config": recorded}))
+    assert stale_settings(run, cfg) == []
+    # paths, logging and checkpoint cadence do not change results
+    assert stale_settings(run, with_overrides(cfg, ["train.log_every=7", "train.run_dir=elsewhere"])) == []
+    assert stale_settings(run, with_overrides(cfg, ["train.epochs=5"])) == ["train.epochs: 3 → 5"]
+    # a key the cell did not record (older version) counts as its default
+    del recorded["model"]["shared_tables"]
+    (run / "metrics.json").write_text(json.dumps({"config": recorded}))
+    assert stale_settings(run, cfg) == []
+    assert stale_settings(run, with_overrides(cfg, ["model.shared_tables=true"])) == [
+        "model.shared_tables: False → True"
+    ]
