@@ -182,7 +182,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     if models is None and not args.ablation and not args.sweep and not args.variant:
         models = table2_models()
     seeds = list(range(args.seed_base, args.seed_base + args.seeds))
-    cells = plan_cells(models, seeds, args.ablation, args.sweep, args.variant)
+    cells = plan_cells(models, seeds, args.ablation, args.sweep, args.variant, args.model_set)
     cfg = load_config(args.config, args.overrides)  # validates the config before any rank starts work
     with command_runtime(cfg.data.ray_num_cpus, cfg.train.collective_timeout_s):
         run_experiment(cfg, cells, args.out)
@@ -672,6 +672,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="LABEL=MODEL:KEY=V[;KEY=V]",
         help="a named configuration of a model as its own row, e.g. "
         "'SM reading (b)=cstwa:structure.sm_reading=recomputed' (repeatable; overrides separated by ;)",
+    )
+    p.add_argument(
+        "--model-set",
+        action="append",
+        default=[],
+        metavar="MODEL:KEY=V[;KEY=V]",
+        help="settings of one model in every cell it runs in (Table 2, ablation, sweeps, variants), e.g. "
+        "its hyper-parameters chosen on validation: 'cstwa:loss.gamma=2'; other models' cells are "
+        "unchanged (and reused when finished); a sweep or variant that sets the same key wins (repeatable)",
     )
     p.add_argument("--out", required=True, help="experiment directory (cells, structure, reports)")
     p.set_defaults(func=cmd_experiment)

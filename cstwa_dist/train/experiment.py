@@ -132,12 +132,47 @@ def parse_variant(spec: str) -> tuple[str, str, tuple[str, ...]]:
     return label.strip(), model.strip(), ov
 
 
+def parse_model_set(spec: str) -> tuple[str, tuple[str, ...]]:
+    """``MODEL:section.key=value[;section.key=value]`` → (model, overrides): one model's own settings."""
+    model, sep, overrides = spec.partition(":")
+    ov = tuple(o.strip() for o in overrides.split(";") if o.strip())
+    bad = [o for o in ov if "=" not in o or "." not in o.partition("=")[0]]
+    if not sep or not model.strip() or not ov or bad:
+        raise ValueError(
+            f"--model-set {spec!r} must look like MODEL:section.key=value[;section.key=value]"
+            + (f" (not section.key=value: {bad})" if bad else "")
+        )
+    get_model_spec(model.strip())  # unknown names fail before anything runs
+    return model.strip(), ov
+
+
+def with_model_sets(cells: list[Cell], model_sets: list[str]) -> list[Cell]:
+    """Every cell of a model gets that model's own settings (``--model-set``), ahead of its overrides.
+
+    A model's hyper-parameters chosen for a data set (e.g. CSTWA's ``γ`` on validation) then hold in
+    every table it appears in (Table 2, the ablation, sweeps, variants), while the other models' cells
+    keep their ids and stay reusable. A key the cell sets itself (a sweep value, a variant) wins: it
+    comes later. The settings are part of the cell's overrides, so its id and ``cell.json`` show them.
+    """
+    sets: dict[str, tuple[str, ...]] = {}
+    for spec in model_sets:
+        model, ov = parse_model_set(spec)
+        sets[model] = sets.get(model, ()) + ov
+    out = []
+    for c in cells:
+        own = {o.partition("=")[0].strip() for o in c.overrides}
+        extra = tuple(o for o in sets.get(c.model, ()) if o.partition("=")[0].strip() not in own)
+        out.append(replace(c, overrides=extra + c.overrides) if extra else c)
+    return out
+
+
 def plan_cells(
     models: list[str] | None,
     seeds: list[int],
     ablation: bool,
     sweeps: list[str],
     variants: list[str] | None = None,
+    model_sets: list[str] | None = None,
 ) -> list[Cell]:
     """The grid, in run order; cells shared between groups appear once per group (run once)."""
     cells: list[Cell] = []
@@ -156,7 +191,7 @@ def plan_cells(
     for spec in variants or []:
         label, model, ov = parse_variant(spec)
         cells += [Cell("variants", label, model, s, ov) for s in seeds]
-    return cells
+    return with_model_sets(cells, model_sets or [])
 
 
 def cell_config(base: RunConfig, cell: Cell, out: Path) -> RunConfig:
@@ -424,6 +459,10 @@ def build_report(cells: list[Cell], out: Path) -> dict[str, Any]:
     return {
         "rows": table,
         "paired": paired,
+        # a Table 2 row plans no overrides of its own: any it has are its model's ``--model-set``
+        "model_settings": {
+            r["model"]: r["overrides"] for r in table if r["group"] == "table2" and r["overrides"]
+        },
         "dataset": sample.get("config", {}).get("data", {}).get("dataset"),
         "world_size": sample.get("world_size"),
         "epochs": sample.get("epochs"),
@@ -591,6 +630,10 @@ def write_reports(report: dict[str, Any], out: Path) -> None:
         "GAUC (per-user AUC, impression-weighted, single-class users skipped) are mean ± sample std "
         "over seeds; gains are relative to MLP's mean AUC.",
     ]
+    settings = report.get("model_settings") or {}
+    if settings:
+        own = "; ".join(f"{m}: " + ", ".join(f"`{o}`" for o in ov) for m, ov in settings.items())
+        lines += ["", f"Model settings (`--model-set`, in every cell of that model, every table): {own}."]
     titles = {
         "table2": "Table 2: models",
         "ablation": "Table 3: ablation of CSTWA's components",

@@ -43,7 +43,8 @@ def test_plan_cells_table2_ablation_sweep():
 
 
 def test_report_mean_std_gain_and_plot(tmp_path):
-    cells = [Cell("table2", m, m, s, ()) for m in ("mlp", "cstwa") for s in (0, 1)]
+    cells = [Cell("table2", "mlp", "mlp", s, ()) for s in (0, 1)]
+    cells += [Cell("table2", "cstwa", "cstwa", s, ("loss.gamma=2",)) for s in (0, 1)]  # --model-set
     cells += [Cell("sweep:beta", str(b), "cstwa", 0, (f"structure.beta={b}",)) for b in (0.1, 0.5)]
     aucs = {("mlp", 0): 0.60, ("mlp", 1): 0.62, ("cstwa", 0): 0.66, ("cstwa", 1): 0.64}
     for c in cells:
@@ -75,6 +76,8 @@ def test_report_mean_std_gain_and_plot(tmp_path):
     write_reports(report, tmp_path)
     md = (tmp_path / "report.md").read_text()
     assert "Table 2" in md and "0.6500 ± 0.0141" in md and "sweep_beta.png" in md
+    assert report["model_settings"] == {"cstwa": ["loss.gamma=2"]}
+    assert "every cell of that model, every table): cstwa: `loss.gamma=2`." in md
     assert (tmp_path / "sweep_beta.png").stat().st_size > 1000
     assert json.loads((tmp_path / "report.json").read_text())["rows"]
 
@@ -157,3 +160,28 @@ def test_finished_cell_with_another_config_is_reported_stale(tmp_path):
     assert stale_settings(run, with_overrides(cfg, ["model.shared_tables=true"])) == [
         "model.shared_tables: False → True"
     ]
+
+
+def test_model_set_reaches_every_cell_of_its_model_and_no_other():
+    plain = plan_cells(["esmm", "cstwa"], [0], ablation=True, sweeps=["gamma=4"])
+    cells = plan_cells(
+        ["esmm", "cstwa"],
+        [0],
+        ablation=True,
+        sweeps=["gamma=4"],
+        variants=["paper γ=cstwa:loss.gamma=3"],
+        model_sets=["cstwa:loss.gamma=2;structure.beta=0.5"],
+    )
+    assert len(cells) == len(plain) + 1
+    by = {(c.group, c.label): c for c in cells}
+    # other models keep their cells (same ids: finished ones are reused)
+    assert by[("table2", "esmm")] == next(c for c in plain if c.label == "esmm")
+    assert by[("ablation", "MLP")].overrides == ()
+    assert by[("table2", "cstwa")].overrides == ("loss.gamma=2", "structure.beta=0.5")
+    assert by[("ablation", "CP")].overrides[:2] == ("loss.gamma=2", "structure.beta=0.5")
+    # a key the cell sets itself wins
+    assert by[("sweep:gamma", "4")].overrides == ("structure.beta=0.5", "loss.gamma=4")
+    assert by[("variants", "paper γ")].overrides == ("structure.beta=0.5", "loss.gamma=3")
+    for bad in ("cstwa", "cstwa:", "cstwa:gamma=2", "nosuch:loss.gamma=2"):
+        with pytest.raises(ValueError):
+            plan_cells(["cstwa"], [0], False, [], model_sets=[bad])
