@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# Table 2 (8 models), Table 3 (CSTWA ablation) and three CSTWA variants (SM reading (b), U/I from the
-# pre-trained representation, shared tables) on the fair instrument at the three pre-registered
-# conflict levels, 5 seeds each, 2 ranks, then the summary across levels (docs/experiments/README.md). Resumable: finished cells and data
-# sets are kept, so re-running continues where a killed run stopped.
+# Table 2 (8 models), Table 3 (CSTWA ablation) and four CSTWA variants (the paper's settings, SM
+# reading (a), U/I from the pre-trained representation, shared tables) on the fair instrument at the
+# three pre-registered conflict levels, 5 seeds each, 2 ranks, then the summary across levels
+# (docs/experiments/README.md). Resumable: finished cells and data sets are kept, so re-running
+# continues where a killed run stopped (with the same settings: changed ones need another OUT).
 #   launchers/experiments_fair.sh [LEVELS...]        default: none moderate strong
-# Env: NPROC (default 2), SEEDS (default 5), SCALE (default 1.0), OUT (default runs/fair).
+# Env: NPROC (default 2), SEEDS (default 5), SCALE (default 1.0), OUT (default runs/fair),
+# CSTWA_SET: CSTWA's own settings in every table (--model-set), default the ones chosen on validation
+# Purchase AUC at conflict `none` (docs/experiments/README.md, "CSTWA's hyper-parameters on `fair`");
+# CSTWA_SET= (empty) runs the paper's. The variants then include the paper's settings as a row.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=${VENV:-.venv}
@@ -12,6 +16,9 @@ nproc=${NPROC:-2}
 seeds=${SEEDS:-5}
 scale=${SCALE:-1.0}
 out=${OUT:-runs/fair}
+cstwa_set=${CSTWA_SET-loss.gamma=2;structure.sm_reading=recomputed;structure.beta=0.5}
+model_set=()
+[ -z "$cstwa_set" ] || model_set=(--model-set "cstwa:$cstwa_set")
 levels=("$@")
 [ ${#levels[@]} -gt 0 ] || levels=(none moderate strong)
 models=mlp,esmm,omoe,mmoe,ple,aitm,escm2_ips,cstwa
@@ -23,9 +30,10 @@ for level in "${levels[@]}"; do
   VENV=$venv bash launchers/torchrun.sh "$nproc" experiment --config configs/fair.yaml \
     --set "data.dataset=$data" --set "train.run_dir=$out/$level" \
     --set "structure.graph_dir=$out/$level/structure" \
-    --seeds "$seeds" --ablation --models "$models" \
-    --variant "CSTWA, SM reading (b)=cstwa:structure.sm_reading=recomputed" \
-    --variant "CSTWA, U/I from the pre-trained representation=cstwa:structure.sm_init=pretrained" \
+    --seeds "$seeds" --ablation --models "$models" "${model_set[@]}" \
+    --variant "CSTWA, the paper's settings (γ 3, β 0.3, SM reading a)=cstwa:loss.gamma=3;structure.beta=0.3;structure.sm_reading=free" \
+    --variant "CSTWA, SM reading (a)=cstwa:structure.sm_reading=free" \
+    --variant "CSTWA, U/I from the pre-trained representation (reading a)=cstwa:structure.sm_reading=free;structure.sm_init=pretrained" \
     --variant "CSTWA, shared CTR/CVR tables (deviation from Eq. 6)=cstwa:model.shared_tables=true" \
     --out "$out/$level"
 done
