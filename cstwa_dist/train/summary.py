@@ -89,7 +89,18 @@ def summarise(reports: list[tuple[str, dict[str, Any]]], out: str | Path) -> dic
         for key, _ in _REFERENCE
     }
     graphs = {lvl: (rep.get("instrument") or {}).get("graph_mean") or [] for lvl, rep in reports}
-    summary = {"levels": levels, "rows": list(rows.values()), "reference": reference, "graphs": graphs}
+    # per model, its ``--model-set`` settings at each level (the same everywhere in a well-run grid)
+    settings: dict[str, dict[str, list[str]]] = {}
+    for lvl, rep in reports:
+        for model, ov in (rep.get("model_settings") or {}).items():
+            settings.setdefault(model, {})[lvl] = list(ov)
+    summary = {
+        "levels": levels,
+        "rows": list(rows.values()),
+        "reference": reference,
+        "graphs": graphs,
+        "model_settings": settings,
+    }
     atomic_write_json(out / "summary.json", summary, sort_keys=False)
     png = plot_levels(summary, out / "purchase_vs_conflict.png")
     atomic_write_text(out / "summary.md", "\n".join(_markdown(summary, png.name)) + "\n")
@@ -118,6 +129,17 @@ def _markdown(summary: dict[str, Any], png: str) -> list[str]:
         "A row marked † does not beat both per-item lookups at that level (Click AUC above the CTR "
         "lookup and Purchase AUC above both lookups).",
     ]
+    for model, per_level in (summary.get("model_settings") or {}).items():
+        kinds = {tuple(v) for v in per_level.values()}
+        if len(kinds) == 1 and len(per_level) == len(levels):
+            where = "at every level"
+            shown = ", ".join(f"`{o}`" for o in next(iter(kinds)))
+        else:  # differs between levels (or is missing at some): say so level by level
+            where = "per level"
+            shown = "; ".join(
+                f"{lvl}: " + ", ".join(f"`{o}`" for o in per_level.get(lvl, [])) for lvl in levels
+            )
+        lines += ["", f"Settings of {model} (`--model-set`, in all its rows) {where}: {shown}."]
     for group, title in (
         ("table2", "Table 2: models"),
         ("ablation", "Table 3: CSTWA ablation"),

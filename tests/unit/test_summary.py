@@ -50,7 +50,9 @@ def test_paired_differences_are_per_seed_against_the_best_non_cstwa_row() -> Non
     assert paired_differences([_row("table2", "CSTWA", "cstwa", [0.6])]) is None
 
 
-def _report(tmp: Path, name: str, shift: float, ctr_lookup_purchase: float) -> Path:
+def _report(
+    tmp: Path, name: str, shift: float, ctr_lookup_purchase: float, settings: dict | None = None
+) -> Path:
     table = _table(shift)
     scores = {
         "oracle_purchase": {"available": True, "click_auc": 0.6, "purchase_auc": 0.75},
@@ -62,6 +64,7 @@ def _report(tmp: Path, name: str, shift: float, ctr_lookup_purchase: float) -> P
     rep = {
         "rows": table,
         "paired": paired_differences(table),
+        "model_settings": settings or {},
         "instrument": {
             "oracles": {"scores": scores},
             "graph_mean": [
@@ -99,3 +102,17 @@ def test_summary_lines_up_levels_and_marks_rows_below_the_lookups(tmp_path: Path
 def test_summary_refuses_a_folder_without_report(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="report.json"):
         load_reports([f"x={tmp_path}"])
+
+
+def test_summary_states_each_models_own_settings(tmp_path: Path) -> None:
+    same = {"cstwa": ["loss.gamma=2"]}
+    a = _report(tmp_path, "a", 0.0, 0.50, same)
+    b = _report(tmp_path, "b", 0.05, 0.605, same)
+    c = _report(tmp_path, "c", 0.05, 0.605, {"cstwa": ["loss.gamma=3"]})
+    summarise(load_reports([f"none={a}", f"strong={b}"]), tmp_path / "same")
+    md = (tmp_path / "same" / "summary.md").read_text()
+    assert "Settings of cstwa (`--model-set`, in all its rows) at every level: `loss.gamma=2`." in md
+    summary = summarise(load_reports([f"none={a}", f"strong={c}"]), tmp_path / "differ")
+    assert summary["model_settings"] == {"cstwa": {"none": ["loss.gamma=2"], "strong": ["loss.gamma=3"]}}
+    md = (tmp_path / "differ" / "summary.md").read_text()
+    assert "per level: none: `loss.gamma=2`; strong: `loss.gamma=3`." in md
