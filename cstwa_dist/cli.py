@@ -185,7 +185,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     cells = plan_cells(models, seeds, args.ablation, args.sweep, args.variant, args.model_set)
     cfg = load_config(args.config, args.overrides)  # validates the config before any rank starts work
     with command_runtime(cfg.data.ray_num_cpus, cfg.train.collective_timeout_s):
-        run_experiment(cfg, cells, args.out)
+        run_experiment(cfg, cells, args.out, args.model_set)
     return 0
 
 

@@ -154,14 +154,11 @@ def with_model_sets(cells: list[Cell], model_sets: list[str]) -> list[Cell]:
     keep their ids and stay reusable. A key the cell sets itself (a sweep value, a variant) wins: it
     comes later. The settings are part of the cell's overrides, so its id and ``cell.json`` show them.
     """
-    sets: dict[str, tuple[str, ...]] = {}
-    for spec in model_sets:
-        model, ov = parse_model_set(spec)
-        sets[model] = sets.get(model, ()) + ov
+    sets = model_settings_of(model_sets)
     out = []
     for c in cells:
         own = {o.partition("=")[0].strip() for o in c.overrides}
-        extra = tuple(o for o in sets.get(c.model, ()) if o.partition("=")[0].strip() not in own)
+        extra = tuple(o for o in sets.get(c.model, []) if o.partition("=")[0].strip() not in own)
         out.append(replace(c, overrides=extra + c.overrides) if extra else c)
     return out
 
@@ -272,7 +269,9 @@ def stale_settings(run_dir: Path, cfg: RunConfig) -> list[str]:
     return diff
 
 
-def run_experiment(base: RunConfig, cells: list[Cell], out: str | Path) -> dict[str, Any]:
+def run_experiment(
+    base: RunConfig, cells: list[Cell], out: str | Path, model_sets: list[str] | None = None
+) -> dict[str, Any]:
     """Runs every cell not yet finished, then (rank 0) writes the reports. Returns the report.
 
     Must run inside ``command_runtime`` (process group + Ray runtime), on every rank.
@@ -335,7 +334,7 @@ def run_experiment(base: RunConfig, cells: list[Cell], out: str | Path) -> dict[
         gc.collect()
         if env.is_main:
             atomic_write_json(run_dir / "cell.json", asdict(cell), sort_keys=False)
-    report = build_report(cells, out) if env.is_main else {}
+    report = build_report(cells, out, model_sets) if env.is_main else {}
     if env.is_main:
         # rank 0 only, while the other ranks wait in the broadcast below (seconds at scale 1; cached)
         report["instrument"] = instrument_report(base, cells, out)
@@ -407,7 +406,16 @@ def _mean_std(xs: list[float | None]) -> tuple[float, float]:
     return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0
 
 
-def build_report(cells: list[Cell], out: Path) -> dict[str, Any]:
+def model_settings_of(model_sets: list[str]) -> dict[str, list[str]]:
+    """``--model-set`` specs → model → its settings in the order given (what the report states)."""
+    settings: dict[str, list[str]] = {}
+    for spec in model_sets:
+        model, ov = parse_model_set(spec)
+        settings.setdefault(model, []).extend(ov)
+    return settings
+
+
+def build_report(cells: list[Cell], out: Path, model_sets: list[str] | None = None) -> dict[str, Any]:
     """Aggregates finished cells: mean ± std over seeds per (group, label), gains over MLP."""
     rows: dict[tuple[str, str], dict[str, Any]] = {}
     for c in cells:
@@ -459,10 +467,7 @@ def build_report(cells: list[Cell], out: Path) -> dict[str, Any]:
     return {
         "rows": table,
         "paired": paired,
-        # a Table 2 row plans no overrides of its own: any it has are its model's ``--model-set``
-        "model_settings": {
-            r["model"]: r["overrides"] for r in table if r["group"] == "table2" and r["overrides"]
-        },
+        "model_settings": model_settings_of(model_sets or []),
         "dataset": sample.get("config", {}).get("data", {}).get("dataset"),
         "world_size": sample.get("world_size"),
         "epochs": sample.get("epochs"),

@@ -66,7 +66,7 @@ def test_report_mean_std_gain_and_plot(tmp_path):
                 }
             )
         )
-    report = build_report(cells, tmp_path)
+    report = build_report(cells, tmp_path, ["cstwa:loss.gamma=2"])
     rows = {(r["group"], r["label"]): r for r in report["rows"]}
     mlp, cstwa = rows[("table2", "mlp")], rows[("table2", "cstwa")]
     assert mlp["purchase_mean"] == pytest.approx(0.61) and mlp["purchase_std"] == pytest.approx(
