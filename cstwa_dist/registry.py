@@ -56,6 +56,10 @@ class StructureTable:
     # reading a with shared tables, where the CTR id table exists anyway).
     init_from: str
     reads_id: bool = False
+    # False: the table is never trained, only written by the migrator and read detached (reading b's
+    # ``P``). Its fused optimizer is then plain SGD, which keeps no state: no gradient ever reaches
+    # it, and Adam's two moments per weight (or Adagrad's one float per row) would be memory for nothing.
+    trained: bool = True
 
 
 LossKwargs = Callable[[ModelConfig], Mapping[str, Any]]
@@ -176,7 +180,12 @@ def _cstwa_tables(
         source, reads_id = SIDE_COLLECTION, False
     return tuple(
         StructureTable(
-            side=side, collection=STRUCTURE_COLLECTION, table=table, init_from=source, reads_id=reads_id
+            side=side,
+            collection=STRUCTURE_COLLECTION,
+            table=table,
+            init_from=source,
+            reads_id=reads_id,
+            trained=not recomputed,
         )
         for side, table in (("user", SM_USER_TABLE), ("item", SM_ITEM_TABLE))
     )

@@ -10,7 +10,8 @@ topology without a process group (``plan``, not ``collective_plan``: the planner
 arithmetic, so a CPU-only machine plans for CUDA nodes), and adds what the planner does not see:
 
 * **embedding bytes per table and rank**: weights plus fused-optimizer state (Adam: 2 x weights;
-  row-wise Adagrad: one fp32 per row), from the plan's shards;
+  row-wise Adagrad: one fp32 per row; none for a never-trained table, reading (b)'s P), from the
+  plan's shards;
 * **dense parameters**: replicated on every rank, as weights + grads + Adam's two moments = 4 x P;
 * **the structure step's peak** per rank (:func:`train_structure_estimate`,
   :func:`mining_structure_estimate`) for the row-sharded structure path (``structure/migrator.py``):
@@ -29,6 +30,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -553,13 +555,17 @@ class DryRun:
         return _render(self)
 
 
-def _optimizer_state_bytes(emb_opt: str, rows: int, cols: int, elem: int) -> int:
+def _optimizer_state_bytes(emb_opt: str, rows: int, cols: int, elem: int, frozen: bool = False) -> int:
+    if frozen:  # never trained (reading b's P): stateless SGD (sharding.prepare_tables)
+        return 0
     if emb_opt == "adam":
         return 2 * rows * cols * elem  # FBGEMM fused Adam: two moments per weight
     return rows * 4  # exact row-wise Adagrad: one fp32 per row
 
 
-def _tables_from_plan(module: nn.Module, plan: ShardingPlan, emb_opt: str) -> list[TablePlan]:
+def _tables_from_plan(
+    module: nn.Module, plan: ShardingPlan, emb_opt: str, frozen: Collection[str] = ()
+) -> list[TablePlan]:
     out: list[TablePlan] = []
     for path, ebc in module.named_modules():
         if not isinstance(ebc, EmbeddingBagCollection):
@@ -576,7 +582,9 @@ def _tables_from_plan(module: nn.Module, plan: ShardingPlan, emb_opt: str) -> li
             for shard in ps.sharding_spec.shards:  # type: ignore[union-attr]
                 rows, cols = shard.shard_sizes
                 rank = shard.placement.rank()  # type: ignore[union-attr]
-                b = rows * cols * elem + _optimizer_state_bytes(emb_opt, rows, cols, elem)
+                b = rows * cols * elem + _optimizer_state_bytes(
+                    emb_opt, rows, cols, elem, conf.name in frozen
+                )
                 per_rank[rank] = per_rank.get(rank, 0) + b
             out.append(
                 TablePlan(
@@ -645,8 +653,10 @@ def dry_run(
     emb_opt = embedding_optimizer_name(cfg.optim, torch.device(compute_device))
     model = mspec.build(spec, cfg.model, torch.device("meta"), structure=cfg.structure)
     module = ModelTrain(model, mspec.build_loss(cfg.loss, cfg.model))
-    row_wise = [t.table for t in mspec.structure_tables(cfg.model, cfg.structure)]
-    constraints = prepare_tables(module, cfg.optim, emb_opt, row_wise=row_wise)
+    tables = mspec.structure_tables(cfg.model, cfg.structure)
+    row_wise = [t.table for t in tables]
+    frozen = [t.table for t in tables if not t.trained]
+    constraints = prepare_tables(module, cfg.optim, emb_opt, row_wise=row_wise, frozen=frozen)
     planner = build_planner(
         module,
         constraints,
@@ -664,7 +674,7 @@ def dry_run(
     seconds = time.perf_counter() - t0
     logger.info("planned %s for %d %s ranks in %.2fs", model_name, world_size, compute_device, seconds)
 
-    tables = _tables_from_plan(module, plan, emb_opt)
+    tables = _tables_from_plan(module, plan, emb_opt, frozen)
     hbm, ddr = _planner_storage(planner, world_size)
     dense_params = dense_parameter_bytes(module)
     dense_state = 4 * dense_params  # weights + grads + Adam exp_avg + exp_avg_sq

@@ -90,22 +90,31 @@ class RowWiseSharder(EmbeddingBagCollectionSharder):
 
 
 def prepare_tables(
-    module: nn.Module, cfg: OptimConfig, emb_opt: str, row_wise: Collection[str] = ()
+    module: nn.Module,
+    cfg: OptimConfig,
+    emb_opt: str,
+    row_wise: Collection[str] = (),
+    frozen: Collection[str] = (),
 ) -> dict[str, ParameterConstraints]:
     """Puts the fused optimizer on every embedding table and returns every table's constraints.
 
     Tables named in ``row_wise`` (the structure tables) get row-wise sharding on the FUSED kernel;
     all others table-wise (module doc). The planner reads the optimizer class off the parameters
     (Adam: 2 extra states per weight; row-wise Adagrad: one float per row), so this must run before
-    planning, dry run included.
+    planning, dry run included. Tables named in ``frozen`` are never trained (only written by the
+    migrator and read detached): they get stateless SGD, so they carry no optimizer state (an
+    accidental gradient would still move them, which the tests of reading (b) rely on to notice it).
     """
     constraints: dict[str, ParameterConstraints] = {}
     for _, ebc in _collections(module):
-        if emb_opt == "adam":
-            apply_optimizer_in_backward(torch.optim.Adam, ebc.parameters(), {"lr": cfg.lr})
-        else:
-            apply_optimizer_in_backward(RowWiseAdagrad, ebc.parameters(), {"lr": cfg.embedding_lr})
         for t in ebc.embedding_bag_configs():
+            weight = [ebc.embedding_bags[t.name].weight]
+            if t.name in frozen:
+                apply_optimizer_in_backward(torch.optim.SGD, weight, {"lr": cfg.embedding_lr})
+            elif emb_opt == "adam":
+                apply_optimizer_in_backward(torch.optim.Adam, weight, {"lr": cfg.lr})
+            else:
+                apply_optimizer_in_backward(RowWiseAdagrad, weight, {"lr": cfg.embedding_lr})
             if t.name in row_wise:
                 constraints[t.name] = ParameterConstraints(
                     sharding_types=[ShardingType.ROW_WISE.value],
@@ -113,7 +122,7 @@ def prepare_tables(
                 )
             else:
                 constraints[t.name] = ParameterConstraints(sharding_types=[ShardingType.TABLE_WISE.value])
-    unknown = set(row_wise) - set(constraints)
+    unknown = (set(row_wise) | set(frozen)) - set(constraints)
     if unknown:
         raise ValueError(f"row-wise tables {sorted(unknown)} are not in the model's collections")
     return constraints
@@ -179,14 +188,19 @@ def device_capacities(env: DistEnv) -> tuple[int | None, int]:
 
 
 def shard_model(
-    module: nn.Module, env: DistEnv, cfg: OptimConfig, row_wise: Collection[str] = ()
+    module: nn.Module,
+    env: DistEnv,
+    cfg: OptimConfig,
+    row_wise: Collection[str] = (),
+    frozen: Collection[str] = (),
 ) -> ShardedModel:
     """Applies the fused optimizer to every embedding table, plans, shards, builds the dense Adam.
 
-    ``row_wise``: names of the tables to shard by rows (the model's structure tables).
+    ``row_wise``: names of the tables to shard by rows (the model's structure tables); ``frozen``:
+    those of them that are never trained (stateless SGD, :func:`prepare_tables`).
     """
     emb_opt = embedding_optimizer_name(cfg, env.device)
-    constraints = prepare_tables(module, cfg, emb_opt, row_wise)
+    constraints = prepare_tables(module, cfg, emb_opt, row_wise, frozen)
     hbm, host = device_capacities(env)
     planner = build_planner(
         module,

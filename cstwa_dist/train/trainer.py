@@ -83,8 +83,10 @@ def build_sharded(cfg: RunConfig, model_name: str, env: DistEnv, spec: DatasetSp
     comm = Collectives(gather=all_gather_cat, sum=summed, world_size=env.world_size)
     loss = mspec.build_loss(cfg.loss, cfg.model, comm)
     # the row-sharded structure step
-    row_wise = [t.table for t in mspec.structure_tables(cfg.model, cfg.structure)]
-    return shard_model(ModelTrain(model, loss, comm), env, cfg.optim, row_wise)
+    tables = mspec.structure_tables(cfg.model, cfg.structure)
+    row_wise = [t.table for t in tables]
+    frozen = [t.table for t in tables if not t.trained]
+    return shard_model(ModelTrain(model, loss, comm), env, cfg.optim, row_wise, frozen)
 
 
 @torch.no_grad()
@@ -396,9 +398,7 @@ class Trainer:
             "mean_loss": float(all_reduce_sum(loss_sum.clone()) / rows.clamp(min=1.0)),
             "rows": int(rows.item()),
         }
-        self.monitor.scalars(
-            "epoch", {"mean_loss": record["mean_loss"], "seconds": epoch_seconds}, epoch + 1
-        )
+        self.monitor.scalars("epoch", {"mean_loss": record["mean_loss"], "seconds": epoch_seconds}, epoch + 1)
         if validate:
             record["val"] = self.evaluate("val")
             self.monitor.scalars("val", scalar_view(record["val"]), epoch + 1)
@@ -442,9 +442,7 @@ class Trainer:
                 self._test_epoch(record, epoch)
             self.history.append(record)
             zero = torch.zeros((), dtype=torch.float64, device=env.device)
-            self.checkpointer.save(
-                self.dmp, self.optimizer, self._state(epoch, self.steps, True, zero, zero)
-            )
+            self.checkpointer.save(self.dmp, self.optimizer, self._state(epoch, self.steps, True, zero, zero))
         self._detach_pipeline()  # callers (pretrain's read-out, tests) use the model directly
         metrics = self._metrics()
         if evaluate:
@@ -500,9 +498,7 @@ class Trainer:
             "eval_seconds": test.get("seconds"),
         }
         self.monitor.scalars("selected", {"best_epoch": chosen["epoch"], **scalar_view(test)}, self.epochs)
-        _log_split(
-            self.model_name, f"{cfg.train.eval_split} (epoch {chosen['epoch']}, {rule})", test
-        )
+        _log_split(self.model_name, f"{cfg.train.eval_split} (epoch {chosen['epoch']}, {rule})", test)
         return out
 
     def _metrics(self) -> dict[str, Any]:

@@ -94,6 +94,11 @@ def _recomputed_worker(rank: int, dataset: str, graph_dir: str, out_dir: str) ->
     out |= {f"cvr1:{k}": v for k, v in _full_tables(sharded, "cvr_embeddings.ebc", env).items()}
     migrator.epoch_boundary(1)
     out |= {f"after:{k}": v for k, v in _full_tables(sharded, "structure_embeddings", env).items()}
+    # the fused optimizer's state: the trained field tables have some, the never-trained P none
+    state = sharded.dmp.fused_optimizer.state_dict()["state"]
+    for table in ("sm__user", "sm__item", f"cvr__{spec.user_id}"):
+        keys = [k for k in state if table in k and state[k]]
+        out[f"opt_state:{table}"] = torch.tensor(len(keys))
     if rank == 0:
         torch.save(out, Path(out_dir) / "recomputed.pt")
 
@@ -117,6 +122,9 @@ def test_recomputed_p_equals_the_dense_computation_and_is_never_trained(tiny_dat
     _spawn(_recomputed_worker, str(tiny_dataset), str(graphs), str(tmp_path))
     res = torch.load(tmp_path / "recomputed.pt")
     spec = DatasetSpec.load(tiny_dataset)
+    # P is never trained, so its tables carry no optimizer state (stateless SGD); the field tables do
+    assert int(res[f"opt_state:cvr__{spec.user_id}"]) > 0
+    assert int(res["opt_state:sm__user"]) == 0 and int(res["opt_state:sm__item"]) == 0
     cvr0 = {k.removeprefix("cvr0:"): v for k, v in res.items() if k.startswith("cvr0:")}
     cvr1 = {k.removeprefix("cvr1:"): v for k, v in res.items() if k.startswith("cvr1:")}
     for side, table in (("user", "sm__user"), ("item", "sm__item")):

@@ -244,3 +244,17 @@ def test_cli_plan_rejects_a_topology_that_does_not_divide(monkeypatch, caplog):
     argv += ["--spec", "synth:demo"]
     assert _run_cli(argv, monkeypatch, caplog) == 2
     assert any("multiple of --gpus-per-node" in r.getMessage() for r in caplog.records)
+
+
+def test_recomputed_reading_plans_no_optimizer_state_for_p():
+    """Reading (b)'s P is never trained: its rows cost their weights only (stateless SGD)."""
+    spec = synth_spec("demo")
+    cfg = load_config(DEMO)
+    free = {t.name: t for t in dry_run(cfg, spec, world_size=2).tables}
+    recomputed = dry_run(with_overrides(cfg, ["structure.sm_reading=recomputed"]), spec, world_size=2)
+    _check_bytes_add_up(recomputed)
+    by_name = {t.name: t for t in recomputed.tables}
+    for name in STRUCTURE_TABLES:
+        t = by_name[name]
+        assert t.bytes == t.rows * t.dim * 4  # fp32 weights, nothing else
+        assert free[name].bytes == t.bytes + t.rows * 4  # reading (a): row-wise Adagrad's fp32 per row
