@@ -14,10 +14,23 @@
 export RAY_AUTH_MODE=disabled
 _node_ray_pid=""
 
+# Every process below pid $1 (its children, their children, ...), parents first.
+_ray_descendants() {
+  local child
+  for child in $(pgrep -P "$1" 2>/dev/null); do
+    echo "$child"
+    _ray_descendants "$child"
+  done
+}
+
 stop_node_ray_runtime() {
   # SIGTERM lets `ray start --block` stop its runtime; it has been seen to take ~30 s on a loaded
-  # machine, so after RAY_STOP_TIMEOUT (default 20) seconds the runtime's processes are killed.
+  # machine, so after RAY_STOP_TIMEOUT (default 20) seconds the runtime's processes are killed: the
+  # whole tree, because the raylet's own children (dashboard and runtime-env agents) would otherwise
+  # outlive it, re-parented to init.
   if [ -n "$_node_ray_pid" ]; then
+    local tree
+    tree=$(_ray_descendants "$_node_ray_pid")
     kill "$_node_ray_pid" 2>/dev/null || true
     local waited=0
     while kill -0 "$_node_ray_pid" 2>/dev/null && [ "$waited" -lt "${RAY_STOP_TIMEOUT:-20}" ]; do
@@ -25,8 +38,10 @@ stop_node_ray_runtime() {
       waited=$((waited + 1))
     done
     if kill -0 "$_node_ray_pid" 2>/dev/null; then
-      pkill -KILL -P "$_node_ray_pid" 2>/dev/null || true
+      tree="$tree $(_ray_descendants "$_node_ray_pid")"
       kill -KILL "$_node_ray_pid" 2>/dev/null || true
+      # shellcheck disable=SC2086
+      [ -z "${tree// /}" ] || kill -KILL $tree 2>/dev/null || true
     fi
     wait "$_node_ray_pid" 2>/dev/null || true
     _node_ray_pid=""
