@@ -7,9 +7,11 @@ fails before any process group, Ray runtime or dataset is touched, with the vali
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -347,6 +349,41 @@ def with_overrides(cfg: RunConfig, overrides: list[str] | tuple[str, ...]) -> Ru
     for o in overrides:
         apply_override(raw, o)
     return _build(RunConfig, raw, "")
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested mapping (a config's ``to_dict()`` or its JSON record) as ``section.key`` → value."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def flat_settings(cfg: RunConfig) -> dict[str, Any]:
+    """``cfg`` as ``section.key`` → value, the values as JSON gives them back (lists, not tuples), so
+    they compare equal to a config recorded in ``metrics.json`` or ``structure.json``."""
+    return flatten(json.loads(json.dumps(cfg.to_dict())))
+
+
+_NOT_RECORDED = "(not recorded)"
+
+
+def settings_differences(
+    recorded: Mapping[str, Any], wanted: Mapping[str, Any], fallback: Mapping[str, Any] | None = None
+) -> list[str]:
+    """``key: recorded → wanted`` for every key of ``wanted`` whose recorded value differs (both flat,
+    :func:`flat_settings`). A key missing from ``recorded`` takes its ``fallback`` value (e.g. the
+    default, for records older than the key), else it counts as different."""
+    fallback = fallback or {}
+    out = []
+    for k in sorted(wanted):
+        have = recorded[k] if k in recorded else fallback.get(k, _NOT_RECORDED)
+        if have != wanted[k]:
+            out.append(f"{k}: {have!r} → {wanted[k]!r}")
+    return out
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:

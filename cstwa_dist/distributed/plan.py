@@ -30,7 +30,6 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +42,7 @@ from torchrec.distributed.planner.types import PlannerError
 from torchrec.distributed.types import ShardingPlan
 from torchrec.modules.embedding_configs import data_type_to_dtype
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 from cstwa_dist.config import RunConfig, StructureConfig
 from cstwa_dist.data.spec import DatasetSpec, FieldSpec, SpecError
@@ -555,17 +555,20 @@ class DryRun:
         return _render(self)
 
 
-def _optimizer_state_bytes(emb_opt: str, rows: int, cols: int, elem: int, frozen: bool = False) -> int:
-    if frozen:  # never trained (reading b's P): stateless SGD (sharding.prepare_tables)
+def _optimizer_state_bytes(param: nn.Parameter, rows: int, cols: int, elem: int) -> int:
+    """Fused-optimizer state of a ``rows × cols`` shard, from the optimizer ``prepare_tables`` put on
+    the table's weight (the attribute TorchRec's sharders read it from too)."""
+    opt = getattr(param, "_optimizer_classes", [None])[0]
+    if opt is torch.optim.SGD:  # a never-trained table (reading b's P): stateless
         return 0
-    if emb_opt == "adam":
+    if opt is torch.optim.Adam:
         return 2 * rows * cols * elem  # FBGEMM fused Adam: two moments per weight
-    return rows * 4  # exact row-wise Adagrad: one fp32 per row
+    if opt is RowWiseAdagrad:
+        return rows * 4  # exact row-wise Adagrad: one fp32 per row
+    raise RuntimeError(f"no optimizer-state size known for {opt!r} (prepare_tables puts the optimizers)")
 
 
-def _tables_from_plan(
-    module: nn.Module, plan: ShardingPlan, emb_opt: str, frozen: Collection[str] = ()
-) -> list[TablePlan]:
+def _tables_from_plan(module: nn.Module, plan: ShardingPlan) -> list[TablePlan]:
     out: list[TablePlan] = []
     for path, ebc in module.named_modules():
         if not isinstance(ebc, EmbeddingBagCollection):
@@ -576,15 +579,14 @@ def _tables_from_plan(
         for conf in ebc.embedding_bag_configs():
             ps = module_plan[conf.name]  # type: ignore[index]
             elem = data_type_to_dtype(conf.data_type).itemsize
+            weight = ebc.embedding_bags[conf.name].weight
             per_rank: dict[int, int] = {}
             if ps.sharding_spec is None:  # data-parallel would have no spec (never allowed here)
                 raise RuntimeError(f"table {conf.name!r} has no sharding spec ({ps.sharding_type})")
             for shard in ps.sharding_spec.shards:  # type: ignore[union-attr]
                 rows, cols = shard.shard_sizes
                 rank = shard.placement.rank()  # type: ignore[union-attr]
-                b = rows * cols * elem + _optimizer_state_bytes(
-                    emb_opt, rows, cols, elem, conf.name in frozen
-                )
+                b = rows * cols * elem + _optimizer_state_bytes(weight, rows, cols, elem)
                 per_rank[rank] = per_rank.get(rank, 0) + b
             out.append(
                 TablePlan(
@@ -653,10 +655,7 @@ def dry_run(
     emb_opt = embedding_optimizer_name(cfg.optim, torch.device(compute_device))
     model = mspec.build(spec, cfg.model, torch.device("meta"), structure=cfg.structure)
     module = ModelTrain(model, mspec.build_loss(cfg.loss, cfg.model))
-    tables = mspec.structure_tables(cfg.model, cfg.structure)
-    row_wise = [t.table for t in tables]
-    frozen = [t.table for t in tables if not t.trained]
-    constraints = prepare_tables(module, cfg.optim, emb_opt, row_wise=row_wise, frozen=frozen)
+    constraints = prepare_tables(module, cfg.optim, emb_opt, mspec.structure_tables(cfg.model, cfg.structure))
     planner = build_planner(
         module,
         constraints,
@@ -674,7 +673,7 @@ def dry_run(
     seconds = time.perf_counter() - t0
     logger.info("planned %s for %d %s ranks in %.2fs", model_name, world_size, compute_device, seconds)
 
-    tables = _tables_from_plan(module, plan, emb_opt, frozen)
+    tables = _tables_from_plan(module, plan)
     hbm, ddr = _planner_storage(planner, world_size)
     dense_params = dense_parameter_bytes(module)
     dense_state = 4 * dense_params  # weights + grads + Adam exp_avg + exp_avg_sq

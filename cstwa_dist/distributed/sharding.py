@@ -19,8 +19,9 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from collections.abc import Collection
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -45,6 +46,9 @@ from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 from cstwa_dist.config import OptimConfig
 from cstwa_dist.distributed.env import DistEnv
+
+if TYPE_CHECKING:
+    from cstwa_dist.registry import StructureTable
 
 logger = logging.getLogger(__name__)
 
@@ -90,21 +94,19 @@ class RowWiseSharder(EmbeddingBagCollectionSharder):
 
 
 def prepare_tables(
-    module: nn.Module,
-    cfg: OptimConfig,
-    emb_opt: str,
-    row_wise: Collection[str] = (),
-    frozen: Collection[str] = (),
+    module: nn.Module, cfg: OptimConfig, emb_opt: str, structure: Sequence[StructureTable] = ()
 ) -> dict[str, ParameterConstraints]:
     """Puts the fused optimizer on every embedding table and returns every table's constraints.
 
-    Tables named in ``row_wise`` (the structure tables) get row-wise sharding on the FUSED kernel;
-    all others table-wise (module doc). The planner reads the optimizer class off the parameters
-    (Adam: 2 extra states per weight; row-wise Adagrad: one float per row), so this must run before
-    planning, dry run included. Tables named in ``frozen`` are never trained (only written by the
-    migrator and read detached): they get stateless SGD, so they carry no optimizer state (an
-    accidental gradient would still move them, which the tests of reading (b) rely on to notice it).
+    The model's ``structure`` tables (registry) get row-wise sharding on the FUSED kernel; all others
+    table-wise (module doc). The planner reads the optimizer class off the parameters (Adam: 2 extra
+    states per weight; row-wise Adagrad: one float per row), so this must run before planning, dry
+    run included. A structure table that is never trained (``trained=False``: only written by the
+    migrator and read detached, reading (b)'s ``P``) gets stateless SGD, so it carries no optimizer
+    state (an accidental gradient would still move it, which the tests of reading (b) rely on).
     """
+    row_wise = {t.table for t in structure}
+    frozen = {t.table for t in structure if not t.trained}
     constraints: dict[str, ParameterConstraints] = {}
     for _, ebc in _collections(module):
         for t in ebc.embedding_bag_configs():
@@ -122,7 +124,7 @@ def prepare_tables(
                 )
             else:
                 constraints[t.name] = ParameterConstraints(sharding_types=[ShardingType.TABLE_WISE.value])
-    unknown = (set(row_wise) | set(frozen)) - set(constraints)
+    unknown = row_wise - set(constraints)
     if unknown:
         raise ValueError(f"row-wise tables {sorted(unknown)} are not in the model's collections")
     return constraints
@@ -188,19 +190,14 @@ def device_capacities(env: DistEnv) -> tuple[int | None, int]:
 
 
 def shard_model(
-    module: nn.Module,
-    env: DistEnv,
-    cfg: OptimConfig,
-    row_wise: Collection[str] = (),
-    frozen: Collection[str] = (),
+    module: nn.Module, env: DistEnv, cfg: OptimConfig, structure: Sequence[StructureTable] = ()
 ) -> ShardedModel:
     """Applies the fused optimizer to every embedding table, plans, shards, builds the dense Adam.
 
-    ``row_wise``: names of the tables to shard by rows (the model's structure tables); ``frozen``:
-    those of them that are never trained (stateless SGD, :func:`prepare_tables`).
+    ``structure``: the model's structure tables (registry), sharded by rows (:func:`prepare_tables`).
     """
     emb_opt = embedding_optimizer_name(cfg, env.device)
-    constraints = prepare_tables(module, cfg, emb_opt, row_wise, frozen)
+    constraints = prepare_tables(module, cfg, emb_opt, structure)
     hbm, host = device_capacities(env)
     planner = build_planner(
         module,

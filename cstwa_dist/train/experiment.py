@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from cstwa_dist.config import RunConfig, with_overrides
+from cstwa_dist.config import RunConfig, flat_settings, flatten, settings_differences, with_overrides
 from cstwa_dist.distributed.collectives import broadcast_object
 from cstwa_dist.distributed.env import init_distributed
 from cstwa_dist.fs import atomic_write_json, atomic_write_text
@@ -112,38 +112,38 @@ def parse_sweep(spec: str) -> tuple[str, str, list[Any]]:
     return name, key, parsed
 
 
-def parse_variant(spec: str) -> tuple[str, str, tuple[str, ...]]:
-    """``LABEL=MODEL:section.key=value;section.key=value`` → (label, model, overrides).
-
-    A named configuration of one model, e.g. ``SM reading (b)=cstwa:structure.sm_reading=recomputed``;
-    overrides are separated by ``;`` (values may hold commas, e.g. lists).
-    """
-    label, sep, rest = spec.partition("=")
-    model, sep2, overrides = rest.partition(":")
-    if not sep or not sep2 or not label.strip() or not model.strip():
-        raise ValueError(
-            f"--variant {spec!r} must look like LABEL=MODEL:section.key=value[;section.key=value]"
-        )
+def _model_overrides(flag: str, spec: str, rest: str) -> tuple[str, tuple[str, ...]]:
+    """``MODEL:section.key=value[;section.key=value]`` (``rest`` of ``flag``'s ``spec``) → (model,
+    overrides); overrides are separated by ``;`` (values may hold commas, e.g. lists). The model must
+    be registered: unknown names fail before anything runs."""
+    model, sep, overrides = rest.partition(":")
+    if not sep or not model.strip():
+        raise ValueError(f"{flag} {spec!r}: expected MODEL:section.key=value[;section.key=value]")
     ov = tuple(o.strip() for o in overrides.split(";") if o.strip())
     bad = [o for o in ov if "=" not in o or "." not in o.partition("=")[0]]
     if not ov or bad:
-        raise ValueError(f"--variant {spec!r}: overrides must be section.key=value, got {bad or 'none'}")
-    get_model_spec(model.strip())  # unknown names fail before anything runs
-    return label.strip(), model.strip(), ov
+        raise ValueError(f"{flag} {spec!r}: overrides must be section.key=value, got {bad or 'none'}")
+    get_model_spec(model.strip())
+    return model.strip(), ov
+
+
+def parse_variant(spec: str) -> tuple[str, str, tuple[str, ...]]:
+    """``LABEL=MODEL:section.key=value;section.key=value`` → (label, model, overrides).
+
+    A named configuration of one model, e.g. ``SM reading (b)=cstwa:structure.sm_reading=recomputed``.
+    """
+    label, sep, rest = spec.partition("=")
+    if not sep or not label.strip():
+        raise ValueError(
+            f"--variant {spec!r} must look like LABEL=MODEL:section.key=value[;section.key=value]"
+        )
+    model, ov = _model_overrides("--variant", spec, rest)
+    return label.strip(), model, ov
 
 
 def parse_model_set(spec: str) -> tuple[str, tuple[str, ...]]:
     """``MODEL:section.key=value[;section.key=value]`` → (model, overrides): one model's own settings."""
-    model, sep, overrides = spec.partition(":")
-    ov = tuple(o.strip() for o in overrides.split(";") if o.strip())
-    bad = [o for o in ov if "=" not in o or "." not in o.partition("=")[0]]
-    if not sep or not model.strip() or not ov or bad:
-        raise ValueError(
-            f"--model-set {spec!r} must look like MODEL:section.key=value[;section.key=value]"
-            + (f" (not section.key=value: {bad})" if bad else "")
-        )
-    get_model_spec(model.strip())  # unknown names fail before anything runs
-    return model.strip(), ov
+    return _model_overrides("--model-set", spec, spec)
 
 
 def with_model_sets(cells: list[Cell], model_sets: list[str]) -> list[Cell]:
@@ -238,16 +238,6 @@ _OPERATIONAL = {
 }
 
 
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def stale_settings(run_dir: Path, cfg: RunConfig) -> list[str]:
     """How a finished cell's recorded config differs from the one it would run with now.
 
@@ -256,17 +246,9 @@ def stale_settings(run_dir: Path, cfg: RunConfig) -> list[str]:
     were computed differently. Keys the cell did not record (written before the key existed) count
     as the default. Operational keys (paths, logging, checkpoint cadence) are ignored.
     """
-    recorded = _flat(json.loads((run_dir / "metrics.json").read_text()).get("config", {}))
-    wanted = _flat(json.loads(json.dumps(cfg.to_dict())))
-    defaults = _flat(json.loads(json.dumps(RunConfig().to_dict())))
-    diff = []
-    for key in sorted(wanted):
-        if key in _OPERATIONAL:
-            continue
-        have = recorded.get(key, defaults.get(key))
-        if have != wanted[key]:
-            diff.append(f"{key}: {have!r} → {wanted[key]!r}")
-    return diff
+    recorded = flatten(json.loads((run_dir / "metrics.json").read_text()).get("config", {}))
+    wanted = {k: v for k, v in flat_settings(cfg).items() if k not in _OPERATIONAL}
+    return settings_differences(recorded, wanted, fallback=flat_settings(RunConfig()))
 
 
 def run_experiment(

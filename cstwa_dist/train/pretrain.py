@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from cstwa_dist.config import RunConfig
+from cstwa_dist.config import RunConfig, flat_settings, settings_differences
 from cstwa_dist.distributed.env import init_distributed
 from cstwa_dist.fs import atomic_write_json
 from cstwa_dist.registry import PRETRAIN_MODEL, get_model_spec
@@ -21,40 +21,41 @@ logger = logging.getLogger(__name__)
 
 
 # Every setting the mined structure depends on: the pre-training run (data, the CTR MLP's model and
-# optimizer settings, seed, epochs) and the graph build (k and the kNN search). Anything else (β, the SM
-# reading, the loss, the CVR side) only reads the graphs, so cells that differ only there share them.
-_MINING_KEYS = {
-    "data": ("dataset", "batch_size", "shuffle"),
-    "model": ("embedding_dim", "ctr_tower", "dropout", "embedding_init_std", "context_pooling"),
-    "optim": None,  # the whole section
-    "train": ("seed",),
-    "structure": ("k", "pretrain_epochs", "knn", "nlist", "nprobe", "pq_m"),
-}
+# optimizer settings, seed, epochs) and the graph build (k and the kNN search); a key ending in "." is
+# a whole section. Anything else (β, the SM reading, the loss, the CVR side) only reads the graphs, so
+# cells that differ only there share them.
+_MINING_KEYS = (
+    "data.dataset",
+    "data.batch_size",
+    "data.shuffle",
+    "model.embedding_dim",
+    "model.ctr_tower",
+    "model.dropout",
+    "model.embedding_init_std",
+    "model.context_pooling",
+    "optim.",
+    "train.seed",
+    "structure.k",
+    "structure.pretrain_epochs",
+    "structure.knn",
+    "structure.nlist",
+    "structure.nprobe",
+    "structure.pq_m",
+)
 
 
 def mining_settings(cfg: RunConfig) -> dict[str, Any]:
     """The settings a structure directory was (or will be) mined with, as ``section.key`` → value.
 
     Written into ``structure.json`` so a directory is never reused for a config it was not mined
-    with (:func:`check_structure`), and hashed by ``experiment`` to give cells that change one of
+    with (:func:`structure_mismatch`), and hashed by ``experiment`` to give cells that change one of
     them their own directory.
     """
-    full = cfg.to_dict()
-    out: dict[str, Any] = {}
-    for section, keys in _MINING_KEYS.items():
-        for key in keys if keys is not None else sorted(full[section]):
-            out[f"{section}.{key}"] = full[section][key]
-    return out
-
-
-def settings_differences(recorded: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
-    """``key: recorded → wanted`` for every key whose value differs (JSON-normalised: lists vs tuples)."""
-    norm = json.loads(json.dumps(wanted))
-    return [
-        f"{k}: {recorded.get(k, '(not recorded)')!r} → {norm[k]!r}"
-        for k in sorted(norm)
-        if recorded.get(k) != norm[k]
-    ]
+    return {
+        k: v
+        for k, v in flat_settings(cfg).items()
+        if any(k == m or (m.endswith(".") and k.startswith(m)) for m in _MINING_KEYS)
+    }
 
 
 def structure_mismatch(graph_dir: str | Path, cfg: RunConfig) -> str | None:

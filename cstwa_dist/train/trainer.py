@@ -83,10 +83,8 @@ def build_sharded(cfg: RunConfig, model_name: str, env: DistEnv, spec: DatasetSp
     comm = Collectives(gather=all_gather_cat, sum=summed, world_size=env.world_size)
     loss = mspec.build_loss(cfg.loss, cfg.model, comm)
     # the row-sharded structure step
-    tables = mspec.structure_tables(cfg.model, cfg.structure)
-    row_wise = [t.table for t in tables]
-    frozen = [t.table for t in tables if not t.trained]
-    return shard_model(ModelTrain(model, loss, comm), env, cfg.optim, row_wise, frozen)
+    structure = mspec.structure_tables(cfg.model, cfg.structure)
+    return shard_model(ModelTrain(model, loss, comm), env, cfg.optim, structure)
 
 
 @torch.no_grad()
