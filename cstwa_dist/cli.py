@@ -150,7 +150,7 @@ def cmd_entities(args: argparse.Namespace) -> int:
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from cstwa_dist.config import load_config
-    from cstwa_dist.distributed.runtime import command_runtime
+    from cstwa_dist.distributed.env import command_runtime
     from cstwa_dist.train.pretrain import pretrain_structure
 
     cfg = load_config(args.config, args.overrides)
@@ -161,7 +161,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from cstwa_dist.config import load_config
-    from cstwa_dist.distributed.runtime import command_runtime
+    from cstwa_dist.distributed.env import command_runtime
     from cstwa_dist.train.trainer import train
 
     overrides = [*args.overrides, *([f"train.resume={args.resume}"] if args.resume else [])]
@@ -173,8 +173,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_experiment(args: argparse.Namespace) -> int:
     from cstwa_dist.config import load_config
-    from cstwa_dist.distributed.runtime import command_runtime
-    from cstwa_dist.train.experiment import plan_cells, run_experiment
+    from cstwa_dist.distributed.env import command_runtime
+    from cstwa_dist.experiments.grid import plan_cells, run_experiment
 
     if args.seeds < 1:
         raise ValueError("--seeds must be >= 1")
@@ -194,8 +194,9 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
 
     from cstwa_dist.bench.train import compute_only, ranks_phase, verdict
     from cstwa_dist.config import load_config
-    from cstwa_dist.distributed.runtime import RayRuntime, command_runtime
+    from cstwa_dist.distributed.env import command_runtime
     from cstwa_dist.fs import atomic_write_json
+    from cstwa_dist.runtime import RayRuntime
 
     if args.ranks < 1 or args.threads < args.ranks:
         raise ValueError(f"need 1 <= --ranks <= --threads; got {args.ranks} ranks, {args.threads} threads")
@@ -434,8 +435,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_oracles(args: argparse.Namespace) -> int:
     """Prints (and with ``--out`` writes) the partial oracles and lookups as JSON; numpy + pyarrow only."""
+    from cstwa_dist.experiments.oracles import graph_cluster_rate, partial_oracles
     from cstwa_dist.fs import atomic_write_json
-    from cstwa_dist.train.oracles import graph_cluster_rate, partial_oracles
 
     if not args.dataset.is_dir():
         raise FileNotFoundError(f"{args.dataset}: no such data set folder")
@@ -451,7 +452,7 @@ def cmd_oracles(args: argparse.Namespace) -> int:
 
 def cmd_experiment_summary(args: argparse.Namespace) -> int:
     """Reads finished experiments' report.json files only (no data, no process group)."""
-    from cstwa_dist.train.summary import load_reports, summarise
+    from cstwa_dist.experiments.summary import load_reports, summarise
 
     summarise(load_reports(args.reports), args.out)
     return 0
@@ -460,7 +461,7 @@ def cmd_experiment_summary(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     """Sharding dry run: no process group, no data, no table memory (the model is built on ``meta``)."""
     from cstwa_dist.config import load_config
-    from cstwa_dist.distributed.plan import dry_run, resolve_spec  # imports torch and TorchRec
+    from cstwa_dist.planner.dryrun import dry_run, resolve_spec  # imports torch and TorchRec
 
     cfg = load_config(args.config, args.overrides)
     spec, source = resolve_spec(args.spec, cfg.data.dataset)

@@ -2,7 +2,7 @@
 
 Why it looks like this (docs/platform-notes.md, "Ray Data inside a torchrun job"):
 
-* **One Ray runtime per node**, attached to by every rank (``distributed/runtime.py``).
+* **One Ray runtime per node**, attached to by every rank (``runtime.py``).
 * **Row-level shares planned from Parquet metadata** (:mod:`cstwa_dist.data.shares`): the epoch's
   sequence of row groups is cut into ``world_size`` contiguous ranges of ``floor`` or ``ceil(T/W)`` rows
   (a row group is split at a row offset where a cut falls inside it). Every rank computes every share
@@ -60,7 +60,7 @@ from cstwa_dist.data.shares import Slice, SplitPlan, local_rng, step_rows, steps
 from cstwa_dist.data.spec import LABELS, DatasetSpec, split_files
 from cstwa_dist.data.stream import END, EpochStream, LocalShuffle, Prefetcher, Rebatcher, iter_blocks
 from cstwa_dist.data.validate import DataError, check_batch, first_error_in
-from cstwa_dist.distributed.runtime import quiet_ray_loggers
+from cstwa_dist.runtime import quiet_ray_loggers
 
 __all__ = [
     "DataError",

@@ -408,7 +408,7 @@ class SynthWorld:
         """The ground-truth terms of impressions (steps 2, 4–6), before the calibrated biases.
 
         A function of the row's ids and context only, so the partial oracles of the experiment reports
-        (``cstwa_dist/train/oracles.py``) recompute it for any written row: ``affinity``, ``bait``,
+        (``cstwa_dist/experiments/oracles.py``) recompute it for any written row: ``affinity``, ``bait``,
         ``necessity``, ``propensity``, ``context`` and the two logits ``click_logit`` and ``buy_logit``
         (add ``bias_ctr`` / ``bias_cvr`` from ``synth.json`` and apply a sigmoid for the probabilities).
         """

@@ -6,13 +6,17 @@ path trains at every world size; there is no separate "local" model path to drif
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from cstwa_dist.runtime import RayRuntime
 
 logger = logging.getLogger(__name__)
 
@@ -111,3 +115,31 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def command_runtime(
+    ray_num_cpus: int | None = None, collective_timeout_s: float | None = None
+) -> Iterator[DistEnv]:
+    """Process group + Ray runtime for the body of one command; both torn down however it ends.
+
+    Every training command (``pretrain``, ``train``, ``experiment``, the benchmarks) needs both, in
+    this order: the process group first (so a rank that fails to join fails before Ray starts), then
+    the node's Ray runtime the readers stream through (:class:`cstwa_dist.runtime.RayRuntime`); at
+    the end the Ray driver detaches and the group is torn down with a barrier.
+
+    ``ray_num_cpus`` sizes a private runtime only (``data.ray_num_cpus``); an attached node runtime
+    was sized by its launcher. ``collective_timeout_s`` is the process group's timeout
+    (``train.collective_timeout_s``).
+    """
+    env = init_distributed(timeout_s=collective_timeout_s)
+    failed = True
+    try:
+        with RayRuntime(num_cpus=ray_num_cpus):
+            yield env
+        failed = False
+    finally:
+        # After an error, no barrier: the other ranks may be blocked in a collective this rank will
+        # never join. This rank exits at once with its error; torchrun then stops the rest within
+        # seconds instead of letting them wait out the collective timeout.
+        shutdown_distributed(barrier=not failed)

@@ -21,7 +21,7 @@ import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -47,8 +47,18 @@ from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 from cstwa_dist.config import OptimConfig
 from cstwa_dist.distributed.env import DistEnv
 
-if TYPE_CHECKING:
-    from cstwa_dist.registry import StructureTable
+
+class StructureTableRole(Protocol):
+    """What sharding needs of a Structure Migrator table (the registry's ``StructureTable`` has it):
+    its name, sharded row-wise, and whether it trains (a never-trained table gets a stateless
+    optimizer). A protocol, so this room needs nothing from the registry above it."""
+
+    @property
+    def table(self) -> str: ...
+
+    @property
+    def trained(self) -> bool: ...
+
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +104,7 @@ class RowWiseSharder(EmbeddingBagCollectionSharder):
 
 
 def prepare_tables(
-    module: nn.Module, cfg: OptimConfig, emb_opt: str, structure: Sequence[StructureTable] = ()
+    module: nn.Module, cfg: OptimConfig, emb_opt: str, structure: Sequence[StructureTableRole] = ()
 ) -> dict[str, ParameterConstraints]:
     """Puts the fused optimizer on every embedding table and returns every table's constraints.
 
@@ -190,7 +200,7 @@ def device_capacities(env: DistEnv) -> tuple[int | None, int]:
 
 
 def shard_model(
-    module: nn.Module, env: DistEnv, cfg: OptimConfig, structure: Sequence[StructureTable] = ()
+    module: nn.Module, env: DistEnv, cfg: OptimConfig, structure: Sequence[StructureTableRole] = ()
 ) -> ShardedModel:
     """Applies the fused optimizer to every embedding table, plans, shards, builds the dense Adam.
 

@@ -341,7 +341,7 @@ def _train_worker(rank: int, dataset: str, run_dir: str) -> None:
     from cstwa_dist.config import load_config
     from cstwa_dist.data.reader import SplitReader
     from cstwa_dist.distributed.env import init_distributed
-    from cstwa_dist.distributed.runtime import RayRuntime
+    from cstwa_dist.runtime import RayRuntime
     from cstwa_dist.train.trainer import predict, train
 
     cfg = load_config(

@@ -167,7 +167,7 @@ def test_pretrained_start_writes_the_representation_rows(tiny_dataset, graphs, t
 def _train_worker(rank: int, dataset: str, graph_dir: str, run_dir: str) -> None:
     from cstwa_dist.config import load_config
     from cstwa_dist.distributed.env import init_distributed
-    from cstwa_dist.distributed.runtime import RayRuntime
+    from cstwa_dist.runtime import RayRuntime
     from cstwa_dist.train.trainer import train
 
     cfg = load_config(

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from cstwa_dist.config import RunConfig, with_overrides
-from cstwa_dist.train.experiment import (
+from cstwa_dist.experiments.grid import (
     Cell,
     build_report,
     cell_config,
@@ -83,7 +83,7 @@ def test_report_mean_std_gain_and_plot(tmp_path):
 
 
 def test_variants_are_named_rows_with_their_overrides():
-    from cstwa_dist.train.experiment import parse_variant
+    from cstwa_dist.experiments.grid import parse_variant
 
     cells = plan_cells(
         None,

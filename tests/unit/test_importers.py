@@ -244,7 +244,7 @@ def test_strict_names_sample_line(tmp_path: Path) -> None:
 # --- parallel path (Ray tasks) ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def ray_runtime():
-    from cstwa_dist.distributed.runtime import RayRuntime
+    from cstwa_dist.runtime import RayRuntime
 
     with RayRuntime(num_cpus=2) as rt:
         yield rt

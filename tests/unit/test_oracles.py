@@ -15,9 +15,14 @@ from sklearn.metrics import roc_auc_score
 from cstwa_dist.config import RunConfig, with_overrides
 from cstwa_dist.data.spec import DatasetSpec, split_files
 from cstwa_dist.data.synth import generate, world_of
+from cstwa_dist.experiments.grid import Cell, build_report, instrument_report, write_reports
+from cstwa_dist.experiments.oracles import (
+    PRIOR_IMPRESSIONS,
+    _item_lookups,
+    graph_cluster_rate,
+    partial_oracles,
+)
 from cstwa_dist.structure.sharded_graph import save_graph_shard, shard_from_knn
-from cstwa_dist.train.experiment import Cell, build_report, instrument_report, write_reports
-from cstwa_dist.train.oracles import PRIOR_IMPRESSIONS, _item_lookups, graph_cluster_rate, partial_oracles
 
 
 @pytest.fixture(scope="module")

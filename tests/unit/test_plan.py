@@ -15,7 +15,7 @@ import pytest
 from cstwa_dist import cli
 from cstwa_dist.config import StructureConfig, load_config, with_overrides
 from cstwa_dist.data.spec import DatasetSpec, FieldSpec, SpecError
-from cstwa_dist.distributed.plan import (
+from cstwa_dist.planner.dryrun import (
     DryRun,
     StructureSide,
     dry_run,

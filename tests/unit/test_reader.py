@@ -20,7 +20,7 @@ from cstwa_dist.data.reader import DataError, SplitReader, measure_input_rate, p
 from cstwa_dist.data.shares import SplitPlan, step_rows, steps_per_epoch
 from cstwa_dist.data.spec import DatasetSpec, FieldSpec
 from cstwa_dist.data.writer import dataset_schema
-from cstwa_dist.distributed.runtime import RayRuntime
+from cstwa_dist.runtime import RayRuntime
 
 SPEC = DatasetSpec(
     fields=(

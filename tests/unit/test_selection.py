@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cstwa_dist.train.experiment import Cell, build_report, write_reports
+from cstwa_dist.experiments.grid import Cell, build_report, write_reports
 from cstwa_dist.train.metrics import is_new_best, select_record
 from tests.conftest import free_port
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from cstwa_dist.train.experiment import _mean_std, paired_differences
-from cstwa_dist.train.summary import load_reports, summarise
+from cstwa_dist.experiments.grid import _mean_std, paired_differences
+from cstwa_dist.experiments.summary import load_reports, summarise
 
 
 def _row(group: str, label: str, model: str, purchase: list[float], click: float = 0.70) -> dict:

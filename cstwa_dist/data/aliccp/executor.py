@@ -23,7 +23,7 @@ ChunkFn = Callable[[str, Chunk, Any], dict[str, Any]]
 
 class ChunkExecutor(contextlib.AbstractContextManager["ChunkExecutor"]):
     """``fn(mode, chunk, ctx)`` over chunks, results in chunk order; a context manager that holds a Ray
-    runtime (attached or private, :class:`cstwa_dist.distributed.runtime.RayRuntime`) while parallel.
+    runtime (attached or private, :class:`cstwa_dist.runtime.RayRuntime`) while parallel.
 
     ``fn`` must be a module-level function (Ray ships it by reference); every result is a dict with an
     ``rss`` entry (the peak RSS of the process that ran it), from which :attr:`worker_rss` is kept.
@@ -42,7 +42,7 @@ class ChunkExecutor(contextlib.AbstractContextManager["ChunkExecutor"]):
         if self.parallel:
             import ray
 
-            from cstwa_dist.distributed.runtime import RayRuntime
+            from cstwa_dist.runtime import RayRuntime
 
             self._stack.enter_context(RayRuntime())
             self._ray = ray

@@ -6,7 +6,7 @@ probabilities are known (:meth:`cstwa_dist.data.synth.SynthWorld.truth` plus the
 be measured on the very impressions the models are evaluated on. Two per-item lookups learnt from the
 train split (needing no ground truth, so available for every data set) are the floor a model must clear
 to have learnt anything beyond item popularity. The experiment report
-(:mod:`cstwa_dist.train.experiment`) prints them next to its tables.
+(:mod:`cstwa_dist.experiments.grid`) prints them next to its tables.
 
 Scores (each evaluated as a Click *and* a Purchase score; AUC and GAUC by the project's own
 :func:`~cstwa_dist.train.metrics.exact_auc` / :func:`~cstwa_dist.train.metrics.group_auc`, so the

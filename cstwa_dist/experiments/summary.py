@@ -15,8 +15,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from cstwa_dist.experiments.grid import _f4, _fmt  # the reports' number formats
 from cstwa_dist.fs import atomic_write_json, atomic_write_text
-from cstwa_dist.train.experiment import _f4, _fmt  # the reports' number formats
 
 logger = logging.getLogger(__name__)
 

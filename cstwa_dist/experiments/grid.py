@@ -13,10 +13,11 @@ selected epochs. Besides AUC they carry GAUC (per-user AUC) and a calibration ta
 see ``cstwa_dist/train/metrics.py``. Cells written before those metrics existed show "n/a".
 
 Next to the tables rank 0 puts the *instrument* (``report.json["instrument"]``,
-:mod:`cstwa_dist.train.oracles`): the partial oracles and per-item lookups on the evaluated split (Table 2
-and Table 3 list the two lookups as reference rows, the floor a model must clear) and, per structure
-directory the experiment mined (one per seed and ``k``), the share of the kNN graphs' neighbours in the
-same true cluster. Both are cached under ``<out>/instrument/`` so a rerun does not recompute them.
+:mod:`cstwa_dist.experiments.oracles`): the partial oracles and per-item lookups on the evaluated
+split (Table 2 and Table 3 list the two lookups as reference rows, the floor a model must clear)
+and, per structure directory the experiment mined (one per seed and ``k``), the share of the kNN
+graphs' neighbours in the same true cluster.
+Both are cached under ``<out>/instrument/`` so a rerun does not recompute them.
 """
 
 from __future__ import annotations
@@ -329,15 +330,15 @@ def run_experiment(
 def instrument_report(base: RunConfig, cells: list[Cell], out: Path) -> dict[str, Any]:
     """The partial oracles and the graphs' same-cluster rate of this experiment (``report["instrument"]``).
 
-    ``oracles``: :func:`~cstwa_dist.train.oracles.partial_oracles` on ``train.eval_split`` of the base
+    ``oracles``: :func:`~cstwa_dist.experiments.oracles.partial_oracles` on ``train.eval_split`` of the base
     config's data set (the split the cells' test metrics are on). ``graphs``: one entry per structure
     directory a cell of this experiment used (``seed``, ``k`` and
-    :func:`~cstwa_dist.train.oracles.graph_cluster_rate`'s result); ``graph_mean``: per ``k``, the mean
+    :func:`~cstwa_dist.experiments.oracles.graph_cluster_rate`'s result); ``graph_mean``: per ``k``, the mean
     over the seeds whose graphs are available. Results are cached under ``<out>/instrument/``. A failure
     here is logged and recorded as ``error`` rather than raised: the tables of finished cells matter more.
-    Memory: :mod:`cstwa_dist.train.oracles` (rank 0 only; O(evaluated rows) for the exact AUCs).
+    Memory: :mod:`cstwa_dist.experiments.oracles` (rank 0 only; O(evaluated rows) for the exact AUCs).
     """
-    from cstwa_dist.train.oracles import graph_cluster_rate, partial_oracles
+    from cstwa_dist.experiments.oracles import graph_cluster_rate, partial_oracles
 
     dataset = Path(base.data.dataset)
     cache = out / "instrument"

@@ -1,9 +1,8 @@
-"""The process runtime of a training command: the process group and the node's Ray runtime, together.
+"""The node's Ray runtime as a process sees it: attach to it, or start a private one.
 
-Every training command (``pretrain``, ``train``, ``experiment``, later benchmarks) needs both, in
-this order: the process group first (so a rank that fails to join fails before Ray starts), then the
-Ray runtime the readers stream through; and at the end the Ray driver detached and the group torn
-down with a barrier. ``command_runtime`` is that block, written once.
+It sits below ``data/`` (the readers and the importers stream through it) and ``distributed/`` (a
+training command's :func:`~cstwa_dist.distributed.env.command_runtime` opens it after the process
+group), so both depend on it downward and neither on the other.
 
 **One Ray runtime per node.** The launcher (``launchers/ray_runtime.sh``) runs ``ray start --head``
 before torchrun, waits until it answers and exports ``RAY_ADDRESS``; every rank attaches to it
@@ -15,13 +14,9 @@ current-cluster file left by a killed runtime and fail (docs/platform-notes.md).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-from collections.abc import Iterator
 from typing import Any
-
-from cstwa_dist.distributed.env import DistEnv, init_distributed, shutdown_distributed
 
 log = logging.getLogger(__name__)
 
@@ -86,26 +81,3 @@ class RayRuntime:
             # For an attached runtime this only disconnects this driver; a local one is stopped.
             ray.shutdown()
         self._owned = False
-
-
-@contextlib.contextmanager
-def command_runtime(
-    ray_num_cpus: int | None = None, collective_timeout_s: float | None = None
-) -> Iterator[DistEnv]:
-    """Process group + Ray runtime for the body of one command; both torn down however it ends.
-
-    ``ray_num_cpus`` sizes a private runtime only (``data.ray_num_cpus``); an attached node runtime
-    was sized by its launcher. ``collective_timeout_s`` is the process group's timeout
-    (``train.collective_timeout_s``).
-    """
-    env = init_distributed(timeout_s=collective_timeout_s)
-    failed = True
-    try:
-        with RayRuntime(num_cpus=ray_num_cpus):
-            yield env
-        failed = False
-    finally:
-        # After an error, no barrier: the other ranks may be blocked in a collective this rank will
-        # never join. This rank exits at once with its error; torchrun then stops the rest within
-        # seconds instead of letting them wait out the collective timeout.
-        shutdown_distributed(barrier=not failed)
