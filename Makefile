@@ -13,11 +13,13 @@ run: install
 	@NPROC=$(NPROC) VENV=$(VENV) bash launchers/run_demo.sh
 
 test: install
-	$(VENV)/bin/ruff check cstwa_dist tests
+	$(VENV)/bin/ruff check cstwa_dist tests launchers
+	$(VENV)/bin/ruff format --check cstwa_dist tests launchers
 	$(VENV)/bin/python -m pytest tests -q $(PYTEST_ARGS)
 
 lint: install
-	$(VENV)/bin/ruff check cstwa_dist tests
+	$(VENV)/bin/ruff check cstwa_dist tests launchers
+	$(VENV)/bin/ruff format --check cstwa_dist tests launchers
 
 clean-runs:
 	rm -rf runs

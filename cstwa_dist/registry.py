@@ -4,16 +4,23 @@ This is the junction between the rooms. ``models/`` (networks) and ``losses/`` (
 know each other's registry entries, and the trainer, pre-training, the experiment planner and the CLI
 learn everything they need about a model here — never by building or inspecting a model instance:
 
-* ``structure_tables(model_cfg, structure_cfg)``: the per-entity tables the Structure Migrator
-  initialises and smooths, or recomputes (empty: the model needs no graphs);
+* ``structure_tables(model_cfg, structure_cfg, settings=...)``: the per-entity tables the Structure
+  Migrator initialises and smooths, or recomputes (empty: the model needs no graphs);
 * ``representation_source``: the field embeddings whose user/item tables give ``r_u``, ``r_i`` (the
   pre-training model);
 * ``pretrain_only`` / ``in_table2``: which list a model belongs to (``train --model`` choices, the
   experiment's default Table 2 rows, in this order);
 * ``takes_structure`` / ``shared_tables``: whether the model is built with the ``structure`` section
-  (CSTWA: the SM reading shapes the network) and whether it honours ``model.shared_tables``.
+  (CSTWA: the SM reading shapes the network) and whether it honours ``model.shared_tables``;
+* ``settings``: the model's own settings class (``cstwa_dist/models/settings.py``), a run config's
+  ``models.<name>`` section; ``settings_in(cfg)`` is what ``build``, ``build_loss`` and
+  ``structure_tables`` take as ``settings=``. The registry hands these classes to the config loader:
+  use this module's :func:`load_config` / :func:`with_overrides` / :func:`default_config`, which
+  check a ``models`` section against them, rather than ``cstwa_dist.config``'s, which cannot know
+  them (config is the lowest room; importing the registry from there would run upward).
 
-Adding a model touches its file under ``models/``, its entry here and its tests.
+Adding a model touches its file under ``models/`` (and its settings class, if it has any), its entry
+here and its tests.
 
 Builders are named as ``"module:Class"`` strings and imported when called, so that importing this
 module (``cstwa-dist --help``, planning an experiment) costs no torch or TorchRec import.
@@ -24,10 +31,13 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Protocol
 
-from cstwa_dist.config import ConfigError, LossConfig, ModelConfig, StructureConfig
+from cstwa_dist import config
+from cstwa_dist.config import ConfigError, LossConfig, ModelConfig, RunConfig, StructureConfig
+from cstwa_dist.models.settings import AITMSettings, CSTWASettings, ModelSettings, MoESettings, PLESettings
 
 if TYPE_CHECKING:  # only for annotations: the heavy modules load when a builder is called
     import torch
@@ -62,24 +72,25 @@ class StructureTable:
     trained: bool = True
 
 
-LossKwargs = Callable[[ModelConfig], Mapping[str, Any]]
+# the loss's keyword arguments from the model's own settings (None for a model without any)
+LossKwargs = Callable[[Any], Mapping[str, Any]]
 
 
 class TablesFn(Protocol):
-    """``structure_tables``: what a model needs from the migrator, given its switches; the
-    ``structure`` section (default: the paper's reading) says how the SM is read."""
+    """What a model needs from the migrator, given the shared model section, the ``structure``
+    section (how the SM is read) and the model's own settings (its switches; None without any)."""
 
     def __call__(
-        self, model_cfg: ModelConfig, structure_cfg: StructureConfig | None = None
+        self, model_cfg: ModelConfig, structure_cfg: StructureConfig, settings: Any
     ) -> tuple[StructureTable, ...]: ...
 
 
-def _no_kwargs(model_cfg: ModelConfig) -> Mapping[str, Any]:
+def _no_kwargs(settings: Any) -> Mapping[str, Any]:
     return {}
 
 
 def _no_tables(
-    model_cfg: ModelConfig, structure_cfg: StructureConfig | None = None
+    model_cfg: ModelConfig, structure_cfg: StructureConfig, settings: Any
 ) -> tuple[StructureTable, ...]:
     return ()
 
@@ -95,11 +106,14 @@ class ModelSpec:
 
     name: str
     description: str
-    model: str  # "module:Class"; called as Class(spec, model_cfg, device, **model_kwargs)
-    loss: str  # "module:Class"; called as Class(loss_cfg, comm=comm, **loss_kwargs(model_cfg))
+    # "module:Class"; called as Class(spec, model_cfg, device, **model_kwargs), plus settings=... when
+    # the model has a settings class
+    model: str
+    loss: str  # "module:Class"; called as Class(loss_cfg, comm=comm, **loss_kwargs(settings))
     model_kwargs: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     loss_kwargs: LossKwargs = _no_kwargs
-    structure_tables: TablesFn = _no_tables
+    tables: TablesFn = _no_tables  # read through structure_tables(), which resolves the settings
+    settings: type[ModelSettings] | None = None  # the model's own settings: models.<name> in a config
     representation_source: str | None = None
     pretrain_only: bool = False
     in_table2: bool = True
@@ -111,9 +125,49 @@ class ModelSpec:
         """Every trainable model predicts purchases; the pre-training model predicts clicks only."""
         return not self.pretrain_only
 
-    def needs_graphs(self, model_cfg: ModelConfig, structure_cfg: StructureConfig | None = None) -> bool:
+    def settings_in(self, cfg: RunConfig) -> ModelSettings | None:
+        """This model's own settings in ``cfg`` (``cfg.models[name]``); its defaults when ``cfg`` holds
+        none (built without the registry's classes, so it cannot have set any); None without a class."""
+        if self.settings is None:
+            return None
+        return self.own_settings(cfg.models.get(self.name))
+
+    def own_settings(self, settings: ModelSettings | None = None) -> ModelSettings | None:
+        """``settings`` checked to be this model's class, or the class's defaults when None."""
+        if self.settings is None:
+            if settings is not None:
+                raise TypeError(f"{self.name} has no settings of its own, got {type(settings).__name__}")
+            return None
+        if settings is None:
+            return self.settings()
+        if not isinstance(settings, self.settings):
+            raise TypeError(
+                f"{self.name} reads {self.settings.__name__}, got {type(settings).__name__} "
+                f"(pass settings=spec.settings_in(cfg))"
+            )
+        return settings
+
+    def structure_tables(
+        self,
+        model_cfg: ModelConfig,
+        structure_cfg: StructureConfig | None = None,
+        *,
+        settings: ModelSettings | None = None,
+    ) -> tuple[StructureTable, ...]:
+        """The per-entity tables the Structure Migrator initialises and smooths, or recomputes (empty:
+        the model needs no graphs). ``structure_cfg`` default: the paper's reading; ``settings``
+        default: the model's own defaults (``settings_in(cfg)`` gives a run's)."""
+        return self.tables(model_cfg, structure_cfg or StructureConfig(), self.own_settings(settings))
+
+    def needs_graphs(
+        self,
+        model_cfg: ModelConfig,
+        structure_cfg: StructureConfig | None = None,
+        *,
+        settings: ModelSettings | None = None,
+    ) -> bool:
         """True when training this model (with these switches) reads the user/item graphs."""
-        return bool(self.structure_tables(model_cfg, structure_cfg))
+        return bool(self.structure_tables(model_cfg, structure_cfg, settings=settings))
 
     def check(self, model_cfg: ModelConfig) -> None:
         """Rejects switches this model cannot honour (before anything is built or distributed).
@@ -136,30 +190,42 @@ class ModelSpec:
         model_cfg: ModelConfig,
         device: torch.device | None,
         structure: StructureConfig | None = None,
+        *,
+        settings: ModelSettings | None = None,
     ) -> nn.Module:
         """The model, built on ``device`` (``meta`` for DistributedModelParallel).
 
         ``structure``: the run's ``structure`` section, passed to a model that ``takes_structure``
-        (default: ``StructureConfig()``, the paper's reading); other models ignore it.
+        (default: ``StructureConfig()``, the paper's reading); other models ignore it. ``settings``:
+        the model's own (``settings_in(cfg)``; default: its class's defaults).
         """
         self.check(model_cfg)
         kwargs = dict(self.model_kwargs)
         if self.takes_structure:
             kwargs["structure"] = structure or StructureConfig()
+        own = self.own_settings(settings)
+        if own is not None:
+            kwargs["settings"] = own
         return _load(self.model)(spec, model_cfg, device, **kwargs)
 
     def build_loss(
-        self, loss_cfg: LossConfig, model_cfg: ModelConfig, comm: Collectives | None = None
+        self,
+        loss_cfg: LossConfig,
+        model_cfg: ModelConfig,
+        comm: Collectives | None = None,
+        *,
+        settings: ModelSettings | None = None,
     ) -> nn.Module:
-        """The loss; ``comm`` (default: one process) lets it normalise by the global batch and gather."""
-        kwargs = dict(self.loss_kwargs(model_cfg))
+        """The loss; ``comm`` (default: one process) lets it normalise by the global batch and gather.
+        ``settings``: the model's own, as for :meth:`build` (CSTWA's Curse Escaper switch)."""
+        kwargs = dict(self.loss_kwargs(self.own_settings(settings)))
         if comm is not None:
             kwargs["comm"] = comm
         return _load(self.loss)(loss_cfg, **kwargs)
 
 
 def _cstwa_tables(
-    model_cfg: ModelConfig, structure_cfg: StructureConfig | None = None
+    model_cfg: ModelConfig, structure_cfg: StructureConfig, settings: CSTWASettings
 ) -> tuple[StructureTable, ...]:
     """With SM on, ``U`` and ``I`` (CSTWA's ``structure_embeddings``), read out of the CVR tables.
 
@@ -167,11 +233,11 @@ def _cstwa_tables(
     row's own start). Reading (b): the live CVR collection, every field. With ``model.shared_tables``
     the CTR collection, every field (its id tables exist anyway).
     """
-    if not model_cfg.structure_migrator:
+    if not settings.structure_migrator:
         return ()
     from cstwa_dist.models.cstwa import SIDE_COLLECTION, SM_ITEM_TABLE, SM_USER_TABLE, STRUCTURE_COLLECTION
 
-    recomputed = (structure_cfg or StructureConfig()).sm_reading == "recomputed"
+    recomputed = structure_cfg.sm_reading == "recomputed"
     if model_cfg.shared_tables:
         source, reads_id = "ctr_embeddings", True
     elif recomputed:
@@ -213,24 +279,28 @@ _SPECS = (
         description="OMoE: shared experts, one gate for both tasks; purchase = p_ctr * p_cvr",
         model="cstwa_dist.models.moe:OMoE",
         loss=_ENTIRE_SPACE,
+        settings=MoESettings,
     ),
     ModelSpec(
         name="mmoe",
         description="MMoE: shared experts, one gate per task; purchase = p_ctr * p_cvr",
         model="cstwa_dist.models.moe:MMoE",
         loss=_ENTIRE_SPACE,
+        settings=MoESettings,
     ),
     ModelSpec(
         name="ple",
         description="PLE: CGC levels of shared + task experts; purchase = p_ctr * p_cvr",
         model="cstwa_dist.models.moe:PLE",
         loss=_ENTIRE_SPACE,
+        settings=PLESettings,
     ),
     ModelSpec(
         name="aitm",
         description="AITM: click info transferred to the purchase tower by attention (AIT); calibrator",
         model="cstwa_dist.models.aitm:AITM",
         loss="cstwa_dist.losses.constrained:AITMLoss",
+        settings=AITMSettings,
     ),
     ModelSpec(
         name="escm2_ips",
@@ -238,15 +308,16 @@ _SPECS = (
         model="cstwa_dist.models.escm2:ESCM2",
         model_kwargs=MappingProxyType({"doubly_robust": False}),
         loss="cstwa_dist.losses.counterfactual:ESCM2Loss",
-        loss_kwargs=lambda mc: {"variant": "ips"},
+        loss_kwargs=lambda _: {"variant": "ips"},
     ),
     ModelSpec(
         name="cstwa",
         description="CSTWA: Structure Migrator + Click Perceptron + Curse Escaper (each switchable)",
         model="cstwa_dist.models.cstwa:CSTWA",
         loss="cstwa_dist.losses.constrained:CSTWALoss",
-        loss_kwargs=lambda mc: {"curse_escaper": mc.curse_escaper},
-        structure_tables=_cstwa_tables,
+        loss_kwargs=lambda s: {"curse_escaper": s.curse_escaper},
+        tables=_cstwa_tables,
+        settings=CSTWASettings,
         takes_structure=True,
         shared_tables=True,
     ),
@@ -257,7 +328,7 @@ _SPECS = (
         model="cstwa_dist.models.escm2:ESCM2",
         model_kwargs=MappingProxyType({"doubly_robust": True}),
         loss="cstwa_dist.losses.counterfactual:ESCM2Loss",
-        loss_kwargs=lambda mc: {"variant": "dr"},
+        loss_kwargs=lambda _: {"variant": "dr"},
         in_table2=False,
     ),
     # used by `pretrain` only
@@ -275,6 +346,47 @@ _SPECS = (
 
 MODELS: Mapping[str, ModelSpec] = MappingProxyType({s.name: s for s in _SPECS})
 PRETRAIN_MODEL = "ctr_mlp"
+# model name → its settings class, for the models that have one: what a config's ``models`` may hold
+MODEL_SETTINGS: Mapping[str, type[ModelSettings]] = MappingProxyType(
+    {s.name: s.settings for s in _SPECS if s.settings is not None}
+)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """``config.load_config`` with the registered models' settings classes: a ``models`` section (and
+    ``--set models.<name>.<key>=...``) is checked against them, and every model gets its settings."""
+    return config.load_config(path, overrides, model_settings=MODEL_SETTINGS)
+
+
+def with_overrides(cfg: RunConfig, overrides: list[str] | tuple[str, ...]) -> RunConfig:
+    """``config.with_overrides`` with the registered models' settings classes (see :func:`load_config`)."""
+    return config.with_overrides(cfg, overrides, model_settings=MODEL_SETTINGS)
+
+
+def default_config() -> RunConfig:
+    """Every default, every model's own settings included: what a record that lacks a key meant."""
+    return with_overrides(RunConfig(), [])
+
+
+def describe_choices() -> str:
+    """Every closed choice of a run config, the models' own included, as one line (``--set``'s help)."""
+    return config.describe_choices(MODEL_SETTINGS)
+
+
+def recorded_settings(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """A flat config record (``config.flatten``) with the keys it recorded under a former name read
+    under today's: a model's own settings were once flat ``model.<key>`` (``ModelSettings.FORMER_KEYS``).
+
+    Without this, a cell recorded with ``model.click_perceptron: false`` would lack
+    ``models.cstwa.click_perceptron``, be compared as if it had run with the default, and be reused.
+    """
+    out = dict(flat)
+    for name, cls in MODEL_SETTINGS.items():
+        for key, former in cls.FORMER_KEYS.items():
+            new = f"models.{name}.{key}"
+            if former in flat and new not in out:
+                out[new] = flat[former]
+    return out
 
 
 def get_model_spec(name: str) -> ModelSpec:

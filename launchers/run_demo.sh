@@ -7,8 +7,8 @@ venv=${VENV:-.venv}
 export PATH="$PWD/$venv/bin:$PATH"
 nproc=${NPROC:-2}
 config=${CONFIG:-configs/demo.yaml}
-dataset=$(python -c "from cstwa_dist.config import load_config; print(load_config('$config').data.dataset)")
-run_dir=$(python -c "from cstwa_dist.config import load_config; print(load_config('$config').train.run_dir)")
+dataset=$(python -c "from cstwa_dist.registry import load_config; print(load_config('$config').data.dataset)")
+run_dir=$(python -c "from cstwa_dist.registry import load_config; print(load_config('$config').train.run_dir)")
 start=$(date +%s)
 
 if python -c "import sys; from cstwa_dist.data.writer import dataset_complete; sys.exit(0 if dataset_complete('$dataset') else 1)"; then

@@ -8,9 +8,10 @@ with its recall and its time:
   ``N`` rows). At large ``N`` only ``exact_queries`` sampled queries are searched and the search time
   is extrapolated linearly in the number of queries (exact search is ``queries × N × d`` work with no
   fixed cost worth the name); the JSON says so (``extrapolated``).
-* **ivf**: :func:`~cstwa_dist.structure.ivf.distributed_knn` on ``ranks`` spawned processes (gloo,
-  one rank = one process, the same code path as a multi-rank job; rank ``r`` only ever generates or
-  reads its own row range), with recall@k against exact search on ``recall_queries`` sampled rows.
+* **ivf**: :func:`~cstwa_dist.structure.ivf.distributed_knn` on ``ranks`` processes spawned by
+  :func:`~cstwa_dist.distributed.spawn.spawn_ranks` (gloo, one rank = one process, the same code
+  path as a multi-rank job; rank ``r`` only ever generates or reads its own row range), with
+  recall@k against exact search on ``recall_queries`` sampled rows.
 
 Vectors: a mixture of ``clusters`` isotropic Gaussians in ``dim`` dimensions (centres ``N(0, I)``,
 points ``centre + spread·N(0, I)``), generated block-wise from a seed so that any row range is
@@ -27,36 +28,20 @@ costs a few hundred MB.
 from __future__ import annotations
 
 import logging
-import math
 import os
-import queue
-import resource
 import time
-import traceback
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from cstwa_dist.bench.common import clustered_rows, cpu_seconds, peak_rss_mb
+from cstwa_dist.distributed.spawn import set_threads, spawn_ranks
+
 logger = logging.getLogger(__name__)
 
-_GEN_BLOCK = 65536  # rows per generator block: the unit of reproducible generation
-
-
-def clustered_rows(lo: int, hi: int, dim: int, *, clusters: int, spread: float, seed: int) -> np.ndarray:
-    """Rows ``[lo, hi)`` of the seeded Gaussian-mixture data set (float32), independent of other rows."""
-    centres = np.random.default_rng([seed, 0]).normal(size=(clusters, dim))
-    out = np.empty((hi - lo, dim), dtype=np.float32)
-    for b in range(lo // _GEN_BLOCK, math.ceil(hi / _GEN_BLOCK)):
-        b_lo, b_hi = b * _GEN_BLOCK, (b + 1) * _GEN_BLOCK
-        rng = np.random.default_rng([seed, 1, b])
-        labels = rng.integers(0, clusters, _GEN_BLOCK)
-        noise = rng.normal(size=(_GEN_BLOCK, dim))
-        block = centres[labels] + spread * noise
-        a, z = max(lo, b_lo), min(hi, b_hi)
-        out[a - lo : z - lo] = block[a - b_lo : z - b_lo]
-    return out
+#: a phase's ranks get this long (start-up included) before they are stopped as hung
+RANKS_TIMEOUT_S = 3600.0
 
 
 def _rows(spec: dict[str, Any], lo: int, hi: int) -> np.ndarray:
@@ -65,101 +50,6 @@ def _rows(spec: dict[str, Any], lo: int, hi: int) -> np.ndarray:
     return clustered_rows(
         lo, hi, spec["dim"], clusters=spec["clusters"], spread=spec["spread"], seed=spec["seed"]
     )
-
-
-def _rss_mb() -> float:
-    """Peak resident set size of this process so far, MiB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def _cpu_s() -> float:
-    """CPU seconds (user + system, all threads) of this process so far: unlike wall time, barely moved
-    by other jobs sharing the cores."""
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
-def _set_threads(threads: int) -> None:
-    import faiss
-    import torch
-
-    torch.set_num_threads(threads)
-    faiss.omp_set_num_threads(threads)
-
-
-# --- spawned ranks ----------------------------------------------------------------------------
-
-
-def spawn_ranks(
-    fn: Callable[..., Any], world: int, *args: Any, threads: int = 1, timeout_s: float = 3600.0
-) -> list[Any]:
-    """Run ``fn(rank, world, *args)`` on ``world`` spawned processes in one gloo group; return results.
-
-    Each process gets torchrun's environment variables, ``threads`` torch/Faiss threads and a process
-    group from :func:`~cstwa_dist.distributed.env.init_distributed`, so ``fn`` runs the multi-rank
-    code path. ``fn`` must be importable (module level). A failing rank's traceback is raised here.
-    """
-    import torch.multiprocessing as mp
-
-    from cstwa_dist.distributed.env import free_port
-
-    port = free_port()
-    ctx = mp.get_context("spawn")
-    results_q = ctx.Queue()
-    procs = [
-        ctx.Process(target=_rank_entry, args=(fn, r, world, port, threads, results_q, args))
-        for r in range(world)
-    ]
-    for p in procs:
-        p.start()
-    results: dict[int, Any] = {}
-    errors: list[str] = []
-    deadline = time.monotonic() + timeout_s
-    try:
-        while len(results) + len(errors) < world:
-            try:
-                rank, ok, payload = results_q.get(timeout=max(1.0, deadline - time.monotonic()))
-            except queue.Empty:
-                errors.append(f"ranks timed out after {timeout_s:.0f} s")
-                break
-            if ok:
-                results[rank] = payload
-            else:
-                errors.append(f"rank {rank}:\n{payload}")
-                break
-    finally:
-        for p in procs:
-            p.join(timeout=30 if not errors else 1)
-            if p.is_alive():
-                p.kill()
-                p.join()
-    if errors:
-        raise RuntimeError("\n".join(errors))
-    return [results[r] for r in range(world)]
-
-
-def _rank_entry(
-    fn: Callable[..., Any], rank: int, world: int, port: int, threads: int, results_q: Any, args: tuple
-) -> None:
-    os.environ.update(
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-        LOCAL_WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
-    try:
-        _set_threads(threads)
-        from cstwa_dist.distributed.env import init_distributed, shutdown_distributed
-
-        init_distributed(backend="gloo")
-        out = fn(rank, world, *args)
-        shutdown_distributed()
-        results_q.put((rank, True, out))
-    except BaseException:
-        results_q.put((rank, False, traceback.format_exc()))
-        raise
 
 
 # --- the two phases ---------------------------------------------------------------------------
@@ -171,13 +61,13 @@ def exact_phase(spec: dict[str, Any], queries: int, threads: int) -> dict[str, A
 
     from cstwa_dist.structure.knn import l2_normalise
 
-    _set_threads(threads)
+    set_threads(threads)
     n, k = spec["users"], spec["k"]
-    rss0 = _rss_mb()
+    rss0 = peak_rss_mb()
     t0 = time.perf_counter()
     xn = l2_normalise(_rows(spec, 0, n))
     gen_s = time.perf_counter() - t0
-    t0, c0 = time.perf_counter(), _cpu_s()
+    t0, c0 = time.perf_counter(), cpu_seconds()
     index = faiss.IndexFlatIP(xn.shape[1])
     index.add(xn)
     build_s = time.perf_counter() - t0
@@ -189,7 +79,7 @@ def exact_phase(spec: dict[str, Any], queries: int, threads: int) -> dict[str, A
     for a in range(0, q, 65536):
         index.search(xn[qids[a : a + 65536]], min(k, n))
     search_s = time.perf_counter() - t0
-    cpu_s = _cpu_s() - c0
+    cpu_s = cpu_seconds() - c0
     full = search_s * n / q
     return {
         "build_s": build_s,
@@ -204,7 +94,7 @@ def exact_phase(spec: dict[str, Any], queries: int, threads: int) -> dict[str, A
         "data_s": gen_s,
         "threads": threads,
         "rss_before_data_mb": rss0,
-        "peak_rss_mb": _rss_mb(),
+        "peak_rss_mb": peak_rss_mb(),
     }
 
 
@@ -216,13 +106,13 @@ def _ivf_rank(rank: int, world: int, spec: dict[str, Any], ivf: dict[str, Any]) 
     n = spec["users"]
     ranges = even_ranges(n, world)
     lo, hi = ranges[rank]
-    rss0 = _rss_mb()
+    rss0 = peak_rss_mb()
     t0 = time.perf_counter()
     x = _rows(spec, lo, hi)
     data_s = time.perf_counter() - t0
-    rss_data = _rss_mb()
+    rss_data = peak_rss_mb()
     params = IVFParams(**ivf["params"])
-    t0, c0 = time.perf_counter(), _cpu_s()
+    t0, c0 = time.perf_counter(), cpu_seconds()
     res = distributed_knn(
         x,
         ranges,
@@ -232,7 +122,7 @@ def _ivf_rank(rank: int, world: int, spec: dict[str, Any], ivf: dict[str, Any]) 
         block_rows=ivf["block_rows"],
         progress=lambda msg: logger.debug("%s", msg),
     )
-    wall, cpu = time.perf_counter() - t0, _cpu_s() - c0
+    wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
     tm = res.timings
     return {
         "rank": rank,
@@ -253,7 +143,7 @@ def _ivf_rank(rank: int, world: int, spec: dict[str, Any], ivf: dict[str, Any]) 
         "data_s": data_s,
         "rss_before_data_mb": rss0,
         "rss_after_data_mb": rss_data,
-        "peak_rss_mb": _rss_mb(),
+        "peak_rss_mb": peak_rss_mb(),
         "allocated_mb_by_formula": {
             key: v / 2**20
             for key, v in per_rank_bytes(
@@ -274,7 +164,9 @@ def ivf_phase(spec: dict[str, Any], ivf: dict[str, Any], ranks: int, threads: in
     """IVF on ``ranks`` spawned gloo processes with ``threads // ranks`` threads each."""
     per = max(1, threads // ranks)
     t0 = time.perf_counter()
-    per_rank = spawn_ranks(_ivf_rank, ranks, spec, ivf, threads=per)
+    per_rank = spawn_ranks(
+        _ivf_rank, ranks, spec, ivf, threads=per, timeout_s=RANKS_TIMEOUT_S, backend="gloo"
+    )
     launch_wall = time.perf_counter() - t0
     build = max(r["build_s"] for r in per_rank)
     search = max(r["search_s"] for r in per_rank)
@@ -323,7 +215,16 @@ def run_bench(
     if not skip_exact:
         logger.info("exact: N=%d, %s queries", spec["users"], exact_queries or "all")
         runs = [
-            spawn_ranks(_exact_rank, 1, spec, exact_queries, threads, threads=threads)[0]
+            spawn_ranks(
+                _exact_rank,
+                1,
+                spec,
+                exact_queries,
+                threads,
+                threads=threads,
+                timeout_s=RANKS_TIMEOUT_S,
+                backend="gloo",
+            )[0]
             for _ in range(repeats)
         ]
         report["exact"] = min(runs, key=lambda r: r["total_s"])

@@ -10,9 +10,10 @@ exchange volume and a measured memory:
 * **single**: ``propagate.propagate`` with the full ``Â`` (``knn_to_adjacency`` →
   ``normalise_adjacency``) and the full ``U``, in this (the parent) process, with all ``threads``;
   skipped with a note above ``single_max_users`` rows.
-* **sharded**: ``ranks`` spawned gloo processes (one rank = one process, the multi-rank code path),
-  ``threads // ranks`` threads each; rank ``r`` generates only its own kNN rows and table rows,
-  builds its shard with :func:`~cstwa_dist.structure.sharded_graph.shard_from_knn` and propagates.
+* **sharded**: ``ranks`` gloo processes spawned by :func:`~cstwa_dist.distributed.spawn.spawn_ranks`
+  (one rank = one process, the multi-rank code path), ``threads // ranks`` threads each; rank ``r``
+  generates only its own kNN rows and table rows, builds its shard with
+  :func:`~cstwa_dist.structure.sharded_graph.shard_from_knn` and propagates.
   A seeded sample of output rows is compared with the single-process output (``max_abs_diff``).
 
 Graph: ``k`` neighbours per row, the row itself in slot 0 (score 1, as the kNN step writes it); each
@@ -44,7 +45,8 @@ from typing import Any
 
 import numpy as np
 
-from cstwa_dist.bench.knn import _GEN_BLOCK, _cpu_s, _rss_mb, _set_threads, clustered_rows, spawn_ranks
+from cstwa_dist.bench.common import GEN_BLOCK, clustered_rows, cpu_seconds, current_rss_mb, peak_rss_mb
+from cstwa_dist.distributed.spawn import set_threads, spawn_ranks
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +54,8 @@ logger = logging.getLogger(__name__)
 NEAR_HALF_WIDTH = 2048
 #: rows of the seeded sample compared between the single and the sharded outputs
 CHECK_ROWS = 256
+#: the sharded phase's ranks get this long (start-up included) before they are stopped as hung
+RANKS_TIMEOUT_S = 3600.0
 
 
 def knn_rows(
@@ -67,8 +71,8 @@ def knn_rows(
         raise ValueError(f"locality must lie in [0, 1], got {locality}")
     scores = np.empty((hi - lo, k), dtype=np.float32)
     ids = np.empty((hi - lo, k), dtype=np.int64)
-    for b in range(lo // _GEN_BLOCK, math.ceil(hi / _GEN_BLOCK)):
-        b_lo, b_hi = b * _GEN_BLOCK, min((b + 1) * _GEN_BLOCK, n)
+    for b in range(lo // GEN_BLOCK, math.ceil(hi / GEN_BLOCK)):
+        b_lo, b_hi = b * GEN_BLOCK, min((b + 1) * GEN_BLOCK, n)
         rng = np.random.default_rng([seed, 2, b])
         m = b_hi - b_lo
         own = np.arange(b_lo, b_hi, dtype=np.int64)
@@ -103,15 +107,6 @@ def check_ids(n: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng([seed, 3]).choice(n, size=m, replace=False)).astype(np.int64)
 
 
-def _rss_now_mb() -> float:
-    """Current (not peak) resident set size of this process, MiB: checkpoints between the steps."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (OSError, ValueError, IndexError):
-        return float("nan")
-
-
 def _time_propagations(fn: Any, repeats: int) -> list[float]:
     times = []
     for _ in range(repeats):
@@ -134,12 +129,12 @@ def _sharded_rank(rank: int, world: int, spec: dict[str, Any]) -> dict[str, Any]
     n, layers = spec["users"], spec["layers"]
     ranges = even_ranges(n, world)
     lo, hi = ranges[rank]
-    rss0 = _rss_mb()
+    rss0 = peak_rss_mb()
     t0 = time.perf_counter()
     scores, ids = knn_rows(lo, hi, n=n, k=spec["k"], locality=spec["locality"], seed=spec["seed"])
     x = torch.from_numpy(_table(spec, lo, hi))
     data_s = time.perf_counter() - t0
-    rss_data = _rss_now_mb()
+    rss_data = current_rss_mb()
     t0 = time.perf_counter()
     shard = shard_from_knn(scores, ids, ranges)
     del scores, ids
@@ -147,16 +142,16 @@ def _sharded_rank(rank: int, world: int, spec: dict[str, Any]) -> dict[str, Any]
     t0 = time.perf_counter()
     prop = ShardedPropagator(shard, ranges)
     setup_s = time.perf_counter() - t0
-    rss_setup, peak_setup = _rss_now_mb(), _rss_mb()
+    rss_setup, peak_setup = current_rss_mb(), peak_rss_mb()
     prop.propagate(x, 1)  # warm-up: builds the CSR copy, first-touch of the window
     sample = check_ids(n, spec["seed"])
     mine = sample[(sample >= lo) & (sample < hi)]
     runs = []
     for _ in range(spec["repeats"]):
         dist.barrier()
-        c0 = _cpu_s()
+        c0 = cpu_seconds()
         out = prop.propagate(x, layers)
-        runs.append({**prop.last_stats, "cpu_s": _cpu_s() - c0})
+        runs.append({**prop.last_stats, "cpu_s": cpu_seconds() - c0})
         check_rows = out[torch.from_numpy(mine - lo)].numpy()
         del out  # not kept alive into the next call: the peak RSS is then the propagator's own
     best = min(runs, key=lambda r: r["seconds"])
@@ -183,8 +178,8 @@ def _sharded_rank(rank: int, world: int, spec: dict[str, Any]) -> dict[str, Any]
         "rss_now_after_data_mb": rss_data,
         "rss_now_after_setup_mb": rss_setup,
         "peak_rss_after_setup_mb": peak_setup,
-        "rss_now_at_end_mb": _rss_now_mb(),
-        "peak_rss_mb": _rss_mb(),
+        "rss_now_at_end_mb": current_rss_mb(),
+        "peak_rss_mb": peak_rss_mb(),
         "check_ids": mine,
         "check_rows": check_rows,
     }
@@ -194,7 +189,7 @@ def sharded_phase(spec: dict[str, Any], ranks: int, threads: int) -> dict[str, A
     """The sharded propagation on ``ranks`` spawned gloo ranks, ``threads // ranks`` threads each."""
     per = max(1, threads // ranks)
     t0 = time.perf_counter()
-    per_rank = spawn_ranks(_sharded_rank, ranks, spec, threads=per)
+    per_rank = spawn_ranks(_sharded_rank, ranks, spec, threads=per, timeout_s=RANKS_TIMEOUT_S, backend="gloo")
     wall = time.perf_counter() - t0
     spl = max(r["seconds_per_layer"] for r in per_rank)  # the slowest rank sets the pace
     return {
@@ -220,9 +215,9 @@ def single_phase(spec: dict[str, Any], threads: int) -> tuple[dict[str, Any], np
     from cstwa_dist.structure.graph import knn_to_adjacency, normalise_adjacency
     from cstwa_dist.structure.propagate import propagate
 
-    _set_threads(threads)
+    set_threads(threads)
     n, layers = spec["users"], spec["layers"]
-    rss0 = _rss_mb()
+    rss0 = peak_rss_mb()
     t0 = time.perf_counter()
     scores, ids = knn_rows(0, n, n=n, k=spec["k"], locality=spec["locality"], seed=spec["seed"])
     u = torch.from_numpy(_table(spec, 0, n))
@@ -232,9 +227,9 @@ def single_phase(spec: dict[str, Any], threads: int) -> tuple[dict[str, Any], np
     del scores, ids
     build_s = time.perf_counter() - t0
     propagate(a_hat, u, 1)  # warm-up
-    c0 = _cpu_s()
+    c0 = cpu_seconds()
     times = _time_propagations(lambda: propagate(a_hat, u, layers), spec["repeats"])
-    cpu_s = (_cpu_s() - c0) / len(times)
+    cpu_s = (cpu_seconds() - c0) / len(times)
     rows = propagate(a_hat, u, layers)[torch.from_numpy(check_ids(n, spec["seed"]))].numpy()
     best = min(times)
     graph_bytes = sum(
@@ -256,7 +251,7 @@ def single_phase(spec: dict[str, Any], threads: int) -> tuple[dict[str, Any], np
             "outputs": min(layers, 2) * u.numel() * 4,
         },
         "rss_before_data_mb": rss0,
-        "peak_rss_mb": _rss_mb(),
+        "peak_rss_mb": peak_rss_mb(),
     }
     return report, rows
 

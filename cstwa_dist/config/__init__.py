@@ -1,7 +1,15 @@
 """Typed run configuration: YAML files in ``configs/`` plus ``--set section.key=value`` overrides.
 
 Every component has a kw-only dataclass validated in ``__post_init__`` so that a typo or a bad value
-fails before any process group, Ray runtime or dataset is touched, with the valid keys listed.
+fails before any process group, Ray runtime or dataset is touched, with the valid keys listed. A
+closed choice is a ``Literal[...]`` field: the loader checks it (:func:`check_choices`) and
+:func:`choices` lists every one for ``--help``, so the allowed values are written once, in the type.
+
+What every model shares (``model``) lives here. What one model alone reads lives next to that model
+(``cstwa_dist/models/settings.py``) and reaches a run config as ``models.<name>.<key>``: this room,
+the lowest, cannot know those classes, so the registry (which names them) hands them to
+:func:`load_config` / :func:`with_overrides` as ``model_settings``; callers use the registry's
+``load_config`` / ``with_overrides``, which do exactly that.
 """
 
 from __future__ import annotations
@@ -14,13 +22,18 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 
 class ConfigError(ValueError):
     """A configuration file or override that does not describe a valid run."""
+
+
+# Closed choices read outside this module too get a name, so their values are written once.
+ContextPooling = Literal["mean", "concat"]
+SelectEpoch = Literal["best_val_purchase_auc", "last"]
 
 
 @dataclass(kw_only=True)
@@ -42,29 +55,21 @@ class DataConfig:
 
 @dataclass(kw_only=True)
 class ModelConfig:
-    """Shapes shared by all models (docs/method.md §4) and CSTWA's component switches (§2)."""
+    """Shapes shared by all models (docs/method.md §4).
+
+    A setting only one model reads (CSTWA's component switches, the experts of the mixture-of-experts
+    baselines, AITM's attention width) is that model's own: ``cstwa_dist/models/settings.py``.
+    """
 
     embedding_dim: int = 8
     ctr_tower: list[int] = field(default_factory=lambda: [128, 64, 32])
     cvr_tower: list[int] = field(default_factory=lambda: [128, 64, 32])
     dropout: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.3])
-    info_layer: list[int] = field(default_factory=lambda: [64])  # hidden widths of CP's Info Layer
-    structure_migrator: bool = True  # SM
-    click_perceptron: bool = True  # CP
-    curse_escaper: bool = True  # CE
-    # mixture-of-experts baselines (OMoE, MMoE, PLE); expert sizes are unstated in the paper
-    num_experts: int = 4  # OMoE/MMoE shared experts
-    expert_widths: list[int] = field(default_factory=lambda: [128, 64])
-    ple_levels: int = 2  # CGC levels
-    ple_shared_experts: int = 2
-    ple_task_experts: int = 2
-    # AITM: width of the attention (AIT) projections
-    ait_dim: int = 32
     # How every model turns its context fields into the context part of its input: "mean" of their
     # embeddings (Eq. 7, the paper's choice, [B, d]) or "concat" ([B, M_ctx·d], what the baselines'
     # reference implementations do with every field; Ali-CCP's cross features are context fields).
     # Applied to all models alike; the default is the paper's until measured otherwise.
-    context_pooling: str = "mean"
+    context_pooling: ContextPooling = "mean"
     # Ablation only, a labelled deviation from Eq. 6: the CVR side reads the CTR collection's field
     # embeddings instead of its own (docs/method.md §2, "Two readings of the Structure Migrator").
     # Honoured by CSTWA and the MLP baseline; every other trainable model already shares one
@@ -77,8 +82,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if not (math.isfinite(self.embedding_init_std) and self.embedding_init_std >= 0):
             raise ConfigError(f"model.embedding_init_std must be >= 0, got {self.embedding_init_std}")
-        if self.context_pooling not in ("mean", "concat"):
-            raise ConfigError(f"model.context_pooling must be mean or concat, got {self.context_pooling!r}")
+        check_choices(self, "model")
         if self.embedding_dim < 4 or self.embedding_dim % 4:
             raise ConfigError(
                 f"model.embedding_dim={self.embedding_dim}: FBGEMM's table-batched kernels need a "
@@ -92,11 +96,6 @@ class ModelConfig:
             raise ConfigError("model.dropout needs one rate per tower layer")
         if any(not 0.0 <= p < 1.0 for p in self.dropout):
             raise ConfigError("model.dropout rates must be in [0, 1)")
-        if any(w < 1 for w in self.info_layer):
-            raise ConfigError("model.info_layer widths must be positive")
-        if not self.expert_widths or any(w < 1 for w in self.expert_widths):
-            raise ConfigError("model.expert_widths must be a non-empty list of positive widths")
-        _positive(self, "num_experts", "ple_levels", "ple_shared_experts", "ple_task_experts", "ait_dim")
 
 
 @dataclass(kw_only=True)
@@ -136,7 +135,7 @@ class StructureConfig:
     pretrain_epochs: int = 1
     # kNN search of the graph build (structure/ivf.py; defaults measured in docs/structure-scaling.md):
     # "ivf" = Faiss IVF per row shard, "exact" = brute force through the same ring (the reference)
-    knn: str = "ivf"
+    knn: Literal["ivf", "exact"] = "ivf"
     nlist: int = 0  # IVF cells; 0 = 4·√N (at most N/39)
     nprobe: int = 16  # cells searched per query (recall@8 0.987 at 1M × 45 measured)
     pq_m: int = 0  # > 0: PQ codes of pq_m bytes instead of float rows (memory), candidates re-scored
@@ -147,27 +146,22 @@ class StructureConfig:
     # "recomputed" (reading b): the CVR field tables keep training, and P = Â^L R of the live tables
     # is recomputed at the start and at every epoch boundary and enters x_cvr as a fixed β-term.
     # The model's CVR collection depends on it, so the model is built with this section too.
-    sm_reading: str = "free"
+    sm_reading: Literal["free", "recomputed"] = "free"
     # How reading (a) starts U/I: "fields" (Eq. 8, the default: id slot keeps its own random start,
     # the other side fields from the CVR side embeddings) or "pretrained" (the pre-trained r_u/r_i the
     # graph was mined from, <graph_dir>/<side>_representations.npy; needs save_representations).
-    sm_init: str = "fields"
+    sm_init: Literal["fields", "pretrained"] = "fields"
 
     def __post_init__(self) -> None:
         _positive(self, "k", "layers", "pretrain_epochs", "nprobe")
         if not 0.0 <= self.beta <= 1.0:
             raise ConfigError("structure.beta must be in [0, 1]")
-        if self.sm_reading not in ("free", "recomputed"):
-            raise ConfigError(f"structure.sm_reading must be free or recomputed, got {self.sm_reading!r}")
-        if self.sm_init not in ("fields", "pretrained"):
-            raise ConfigError(f"structure.sm_init must be fields or pretrained, got {self.sm_init!r}")
+        check_choices(self, "structure")
         if self.sm_reading == "recomputed" and self.sm_init == "pretrained":
             raise ConfigError(
                 "structure.sm_init=pretrained applies to structure.sm_reading=free only: the recomputed "
                 "reading has no free U/I rows to start; it recomputes Â^L R from the live CVR tables"
             )
-        if self.knn not in ("ivf", "exact"):
-            raise ConfigError(f"structure.knn must be ivf or exact, got {self.knn!r}")
         if self.nlist < 0 or self.pq_m < 0 or self.recall_queries < 0:
             raise ConfigError("structure.nlist, structure.pq_m and structure.recall_queries must be >= 0")
 
@@ -182,14 +176,13 @@ class OptimConfig:
 
     lr: float = 1e-3
     weight_decay: float = 1e-6  # the paper's L2
-    embedding: str = "auto"
+    embedding: Literal["auto", "adam", "rowwise_adagrad"] = "auto"
     # for row-wise Adagrad (fused Adam uses ``lr``); 0.1 measured best on validation next to 0.02 and
     # 0.3 (docs/experiments/README.md, "Learning what the data holds"); configs/paper.yaml keeps 0.02
     embedding_lr: float = 0.1
 
     def __post_init__(self) -> None:
-        if self.embedding not in ("auto", "adam", "rowwise_adagrad"):
-            raise ConfigError("optim.embedding must be one of auto, adam, rowwise_adagrad")
+        check_choices(self, "optim")
         if self.lr <= 0 or self.embedding_lr <= 0 or self.weight_decay < 0:
             raise ConfigError("optim learning rates must be > 0 and weight_decay >= 0")
 
@@ -202,16 +195,16 @@ class TrainConfig:
     seed: int = 0
     run_dir: str = "runs/demo"
     log_every: int = 50
-    eval_split: str = "test"
+    eval_split: Literal["val", "test"] = "test"
     validate_every_epoch: bool = True
     # Which epoch's test metrics a run reports (cstwa_dist/train/metrics.py): "best_val_purchase_auc",
     # the paper's protocol as in AITM's reference code (needs validate_every_epoch; without validation
     # or a purchase head the run reports the last epoch and says so in metrics.json), or "last".
-    select_epoch: str = "best_val_purchase_auc"
+    select_epoch: SelectEpoch = "best_val_purchase_auc"
     # "sparse_dist": TorchRec's TrainPipelineSparseDist (the next batch's device copy and input
     # all-to-all overlap this batch's compute); "plain": forward/backward/step one batch at a time.
     # Both compute the same parameters (tested); plain is for debugging and for measuring the overlap.
-    pipeline: str = "sparse_dist"
+    pipeline: Literal["sparse_dist", "plain"] = "sparse_dist"
     # checkpoints (torch.distributed.checkpoint): every N steps (0 = only at epoch ends) and at every
     # epoch end, under checkpoint_dir (default <run dir>/checkpoints), the newest keep_checkpoints kept
     checkpoint_every: int = 0
@@ -230,23 +223,27 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "epochs", "log_every", "keep_checkpoints")
-        if self.eval_split not in ("val", "test"):
-            raise ConfigError("train.eval_split must be val or test")
-        if self.select_epoch not in ("best_val_purchase_auc", "last"):
-            raise ConfigError(
-                f"train.select_epoch must be best_val_purchase_auc or last, got {self.select_epoch!r}"
-            )
-        if self.pipeline not in ("sparse_dist", "plain"):
-            raise ConfigError(f"train.pipeline must be sparse_dist or plain, got {self.pipeline!r}")
+        check_choices(self, "train")
         if self.checkpoint_every < 0:
             raise ConfigError("train.checkpoint_every must be >= 0 (0: only at epoch ends)")
         if not self.collective_timeout_s > 0:
             raise ConfigError("train.collective_timeout_s must be > 0")
 
 
+# The settings classes of the models that have their own (``models.<name>``), by registered model
+# name; the registry builds it (``cstwa_dist.registry.MODEL_SETTINGS``) and passes it in.
+ModelSettingsTypes = Mapping[str, type]
+
+
 @dataclass(kw_only=True)
 class RunConfig:
-    """One run: every section above."""
+    """One run: every section above, and ``models``: each model's own settings by registered name.
+
+    ``models`` holds an instance of every registered settings class when the config was loaded with
+    them (the registry's loader); built without them (``RunConfig()``, this module's loader) it is
+    empty, and a model reads its defaults (``registry.ModelSpec.settings_in``) — the only values such
+    a config can mean, since a ``models`` section cannot be loaded without its classes.
+    """
 
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -254,6 +251,7 @@ class RunConfig:
     structure: StructureConfig = field(default_factory=StructureConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    models: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -266,9 +264,65 @@ def _positive(obj: Any, *names: str) -> None:
             raise ConfigError(f"{section}.{n} must be >= 1, got {getattr(obj, n)}")
 
 
+def _literal_of(tp: Any) -> tuple[Any, ...] | None:
+    """The allowed values of a ``Literal[...]`` field type (also inside ``X | None``), else None."""
+    if typing.get_origin(tp) is Literal:
+        return typing.get_args(tp)
+    if typing.get_origin(tp) in (types.UnionType, typing.Union):
+        for a in typing.get_args(tp):
+            found = _literal_of(a)
+            if found is not None:
+                return found
+    return None
+
+
+def _one_of(value: Any, allowed: tuple[Any, ...], where: str) -> Any:
+    # compared with the type too: ``True == 1``, and a YAML ``1`` is not the string ``"1"``
+    if not any(type(value) is type(a) and value == a for a in allowed):
+        raise ConfigError(f"{where}: must be one of {' | '.join(map(str, allowed))}, got {value!r}")
+    return value
+
+
+def check_choices(obj: Any, where: str) -> None:
+    """Raises ``ConfigError`` naming the allowed values when a ``Literal`` field of the dataclass
+    ``obj`` holds another value. Called from ``__post_init__``, so a section built directly in code
+    is held to its choices as much as one loaded from YAML."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        allowed = _literal_of(hints[f.name])
+        value = getattr(obj, f.name)
+        if allowed is not None and not (value is None and type(None) in typing.get_args(hints[f.name])):
+            _one_of(value, allowed, f"{where}.{f.name}")
+
+
+def choices(model_settings: ModelSettingsTypes | None = None) -> dict[str, tuple[Any, ...]]:
+    """Every closed choice a run config has, ``section.key`` (``models.<name>.key``) → allowed values.
+
+    Read off the ``Literal`` types, so ``--help`` lists exactly what the loader accepts.
+    """
+    run = typing.get_type_hints(RunConfig)
+    sections: list[tuple[str, Any]] = [(n, tp) for n, tp in run.items() if dataclasses.is_dataclass(tp)]
+    sections += [(f"models.{n}", cls) for n, cls in sorted((model_settings or {}).items())]
+    out: dict[str, tuple[Any, ...]] = {}
+    for prefix, cls in sections:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            allowed = _literal_of(hints[f.name])
+            if allowed is not None:
+                out[f"{prefix}.{f.name}"] = allowed
+    return out
+
+
+def describe_choices(model_settings: ModelSettingsTypes | None = None) -> str:
+    """:func:`choices` as one line for a help text: ``key: a|b; key: c|d``."""
+    return "; ".join(f"{k}: {'|'.join(map(str, v))}" for k, v in choices(model_settings).items())
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Checks ``value`` against a dataclass field type (the few types used above)."""
     origin = typing.get_origin(tp)
+    if origin is Literal:
+        return _one_of(value, typing.get_args(tp), where)
     if origin in (types.UnionType, typing.Union):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -305,50 +359,105 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     raise ConfigError(f"{where}: unsupported type {tp}")
 
 
-def _build(cls: type, raw: dict[str, Any], where: str) -> Any:
+def _build(
+    cls: type, raw: Mapping[str, Any], where: str, model_settings: ModelSettingsTypes | None = None
+) -> Any:
     hints = typing.get_type_hints(cls)
     valid = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(raw) - set(valid))
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {valid}")
+        raise ConfigError(f"{where or 'config'}: unknown key(s) {unknown}; valid keys: {valid}")
     kwargs = {}
     for name, value in raw.items():
         tp = hints[name]
-        if dataclasses.is_dataclass(tp):
-            if not isinstance(value, dict):
-                raise ConfigError(f"{where}.{name}: expected a mapping")
-            kwargs[name] = _build(tp, value, f"{where}.{name}" if where else name)
+        here = f"{where}.{name}" if where else name
+        if cls is RunConfig and name == "models":
+            kwargs[name] = _build_models(value, model_settings)
+        elif dataclasses.is_dataclass(tp):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{here}: expected a mapping")
+            kwargs[name] = _build(tp, value, here)
         else:
-            kwargs[name] = _coerce(value, tp, f"{where}.{name}" if where else name)
+            kwargs[name] = _coerce(value, tp, here)
+    if cls is RunConfig and "models" not in kwargs:
+        kwargs["models"] = _build_models({}, model_settings)
     try:
         return cls(**kwargs)
     except ConfigError as e:
         raise ConfigError(f"{where or 'config'}: {e}") from e
 
 
+def _build_models(raw: Any, model_settings: ModelSettingsTypes | None) -> dict[str, Any]:
+    """The ``models`` section: one settings instance per model that has a settings class, its
+    defaults where the section says nothing (so a run records every model's settings)."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"models: expected a mapping of model name → its settings, got {raw!r}")
+    if model_settings is None:
+        if raw:
+            raise ConfigError(
+                f"models: per-model settings ({sorted(raw)}) are checked against the models' settings "
+                "classes, which only the registry knows: load the config with "
+                "cstwa_dist.registry.load_config / with_overrides"
+            )
+        return {}
+    unknown = sorted(set(raw) - set(model_settings))
+    if unknown:
+        raise ConfigError(
+            f"models: unknown model(s) {unknown}; models with settings of their own: {sorted(model_settings)}"
+        )
+    out = {}
+    for name, cls in model_settings.items():
+        sub = raw.get(name)
+        if sub is None:  # absent, or a YAML `ple:` with nothing under it
+            sub = {}
+        if not isinstance(sub, Mapping):
+            raise ConfigError(f"models.{name}: expected a mapping of its settings, got {sub!r}")
+        out[name] = _build(cls, sub, f"models.{name}")
+    return out
+
+
 def apply_override(raw: dict[str, Any], assignment: str) -> None:
-    """Applies ``section.key=value`` (value parsed as YAML: ``3``, ``0.5``, ``true``, ``[64,32]``)."""
+    """Applies ``section.key=value`` or ``section.sub.key=value`` (``models.ple.levels=3``) to a raw
+    config; the value is parsed as YAML (``3``, ``0.5``, ``true``, ``[64,32]``)."""
     if "=" not in assignment:
         raise ConfigError(f"override {assignment!r} must look like section.key=value")
     key, _, text = assignment.partition("=")
     parts = key.strip().split(".")
-    if len(parts) != 2 or not all(parts):
-        raise ConfigError(f"override key {key!r} must be section.key, e.g. train.epochs=2")
-    section, name = parts
-    raw.setdefault(section, {})
-    if not isinstance(raw[section], dict):
-        raise ConfigError(f"override {assignment!r}: {section} is not a section")
-    raw[section][name] = yaml.safe_load(text)
+    if len(parts) < 2 or not all(parts):
+        raise ConfigError(
+            f"override key {key!r} must be section.key (or models.MODEL.key), e.g. train.epochs=2"
+        )
+    node = raw
+    for depth, part in enumerate(parts[:-1]):
+        if node.get(part) is None:
+            node[part] = {}
+        if not isinstance(node[part], dict):
+            raise ConfigError(f"override {assignment!r}: {'.'.join(parts[: depth + 1])} is not a section")
+        node = node[part]
+    node[parts[-1]] = yaml.safe_load(text)
 
 
-def with_overrides(cfg: RunConfig, overrides: list[str] | tuple[str, ...]) -> RunConfig:
-    """A new config: ``cfg`` with ``section.key=value`` overrides applied, validated like a loaded file."""
-    if not overrides:
+def with_overrides(
+    cfg: RunConfig,
+    overrides: list[str] | tuple[str, ...],
+    model_settings: ModelSettingsTypes | None = None,
+) -> RunConfig:
+    """A new config: ``cfg`` with ``section.key=value`` overrides applied, validated like a loaded file.
+
+    ``model_settings`` (the registry's): the classes the ``models`` section is checked against;
+    default: those of the settings ``cfg`` already holds. Given, a config without them (``RunConfig()``)
+    gets every model's defaults even when there is nothing to override.
+    """
+    if not overrides and (model_settings is None or set(model_settings) == set(cfg.models)):
         return cfg
+    if model_settings is None and cfg.models:
+        model_settings = {name: type(s) for name, s in cfg.models.items()}
     raw = cfg.to_dict()
     for o in overrides:
         apply_override(raw, o)
-    return _build(RunConfig, raw, "")
+    return _build(RunConfig, raw, "", model_settings)
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -386,8 +495,16 @@ def settings_differences(
     return out
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    """Loads a YAML run config (or the defaults when ``path`` is None) and applies overrides."""
+def load_config(
+    path: str | Path | None,
+    overrides: list[str] | None = None,
+    model_settings: ModelSettingsTypes | None = None,
+) -> RunConfig:
+    """Loads a YAML run config (or the defaults when ``path`` is None) and applies overrides.
+
+    ``model_settings``: the classes of the ``models`` section by model name (the registry's; its
+    ``load_config`` passes them). Without them a config with a ``models`` section is refused.
+    """
     raw: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -399,4 +516,4 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         raw = loaded
     for o in overrides or []:
         apply_override(raw, o)
-    return _build(RunConfig, raw, "")
+    return _build(RunConfig, raw, "", model_settings)

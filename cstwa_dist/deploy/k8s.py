@@ -54,8 +54,17 @@ SECRET_KEY = re.compile(
 _DNS_LABEL = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
 _QUANTITY = re.compile(r"(\d+(?:\.\d+)?)(Ki|Mi|Gi|Ti|k|M|G|T)?")
 _CPU = re.compile(r"\d+(?:\.\d+)?m?")
-_UNIT = {None: 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
-         "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+_UNIT = {
+    None: 1,
+    "k": 10**3,
+    "M": 10**6,
+    "G": 10**9,
+    "T": 10**12,
+    "Ki": 2**10,
+    "Mi": 2**20,
+    "Gi": 2**30,
+    "Ti": 2**40,
+}
 # Liveness: this pod's torchrun agent and its node-local Ray raylet both run. The bracket keeps grep from
 # matching the probe's own command line (which /proc also lists).
 LIVENESS_SCRIPT = (
@@ -200,16 +209,19 @@ def check(job: K8sJob) -> None:
         raise ValueError("--nodes and --cpu-ranks must be >= 1 and --gpus-per-node >= 0")
     longest = max(len(job.service), len(f"{job.name}-{job.nodes - 1}"))
     if longest > 63:
-        raise ValueError(f"--name {job.name!r} is too long: pod hostnames and the Service name must fit "
-                         f"63 characters ({longest})")
+        raise ValueError(
+            f"--name {job.name!r} is too long: pod hostnames and the Service name must fit "
+            f"63 characters ({longest})"
+        )
     for what, value in (("--data-pvc", job.data_pvc), ("--runs-pvc", job.runs_pvc)):
         if not re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", value):
             raise ValueError(f"{what} {value!r} is not a PersistentVolumeClaim name")
     if not 1 <= job.port <= 65535:
         raise ValueError(f"--port {job.port} is not a TCP port")
     if job.venv.startswith("/") or ".." in job.venv.split("/"):
-        raise ValueError("--venv must be relative to --workdir: launchers/torchrun.sh puts $PWD/$VENV/bin "
-                         "on PATH")
+        raise ValueError(
+            "--venv must be relative to --workdir: launchers/torchrun.sh puts $PWD/$VENV/bin on PATH"
+        )
     if not job.workdir.startswith("/"):
         raise ValueError("--workdir must be absolute")
     if job.uid == 0:
@@ -219,8 +231,10 @@ def check(job: K8sJob) -> None:
     memory = quantity_bytes(job.memory_request)
     quantity_bytes(job.tmp_size)
     if quantity_bytes(job.shm) >= memory:
-        raise ValueError(f"--shm-size {job.shm} must be below --memory {job.memory_request}: /dev/shm is "
-                         "memory-backed and counts against the pod's memory limit")
+        raise ValueError(
+            f"--shm-size {job.shm} must be below --memory {job.memory_request}: /dev/shm is "
+            "memory-backed and counts against the pod's memory limit"
+        )
     if not re.fullmatch(r"[-._a-zA-Z0-9]+", job.config_key):
         raise ValueError(f"config file name {job.config_key!r} is not a valid ConfigMap key")
     _check_command_and_config(job)
@@ -230,7 +244,8 @@ def _check_command_and_config(job: K8sJob) -> None:
     """Parses the command with the CLI's parser and loads the config as the ranks will: a typo fails here,
     not after N pods have been scheduled and have started their Ray runtimes."""
     from cstwa_dist.cli import build_parser
-    from cstwa_dist.config import ConfigError, load_config
+    from cstwa_dist.config import ConfigError
+    from cstwa_dist.registry import load_config  # checks the models' own settings too
 
     if any(t == "--config" or t.startswith("--config=") for t in job.command):
         raise ValueError("--command must not contain --config: the renderer passes the ConfigMap's file")
@@ -239,14 +254,18 @@ def _check_command_and_config(job: K8sJob) -> None:
     raw = yaml.safe_load(job.config.read_text()) or {}
     secrets = _secret_keys(raw)
     if secrets:
-        raise ValueError(f"{job.config}: keys {secrets} look like credentials; a ConfigMap is not the place "
-                         "for them (use a Secret mounted separately)")
+        raise ValueError(
+            f"{job.config}: keys {secrets} look like credentials; a ConfigMap is not the place "
+            "for them (use a Secret mounted separately)"
+        )
     argv = [*job.command, "--config", str(job.config)]
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # argparse has already written its message to stderr
-        raise ValueError(f"--command {shlex.join(job.command)!r} is not a cstwa-dist command that takes "
-                         "--config (pretrain, train, experiment; see `cstwa-dist --help`)") from e
+        raise ValueError(
+            f"--command {shlex.join(job.command)!r} is not a cstwa-dist command that takes "
+            "--config (pretrain, train, experiment; see `cstwa-dist --help`)"
+        ) from e
     try:
         cfg = load_config(job.config, getattr(args, "overrides", None))
     except ConfigError as e:
@@ -260,13 +279,17 @@ def _check_command_and_config(job: K8sJob) -> None:
     for key, path in reads.items():
         p = _normpath(job.workdir, path)
         if not (_under(p, data) or _under(p, runs)):
-            raise ValueError(f"{key} = {path!r} resolves to {p}, outside the data ({data}) and runs ({runs}) "
-                             "volumes; the pods could not read it")
+            raise ValueError(
+                f"{key} = {path!r} resolves to {p}, outside the data ({data}) and runs ({runs}) "
+                "volumes; the pods could not read it"
+            )
     for key, path in writes.items():
         p = _normpath(job.workdir, path)
         if not _under(p, runs):
-            raise ValueError(f"{key} = {path!r} resolves to {p}, outside the runs volume ({runs}); the pods' "
-                             "root filesystem is read-only")
+            raise ValueError(
+                f"{key} = {path!r} resolves to {p}, outside the runs volume ({runs}); the pods' "
+                "root filesystem is read-only"
+            )
 
 
 def _env(job: K8sJob) -> list[dict[str, Any]]:
@@ -380,8 +403,10 @@ def build_objects(job: K8sJob) -> list[dict[str, Any]]:
         pod_spec["imagePullSecrets"] = [{"name": job.image_pull_secret}]
     pod_spec["containers"] = [container]
     pod_spec["volumes"] = [
-        {"name": "config",
-         "configMap": {"name": job.configmap, "items": [{"key": job.config_key, "path": job.config_key}]}},
+        {
+            "name": "config",
+            "configMap": {"name": job.configmap, "items": [{"key": job.config_key, "path": job.config_key}]},
+        },
         {"name": "data", "persistentVolumeClaim": {"claimName": job.data_pvc, "readOnly": True}},
         {"name": "runs", "persistentVolumeClaim": {"claimName": job.runs_pvc}},
         {"name": "tmp", "emptyDir": {"sizeLimit": job.tmp_size}},
@@ -413,71 +438,113 @@ def render(job: K8sJob) -> list[dict[str, Any]]:
 # emit comments, and the manifests are read by people deciding whether to apply them.
 _NOTES: dict[str, list[tuple[str, int, str]]] = {
     "ConfigMap": [
-        ("immutable", 0,
-         f"The config every node reads (mounted at {CONFIG_DIR}, passed as --config). Immutable, so a "
-         "replacement pod can never read another config than its peers: to change it, delete the job and "
-         "apply again. No secrets here: the renderer refuses credential-like keys; credentials belong in "
-         "a Secret mounted separately."),
+        (
+            "immutable",
+            0,
+            f"The config every node reads (mounted at {CONFIG_DIR}, passed as --config). Immutable, so a "
+            "replacement pod can never read another config than its peers: to change it, delete the job and "
+            "apply again. No secrets here: the renderer refuses credential-like keys; credentials belong in "
+            "a Secret mounted separately.",
+        ),
     ],
     "Service": [
-        ("clusterIP", 0,
-         "Headless: no virtual IP; DNS answers <job>-<index>.<service> with that pod's own address (the "
-         "pods set subdomain: <service>). The rendezvous is pod 0's TCP store: it must be reached "
-         "directly, not through a load-balanced VIP."),
-        ("publishNotReadyAddresses", 0,
-         "Publish each pod's address as soon as it has one: the rendezvous happens at start-up, before "
-         "and regardless of readiness."),
+        (
+            "clusterIP",
+            0,
+            "Headless: no virtual IP; DNS answers <job>-<index>.<service> with that pod's own address (the "
+            "pods set subdomain: <service>). The rendezvous is pod 0's TCP store: it must be reached "
+            "directly, not through a load-balanced VIP.",
+        ),
+        (
+            "publishNotReadyAddresses",
+            0,
+            "Publish each pod's address as soon as it has one: the rendezvous happens at start-up, before "
+            "and regardless of readiness.",
+        ),
     ],
     "Job": [
-        ("completionMode", 0,
-         "Indexed: pod i gets completion index i (its NODE_RANK) and the stable hostname <job>-i. "
-         "completions = parallelism = NNODES: all nodes run at once; the job succeeds when every index "
-         "has exited 0."),
-        ("backoffLimit", 0,
-         "Pod failures tolerated before the Job fails. 0 by default: there is no checkpoint/resume yet, "
-         "so a retried `train` starts again from epoch 0; `experiment` skips finished cells, so a few "
-         "retries (--backoff-limit) pay off there."),
-        ("podReplacementPolicy", 0,
-         "A failed pod is replaced only once it has fully terminated, so <job>-0's DNS name never "
-         "points at two pods (Kubernetes >= 1.29)."),
-        ("subdomain", 0,
-         "= the headless Service: with the Indexed Job's hostname <job>-<index> this makes "
-         "<job>-<index>.<service> resolvable in the namespace. setHostnameAsFQDN stays false: the short "
-         "name resolves through /etc/hosts and the DNS search path, and an FQDN hostname can pass the "
-         "64-character limit."),
-        ("automountServiceAccountToken", 0,
-         "The trainer never calls the Kubernetes API: no token in the pod."),
-        ("securityContext", 0,
-         "Restricted Pod Security Standard: non-root uid/gid (the image's venv must be readable by it); "
-         "fsGroup makes the runs volume writable, OnRootMismatch avoids re-chowning a large volume at "
-         "every start."),
+        (
+            "completionMode",
+            0,
+            "Indexed: pod i gets completion index i (its NODE_RANK) and the stable hostname <job>-i. "
+            "completions = parallelism = NNODES: all nodes run at once; the job succeeds when every index "
+            "has exited 0.",
+        ),
+        (
+            "backoffLimit",
+            0,
+            "Pod failures tolerated before the Job fails. 0 by default: there is no checkpoint/resume yet, "
+            "so a retried `train` starts again from epoch 0; `experiment` skips finished cells, so a few "
+            "retries (--backoff-limit) pay off there.",
+        ),
+        (
+            "podReplacementPolicy",
+            0,
+            "A failed pod is replaced only once it has fully terminated, so <job>-0's DNS name never "
+            "points at two pods (Kubernetes >= 1.29).",
+        ),
+        (
+            "subdomain",
+            0,
+            "= the headless Service: with the Indexed Job's hostname <job>-<index> this makes "
+            "<job>-<index>.<service> resolvable in the namespace. setHostnameAsFQDN stays false: the short "
+            "name resolves through /etc/hosts and the DNS search path, and an FQDN hostname can pass the "
+            "64-character limit.",
+        ),
+        (
+            "automountServiceAccountToken",
+            0,
+            "The trainer never calls the Kubernetes API: no token in the pod.",
+        ),
+        (
+            "securityContext",
+            0,
+            "Restricted Pod Security Standard: non-root uid/gid (the image's venv must be readable by it); "
+            "fsGroup makes the runs volume writable, OnRootMismatch avoids re-chowning a large volume at "
+            "every start.",
+        ),
         ("tolerations", 0, "GPU nodes are usually tainted nvidia.com/gpu:NoSchedule."),
-        ("env", 0,
-         "launchers/torchrun.sh's contract. Every pod gets the same endpoint, pod 0 through the headless "
-         "Service: RDZV_ENDPOINT = MASTER_ADDR:MASTER_PORT. NODE_RANK = the completion index. With "
-         "RDZV_ENDPOINT set, torchrun.sh uses the c10d rendezvous (id JOB_ID, store hosted by NODE_RANK "
-         "0, MAX_RESTARTS in-place restarts of every node's workers); MASTER_ADDR, MASTER_PORT and "
-         "NODE_RANK alone are the static rendezvous. The node-local Ray runtime (ray start --head on "
-         "127.0.0.1) gets RAY_NUM_CPUS; HOME and caches point at /tmp: the root filesystem is read-only."),
-        ("resources", 0,
-         "One pod per node. nvidia.com/gpu (when present) = torchrun's --nproc_per_node. The memory limit "
-         "includes /dev/shm (tmpfs pages count once written). No CPU limit: throttling slows ranks "
-         "unevenly and the slowest rank sets every collective's pace."),
+        (
+            "env",
+            0,
+            "launchers/torchrun.sh's contract. Every pod gets the same endpoint, pod 0 through the headless "
+            "Service: RDZV_ENDPOINT = MASTER_ADDR:MASTER_PORT. NODE_RANK = the completion index. With "
+            "RDZV_ENDPOINT set, torchrun.sh uses the c10d rendezvous (id JOB_ID, store hosted by NODE_RANK "
+            "0, MAX_RESTARTS in-place restarts of every node's workers); MASTER_ADDR, MASTER_PORT and "
+            "NODE_RANK alone are the static rendezvous. The node-local Ray runtime (ray start --head on "
+            "127.0.0.1) gets RAY_NUM_CPUS; HOME and caches point at /tmp: the root filesystem is read-only.",
+        ),
+        (
+            "resources",
+            0,
+            "One pod per node. nvidia.com/gpu (when present) = torchrun's --nproc_per_node. The memory limit "
+            "includes /dev/shm (tmpfs pages count once written). No CPU limit: throttling slows ranks "
+            "unevenly and the slowest rank sets every collective's pace.",
+        ),
         ("securityContext", 1, "Nothing is written to the image: /tmp, /dev/shm and runs/ are volumes."),
-        ("startupProbe", 0,
-         "Same check as liveness; allows for the Ray start (RAY_START_TIMEOUT) and torchrun's start-up "
-         "before liveness counts."),
-        ("livenessProbe", 0,
-         "Alive = this pod's torchrun agent and its node-local Ray raylet both run (a /proc scan: no "
-         "Python, no network, milliseconds). It catches a Ray runtime that died under a live torchrun, "
-         "whose ranks would wait on their input stream. A hung collective (processes alive, no progress) "
-         "is not its job: the process group's timeout raises in the ranks, torchrun exits and the pod "
-         "fails."),
-        ("volumes", 0,
-         "config: the ConfigMap. data: the dataset PVC, read-only at <workdir>/data so the configs' "
-         "relative data/... paths work; runs: run dirs, graphs, checkpoints at <workdir>/runs. All pods "
-         "mount both: ReadOnlyMany/ReadWriteMany storage. tmp: /tmp (Ray's temp dir, logs, spilled "
-         "objects; HOME). shm: memory-backed /dev/shm for Ray's object store and NCCL."),
+        (
+            "startupProbe",
+            0,
+            "Same check as liveness; allows for the Ray start (RAY_START_TIMEOUT) and torchrun's start-up "
+            "before liveness counts.",
+        ),
+        (
+            "livenessProbe",
+            0,
+            "Alive = this pod's torchrun agent and its node-local Ray raylet both run (a /proc scan: no "
+            "Python, no network, milliseconds). It catches a Ray runtime that died under a live torchrun, "
+            "whose ranks would wait on their input stream. A hung collective (processes alive, no progress) "
+            "is not its job: the process group's timeout raises in the ranks, torchrun exits and the pod "
+            "fails.",
+        ),
+        (
+            "volumes",
+            0,
+            "config: the ConfigMap. data: the dataset PVC, read-only at <workdir>/data so the configs' "
+            "relative data/... paths work; runs: run dirs, graphs, checkpoints at <workdir>/runs. All pods "
+            "mount both: ReadOnlyMany/ReadWriteMany storage. tmp: /tmp (Ray's temp dir, logs, spilled "
+            "objects; HOME). shm: memory-backed /dev/shm for Ray's object store and NCCL.",
+        ),
     ],
 }
 
@@ -528,9 +595,11 @@ def manifest_files(job: K8sJob, objects: list[dict[str, Any]], command_line: str
         else:  # never annotate inside the embedded config
             head, _, rest = body.partition("\ndata:")
             body = _with_notes(head + "\n", notes) + "data:" + rest
-        header = (f"# cstwa-dist job {job.name!r}: {job.nodes} node(s) x {shape} - {kind}.\n"
-                  f"# Rendered by: {command_line}\n"
-                  "# Edit that command and render again rather than this file.\n")
+        header = (
+            f"# cstwa-dist job {job.name!r}: {job.nodes} node(s) x {shape} - {kind}.\n"
+            f"# Rendered by: {command_line}\n"
+            "# Edit that command and render again rather than this file.\n"
+        )
         files[FILE_NAMES[kind]] = header + body
     return files
 
@@ -544,13 +613,20 @@ def build_arg_parser() -> argparse.ArgumentParser:
     add = p.add_argument
     add("--name", required=True, help="job name (DNS label); pods are <name>-<index>")
     add("--nodes", type=int, required=True, help="pods = nodes = NNODES")
-    add("--gpus-per-node", type=int, required=True,
-        help="GPUs requested per pod = torchrun --nproc_per_node; 0 = CPU-only")
+    add(
+        "--gpus-per-node",
+        type=int,
+        required=True,
+        help="GPUs requested per pod = torchrun --nproc_per_node; 0 = CPU-only",
+    )
     add("--cpu-ranks", type=int, default=2, help="ranks per pod when --gpus-per-node is 0 (default 2)")
     add("--image", required=True, help="image holding the repository at --workdir and its venv")
     add("--config", type=Path, required=True, help="run config YAML; goes into the ConfigMap")
-    add("--command", required=True,
-        help='training command without --config, e.g. "train --model cstwa --set train.epochs=5"')
+    add(
+        "--command",
+        required=True,
+        help='training command without --config, e.g. "train --model cstwa --set train.epochs=5"',
+    )
     add("--data-pvc", required=True, help="PVC holding the datasets (read-only at <workdir>/data)")
     add("--runs-pvc", required=True, help="PVC for run dirs, graphs, checkpoints (<workdir>/runs)")
     add("--out", default="-", help="output folder, or - for stdout (default)")
@@ -559,8 +635,11 @@ def build_arg_parser() -> argparse.ArgumentParser:
     add("--venv", default=".venv", help="venv folder relative to --workdir (default .venv)")
     add("--port", type=int, default=29500, help="rendezvous port on pod 0 (default 29500)")
     add("--cpu", default=None, help="CPU request per pod (default: 4 per GPU or 1 per CPU rank, + Ray's)")
-    add("--memory", default=None,
-        help="memory request = limit per pod (default: 32Gi per GPU or 4Gi per CPU rank)")
+    add(
+        "--memory",
+        default=None,
+        help="memory request = limit per pod (default: 32Gi per GPU or 4Gi per CPU rank)",
+    )
     add("--shm-size", default=None, help="/dev/shm size (default: half of --memory)")
     add("--tmp-size", default="20Gi", help="/tmp size limit (default 20Gi)")
     add("--ray-cpus", type=int, default=None, help="RAY_NUM_CPUS (default: one per rank, at least 2)")
@@ -582,13 +661,31 @@ def job_from_args(args: argparse.Namespace) -> K8sJob:
             raise ValueError(f"--node-selector {item!r} must be KEY=VALUE")
         selector.append((key, value))
     return K8sJob(
-        name=args.name, nodes=args.nodes, gpus_per_node=args.gpus_per_node, image=args.image,
-        config=args.config, command=tuple(shlex.split(args.command)), data_pvc=args.data_pvc,
-        runs_pvc=args.runs_pvc, cpu_ranks=args.cpu_ranks, namespace=args.namespace, workdir=args.workdir,
-        venv=args.venv, port=args.port, cpu=args.cpu, memory=args.memory, shm_size=args.shm_size,
-        tmp_size=args.tmp_size, ray_cpus=args.ray_cpus, ray_start_timeout=args.ray_start_timeout,
-        max_restarts=args.max_restarts, backoff_limit=args.backoff_limit, uid=args.uid, gid=args.gid,
-        node_selector=tuple(selector), image_pull_secret=args.image_pull_secret,
+        name=args.name,
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        image=args.image,
+        config=args.config,
+        command=tuple(shlex.split(args.command)),
+        data_pvc=args.data_pvc,
+        runs_pvc=args.runs_pvc,
+        cpu_ranks=args.cpu_ranks,
+        namespace=args.namespace,
+        workdir=args.workdir,
+        venv=args.venv,
+        port=args.port,
+        cpu=args.cpu,
+        memory=args.memory,
+        shm_size=args.shm_size,
+        tmp_size=args.tmp_size,
+        ray_cpus=args.ray_cpus,
+        ray_start_timeout=args.ray_start_timeout,
+        max_restarts=args.max_restarts,
+        backoff_limit=args.backoff_limit,
+        uid=args.uid,
+        gid=args.gid,
+        node_selector=tuple(selector),
+        image_pull_secret=args.image_pull_secret,
     )
 
 
@@ -617,8 +714,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, text in files.items():
         atomic_write_text(folder / name, text)
         logger.info("wrote %s", folder / name)
-    logger.info("%d node(s) x %d rank(s): kubectl apply -f %s (see k8s/README.md)",
-                job.nodes, job.nproc, folder)
+    logger.info(
+        "%d node(s) x %d rank(s): kubectl apply -f %s (see k8s/README.md)", job.nodes, job.nproc, folder
+    )
     return 0
 
 

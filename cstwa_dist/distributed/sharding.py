@@ -221,6 +221,7 @@ def shard_model(
     )
     sharders = [RowWiseSharder()]
     plan = planner.collective_plan(module, sharders, dist.GroupMember.WORLD)
+    sum_embedding_gradients()
     dmp = DistributedModelParallel(module=module, device=env.device, plan=plan, sharders=sharders)
     sum_dense_gradients(dmp)
     dense = KeyedOptimizerWrapper(
@@ -242,14 +243,30 @@ def _allreduce_sum_hook(state, bucket):  # noqa: ANN001, ANN202 - DDP rejects st
     return work.get_future().then(lambda fut: fut.value()[0])
 
 
+def sum_embedding_gradients() -> None:
+    """Makes TorchRec's embedding collectives pass gradients back SUMMED over ranks, not averaged.
+
+    Each rank's loss is its share of the global batch's mean (``losses/common.py``), so the gradient
+    of one process on the concatenated batch is the SUM of the ranks' gradients. TorchRec's pooled
+    all-to-all and reduce-scatter divide the gradient they pass back by the world size by default (to
+    match DDP's averaging), which would give every table 1/W of it. Row-wise Adagrad's per-row
+    normalisation hides a constant factor in rows whose gradients stand well above its ``eps``, not in
+    rows with small gradients (the mixture-of-experts baselines' tables: the 1-vs-2-rank check in
+    tests/distributed/test_dmp.py). The switch is TorchRec's process-wide flag, read at every lookup.
+    """
+    from torchrec.distributed.comm_ops import set_gradient_division
+
+    set_gradient_division(False)
+
+
 def sum_dense_gradients(dmp: DistributedModelParallel) -> int:
     """Makes DDP SUM dense gradients over ranks instead of averaging them; returns the hooks installed.
 
     Each rank's loss is its share of the global batch's mean (``losses/common.py``), so the gradient
-    of one process on the concatenated batch is the SUM of the ranks' gradients. The sharded embedding
-    tables already get that sum (their backward adds every rank's lookups of a row); with DDP's
-    default averaging the dense parameters would get 1/W of it, and one real row in a rank's partial
-    batch would weigh as much as a full batch elsewhere.
+    of one process on the concatenated batch is the SUM of the ranks' gradients; the embedding tables
+    get that sum through :func:`sum_embedding_gradients`. With DDP's default averaging the dense
+    parameters would get 1/W of it, and one real row in a rank's partial batch would weigh as much as
+    a full batch elsewhere.
     """
     from torch.nn.parallel import DistributedDataParallel
 

@@ -34,11 +34,11 @@ from typing import Any
 
 import numpy as np
 
-from cstwa_dist.config import RunConfig, flat_settings, flatten, settings_differences, with_overrides
+from cstwa_dist.config import RunConfig, flat_settings, flatten, settings_differences
 from cstwa_dist.distributed.collectives import broadcast_object
 from cstwa_dist.distributed.env import init_distributed
 from cstwa_dist.fs import atomic_write_json, atomic_write_text
-from cstwa_dist.registry import get_model_spec
+from cstwa_dist.registry import default_config, get_model_spec, recorded_settings, with_overrides
 from cstwa_dist.train.pretrain import (
     mining_settings,
     pretrain_structure,
@@ -56,9 +56,9 @@ SWEEP_KEYS = {
 }
 COMPONENTS = ("SM", "CP", "CE")
 _COMPONENT_KEYS = {
-    "SM": "model.structure_migrator",
-    "CP": "model.click_perceptron",
-    "CE": "model.curse_escaper",
+    "SM": "models.cstwa.structure_migrator",
+    "CP": "models.cstwa.click_perceptron",
+    "CE": "models.cstwa.curse_escaper",
 }
 # Table 3's rows: MLP, each component alone, each pair, all three (the paper's order)
 ABLATION_ROWS: list[tuple[str, ...]] = [
@@ -116,16 +116,23 @@ def parse_sweep(spec: str) -> tuple[str, str, list[Any]]:
 def _model_overrides(flag: str, spec: str, rest: str) -> tuple[str, tuple[str, ...]]:
     """``MODEL:section.key=value[;section.key=value]`` (``rest`` of ``flag``'s ``spec``) → (model,
     overrides); overrides are separated by ``;`` (values may hold commas, e.g. lists). The model must
-    be registered: unknown names fail before anything runs."""
+    be registered: unknown names fail before anything runs. A model's own settings are
+    ``models.MODEL.key=value``; another model's (``cstwa:models.ple.levels=3``) would change nothing
+    in this model's cells but their ids, so it is refused as the slip it is."""
     model, sep, overrides = rest.partition(":")
-    if not sep or not model.strip():
+    model = model.strip()
+    if not sep or not model:
         raise ValueError(f"{flag} {spec!r}: expected MODEL:section.key=value[;section.key=value]")
     ov = tuple(o.strip() for o in overrides.split(";") if o.strip())
     bad = [o for o in ov if "=" not in o or "." not in o.partition("=")[0]]
     if not ov or bad:
         raise ValueError(f"{flag} {spec!r}: overrides must be section.key=value, got {bad or 'none'}")
-    get_model_spec(model.strip())
-    return model.strip(), ov
+    get_model_spec(model)
+    for o in ov:
+        parts = o.partition("=")[0].strip().split(".")
+        if parts[0] == "models" and parts[1] != model:
+            raise ValueError(f"{flag} {spec!r}: {o!r} sets {parts[1]}'s own settings, not {model}'s")
+    return model, ov
 
 
 def parse_variant(spec: str) -> tuple[str, str, tuple[str, ...]]:
@@ -239,17 +246,27 @@ _OPERATIONAL = {
 }
 
 
-def stale_settings(run_dir: Path, cfg: RunConfig) -> list[str]:
+def stale_settings(run_dir: Path, cfg: RunConfig, model: str | None = None) -> list[str]:
     """How a finished cell's recorded config differs from the one it would run with now.
 
     Cells are named by model, overrides and seed only, so an experiment re-run with another base
     config (a changed YAML, another ``--set``, new code defaults) would otherwise reuse results that
     were computed differently. Keys the cell did not record (written before the key existed) count
-    as the default. Operational keys (paths, logging, checkpoint cadence) are ignored.
+    as the default; keys recorded under a former name are read under today's
+    (``registry.recorded_settings``). Operational keys (paths, logging, checkpoint cadence) are
+    ignored, and so, given the cell's ``model``, are the other models' own settings
+    (``models.<other>.*``): they cannot change its results.
     """
-    recorded = flatten(json.loads((run_dir / "metrics.json").read_text()).get("config", {}))
-    wanted = {k: v for k, v in flat_settings(cfg).items() if k not in _OPERATIONAL}
-    return settings_differences(recorded, wanted, fallback=flat_settings(RunConfig()))
+    recorded = recorded_settings(
+        flatten(json.loads((run_dir / "metrics.json").read_text()).get("config", {}))
+    )
+    wanted = {
+        k: v
+        for k, v in flat_settings(cfg).items()
+        if k not in _OPERATIONAL
+        and not (model is not None and k.startswith("models.") and not k.startswith(f"models.{model}."))
+    }
+    return settings_differences(recorded, wanted, fallback=flat_settings(default_config()))
 
 
 def run_experiment(
@@ -271,7 +288,7 @@ def run_experiment(
         for c in unique:
             run_dir = out / "cells" / c.cell_id
             if (run_dir / "metrics.json").exists():
-                diff = stale_settings(run_dir, configs[c.cell_id])
+                diff = stale_settings(run_dir, configs[c.cell_id], c.model)
                 if diff:
                     stale.append(f"{run_dir}: {'; '.join(diff)}")
     stale = broadcast_object(stale)
@@ -289,7 +306,8 @@ def run_experiment(
             continue
         cfg = configs[cell.cell_id]
         graph_dir = cfg.structure.graph_dir
-        if get_model_spec(cell.model).needs_graphs(cfg.model):
+        mspec = get_model_spec(cell.model)
+        if mspec.needs_graphs(cfg.model, cfg.structure, settings=mspec.settings_in(cfg)):
             if broadcast_object(structure_complete(graph_dir)):
                 problem = broadcast_object(structure_mismatch(graph_dir, cfg) if env.is_main else None)
                 if problem:
@@ -352,7 +370,8 @@ def instrument_report(base: RunConfig, cells: list[Cell], out: Path) -> dict[str
     dirs: dict[str, tuple[int, int]] = {}
     for cell in {c.cell_id: c for c in cells}.values():
         cfg = cell_config(base, cell, out)
-        if get_model_spec(cell.model).needs_graphs(cfg.model):
+        mspec = get_model_spec(cell.model)
+        if mspec.needs_graphs(cfg.model, cfg.structure, settings=mspec.settings_in(cfg)):
             dirs.setdefault(cfg.structure.graph_dir, (cell.seed, cfg.structure.k))
     graphs: list[dict[str, Any]] = []
     for gd, (seed, k) in sorted(dirs.items(), key=lambda kv: (kv[1][1], kv[1][0])):

@@ -52,9 +52,7 @@ class TwoTaskLoss(nn.Module):
         """``[B]`` per-sample weights of the purchase BCE, or None for all ones."""
         return None
 
-    def task_terms(
-        self, out: ModelOutput, batch: Batch
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def task_terms(self, out: ModelOutput, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(L_ctr, L_purchase, global real-row count)``; the losses are this rank's shares."""
         if out.purchase_logit is None:
             raise ValueError(f"{type(self).__name__} needs a purchase logit")

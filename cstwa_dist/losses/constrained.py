@@ -45,7 +45,10 @@ class AITMLoss(ConstrainedLoss):
 
 
 class CSTWALoss(ConstrainedLoss):
-    """Eq. 20: ``L = w_ctr·L_ctr + w_cvr·L_cvr + w_c·L_c`` with the Curse Escaper's weights in ``L_cvr``."""
+    """Eq. 20: ``L = w_ctr·L_ctr + w_cvr·L_cvr + w_c·L_c`` with the Curse Escaper's weights in ``L_cvr``.
+
+    ``curse_escaper``: CSTWA's own switch (``models.cstwa.curse_escaper``), passed by the registry.
+    """
 
     def __init__(self, cfg: LossConfig, curse_escaper: bool, comm: Collectives = LOCAL) -> None:
         super().__init__(cfg, comm)

@@ -21,6 +21,7 @@ from cstwa_dist.config import ModelConfig
 from cstwa_dist.data.spec import DatasetSpec
 from cstwa_dist.models.base import SharedBottom
 from cstwa_dist.models.outputs import ModelOutput
+from cstwa_dist.models.settings import AITMSettings
 
 
 class AttentionInfoTransfer(nn.Module):
@@ -51,9 +52,19 @@ class AttentionInfoTransfer(nn.Module):
 
 
 class AITM(SharedBottom):
-    """Shared embeddings → click tower, purchase tower; AIT fuses transferred click info into purchase."""
+    """Shared embeddings → click tower, purchase tower; AIT fuses transferred click info into purchase.
 
-    def __init__(self, spec: DatasetSpec, cfg: ModelConfig, device: torch.device | None = None) -> None:
+    ``settings``: AITM's own (``models.aitm``: the AIT width ``k``).
+    """
+
+    def __init__(
+        self,
+        spec: DatasetSpec,
+        cfg: ModelConfig,
+        device: torch.device | None = None,
+        settings: AITMSettings | None = None,
+    ) -> None:
+        settings = settings or AITMSettings()
         super().__init__(spec, cfg, device, conversion_layer=False)
         # Transfer MLP: maps the click tower's output into the purchase tower's space (same width), so
         # the AIT projections can be shared by both inputs. Gradients flow back into the click tower:
@@ -61,7 +72,7 @@ class AITM(SharedBottom):
         self.info_transfer = nn.Sequential(
             nn.Linear(self.click_tower.out_dim, self.conversion_tower.out_dim, device=device), nn.ReLU()
         )
-        self.ait = AttentionInfoTransfer(self.conversion_tower.out_dim, cfg.ait_dim, device)
+        self.ait = AttentionInfoTransfer(self.conversion_tower.out_dim, settings.ait_dim, device)
         self.conversion_layer = nn.Linear(self.ait.out_dim, 1, device=device)
 
     def attention(self, features: KeyedJaggedTensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ and materialised by DistributedModelParallel (no process-group or rank logic in 
 from __future__ import annotations
 
 import math
+from typing import get_args
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +16,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from cstwa_dist.config import ContextPooling
 from cstwa_dist.data.spec import DatasetSpec, FieldSpec
 
 
@@ -157,12 +159,14 @@ class FieldEmbeddings(nn.Module):
         dim: int,
         device: torch.device | None,
         fields: list[str] | None = None,
-        context_pooling: str = "mean",
+        context_pooling: ContextPooling = "mean",
         init_std: float = 0.0,
     ) -> None:
         super().__init__()
-        if context_pooling not in ("mean", "concat"):
-            raise ValueError(f"context_pooling must be mean or concat, got {context_pooling!r}")
+        if context_pooling not in get_args(ContextPooling):
+            raise ValueError(
+                f"context_pooling must be one of {get_args(ContextPooling)}, got {context_pooling!r}"
+            )
         self.context_pooling = context_pooling
         keep = set(spec.names if fields is None else fields)
         unknown = keep - set(spec.names)

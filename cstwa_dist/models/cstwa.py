@@ -33,6 +33,7 @@ from cstwa_dist.config import ModelConfig, StructureConfig
 from cstwa_dist.data.spec import DatasetSpec
 from cstwa_dist.models.base import SeparateEmbeddings, SideViews, input_width
 from cstwa_dist.models.blocks import FieldEmbeddings, InfoLayer, embedding_collection, init_bounds
+from cstwa_dist.models.settings import CSTWASettings
 
 STRUCTURE_COLLECTION = "structure_embeddings"  # attribute holding U and I (or P, reading b)
 SIDE_COLLECTION = "cvr_side_embeddings"  # CVR tables of the non-id side fields (reading a, Eq. 8 only)
@@ -45,6 +46,7 @@ class CSTWA(SeparateEmbeddings):
 
     ``structure`` is the run's ``structure`` section: the SM reading decides which tables the CVR
     collection holds and, for reading (b), ``β`` enters the forward. Default: the paper's (reading a).
+    ``settings``: CSTWA's own (``models.cstwa``: the SM/CP/CE switches, the Info Layer's widths).
     """
 
     def __init__(
@@ -53,10 +55,12 @@ class CSTWA(SeparateEmbeddings):
         cfg: ModelConfig,
         device: torch.device | None = None,
         structure: StructureConfig | None = None,
+        settings: CSTWASettings | None = None,
     ) -> None:
         structure = structure or StructureConfig()
-        self.use_sm = cfg.structure_migrator
-        self.use_cp = cfg.click_perceptron
+        self.settings = settings or CSTWASettings()
+        self.use_sm = self.settings.structure_migrator
+        self.use_cp = self.settings.click_perceptron
         self.recomputed = self.use_sm and structure.sm_reading == "recomputed"
         self.beta = structure.beta
         self.user_key, self.item_key = spec.user_id, spec.item_id
@@ -99,7 +103,7 @@ class CSTWA(SeparateEmbeddings):
     def build_transfer(self, spec: DatasetSpec, cfg: ModelConfig, device: torch.device | None) -> None:
         if self.use_cp:
             x_dim = input_width(spec, cfg)
-            self.info_layer = InfoLayer(self.click_tower.out_dim, x_dim, cfg.info_layer, device)
+            self.info_layer = InfoLayer(self.click_tower.out_dim, x_dim, self.settings.info_layer, device)
 
     def cvr_input(self, features: KeyedJaggedTensor, cvr: SideViews) -> torch.Tensor:
         """``x_cvr`` per SM reading (``[B, (M_u + M_i)·D + ctx]`` in every variant).

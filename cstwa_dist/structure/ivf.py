@@ -1,10 +1,13 @@
 """Distributed cosine kNN over row-sharded representations: Faiss IVF per shard, queries on a ring.
 
-Why: the reference path (``readout`` all-gathers every representation, rank 0 runs an exact
-``IndexFlatIP``) costs ``N²·d`` on one rank and ``N·d`` floats of memory on every rank; at 30M users
-that is hours on rank 0 while the other ranks sit in a barrier. Here representation rows stay where
-they were read out: rank ``r`` holds rows ``[lo_r, hi_r)`` (ranges are an input; uneven ranges are
-allowed, empty ones too). Nothing of size ``N·d`` is ever gathered.
+Why: a graph of 30M users cannot be mined on one rank. Exact search costs ``N²·d`` multiply-adds, and
+collecting the representations in one place would put ``N·d`` floats on it. So the rows stay where
+they were read out: ``migrator.mine_structure`` reads out, on every rank, the representations of its
+own row block only (``readout.side_representations``) and passes them here as ``x_local``, rank ``r``
+holding rows ``[lo_r, hi_r)`` (the ranges are an input; uneven and empty ones are allowed). Each rank
+gets back the kNN lists of its own rows, and ``sharded_graph.shard_from_knn`` turns them into its
+rows of ``Â`` on the same rank: neither the rows (``N·d``) nor the lists (``N·k``) are gathered
+anywhere.
 
 Algorithm (docs/structure-scaling.md):
 
@@ -26,7 +29,8 @@ Algorithm (docs/structure-scaling.md):
 3. **Same semantics as** :func:`~cstwa_dist.structure.knn.exact_knn`: cosine = inner product of
    L2-normalised rows (a zero row stays zero), scores are *not* clamped here (Eq. 4's clamp is
    ``knn_to_adjacency``'s job), ``k`` is clipped to ``N``, and the query's own id is forced into slot
-   0 with :func:`~cstwa_dist.structure.knn.ensure_self_first` (docs/method.md §1.4 Decision), so graphs
+   0 with :func:`~cstwa_dist.structure.knn.ensure_self_first` (docs/method.md §1.4 Decision; applied
+   to the lists in place, ``block_rows`` rows at a time), so graphs
    built from either path are comparable. With PQ the candidates are re-scored with exact inner
    products on the owning rank, so graph weights are exact cosines either way.
 4. **Recall@k** against exact search on a small seeded sample of queries (default 1,000), searched
@@ -35,13 +39,11 @@ Algorithm (docs/structure-scaling.md):
 ``IVFParams(exact=True)`` runs the exact search through the same ring (brute force per shard): the
 ``nprobe = nlist`` limit, used as the reference in tests and for recall.
 
-**Per-rank memory** (``n_r`` own rows, ``b`` = ``block_rows``, ``d`` width, ``p`` = ``nprobe``):
-the normalised shard ``n_r·d·4`` B; its index: IVF-Flat ``n_r·(d·4 + 8)``, IVF-PQ ``n_r·(pq_m + 8)``,
-plus the centroids ``nlist·d·4``; exactly **one** foreign query block at a time, ``b·(d·4 + p·12)``;
-the foreign block's results ``b·k·12`` and one returned result block ``b·k·12``; the running top-``k``
-of the own rows ``n_r·k·12`` (plus a ``2k``-wide merge temporary per chunk). Rank 0 also holds the
-training sample ``nlist·train_per_list·d·4`` while it trains. The caller's raw ``x_local`` is not
-counted (it is normalised into a float32 copy in ``block_rows`` chunks).
+**Per-rank memory** is :func:`per_rank_memory`'s (the one source: ``bench knn`` and the dry run
+both ask it): the normalised shard, its index, one foreign query block with its results, the running
+top-``k`` of the own rows, and on rank 0 the quantizer's training sample (:func:`knn_memory`).
+Nothing is of size ``N``; the caller's raw ``x_local`` is not counted (it is normalised into a
+float32 copy in ``block_rows`` chunks).
 
 Faiss ships no type hints; the small functions prefixed ``_faiss_`` add them at the edge.
 On a machine where ``faiss.get_num_gpus() > 0`` the shard index and the flat search run on the
@@ -65,25 +67,35 @@ import torch.distributed as dist
 from cstwa_dist.distributed.exchange import all_reduce_ints
 from cstwa_dist.distributed.exchange import world as _world
 from cstwa_dist.structure.knn import ensure_self_first, l2_normalise
+from cstwa_dist.structure.memory import MemoryItem
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "BLOCK_ROWS",
     "IVFParams",
     "KnnResult",
     "RingStats",
     "auto_nlist",
     "distributed_knn",
     "even_ranges",
-    "gather_knn_lists",
+    "knn_memory",
     "merge_topk",
     "per_rank_bytes",
+    "per_rank_memory",
+    "quantizer_sample_rows",
     "recall_counts",
     "recall_sample_ids",
+    "resolve_cells",
+    "ring_madds",
 ]
 
 #: Faiss's score for "no result" with an inner-product metric (finite, so graphs accept it).
 MISSING_SCORE = np.float32(-np.finfo(np.float32).max)
+
+#: Default rows of a query block on the ring (``distributed_knn(block_rows=...)``): it bounds the one
+#: foreign block a rank holds, its results, and the merge and self-first temporaries.
+BLOCK_ROWS = 65536
 
 
 @dataclass(frozen=True)
@@ -193,22 +205,154 @@ def _check_ranges(ranges: Sequence[tuple[int, int]], world: int) -> int:
     return pos
 
 
-def per_rank_bytes(
-    rows: int, d: int, k: int, *, nlist: int, nprobe: int, block_rows: int, pq_m: int = 0
-) -> dict[str, int]:
-    """What :func:`distributed_knn` allocates on a rank holding ``rows`` rows (the module doc's
-    formula), by item; ``nlist = 0`` means the exact (flat) search. Used by ``bench knn`` and for
-    projections (docs/structure-scaling.md)."""
+def per_rank_memory(
+    rows: int,
+    d: int,
+    k: int,
+    *,
+    nlist: int,
+    nprobe: int,
+    block_rows: int = BLOCK_ROWS,
+    pq_m: int = 0,
+) -> list[MemoryItem]:
+    """What :func:`distributed_knn` allocates on a rank holding ``rows`` rows of width ``d`` (``w`` in
+    the formulas), item by item; ``nlist = 0`` means the exact (flat) search. Rank 0's training sample is
+    :func:`knn_memory`'s. With ``n_r = rows`` and ``b = min(block_rows, n_r)``, the largest query
+    block (``_ring_search`` cuts every rank's queries into chunks of at most ``block_rows``):
+
+    * ``shard``: the L2-normalised copy of the rows the rank searches against, ``n_r·w·4``;
+    * ``index``: the shard's IVF lists, float rows ``n_r·(w·4 + 8)`` (IVF-PQ: ``pq_m``-byte codes,
+      ``n_r·(pq_m + 8)``), plus the shared centroids ``nlist·w·4``; none for the exact search;
+    * ``foreign_block``: the one foreign query block a rank holds at a time (``RingStats`` checks
+      there is never a second) with its coarse assignment, ``b·(w·4 + nprobe·12)`` (exact: ``b·w·4``);
+    * ``result_blocks``: that block's per-shard top-``k`` and the top-``k`` returned for the own
+      chunk, ``2·b·k·12`` (IVF-PQ re-scores ``refine·k`` candidates per query first: a few more
+      ``b``-sized temporaries, not counted);
+    * ``own_topk``: the running top-``k`` of the own rows, ``n_r·k·12`` (``best_s``/``best_i`` of
+      ``_ring_search``), plus ``b·k·52`` for one block's merge (``merge_topk``: the ``2k``-wide
+      candidates, their sort key and order, the merged rows) or self-first pass
+      (``ensure_self_first``'s copies, key and order, about ``b·k·42``).
+
+    The own lists are counted once, not twice: ``distributed_knn`` applies the self-first rule to the
+    running top-``k`` in place, ``block_rows`` rows at a time, and returns those arrays, so no second
+    list of the rank's size ever exists (a single ``ensure_self_first`` call on all rows would add
+    ``n_r·k·42`` B of copies and result, measured). The sum is an upper bound of the peak: the search
+    items are freed before the self-first pass.
+    """
     block = min(block_rows, rows)
-    out = {
-        "shard": rows * d * 4,
-        "index": 0 if nlist == 0 else rows * ((pq_m if pq_m else d * 4) + 8) + nlist * d * 4,
-        "foreign_block": block * (d * 4 + (nprobe * 12 if nlist else 0)),
-        "result_blocks": 2 * block * k * 12,
-        "own_topk": rows * k * 12 + block * 2 * k * 12,
-    }
-    out["total"] = sum(out.values())
+    exact = nlist == 0
+    items = [MemoryItem("shard", "normalised copy", rows * d * 4, "n_r·w·4")]
+    if not exact:
+        per_row, formula = (pq_m, "n_r·(pq_m+8) + nlist·w·4") if pq_m else (d * 4, "n_r·(w·4+8) + nlist·w·4")
+        items.append(
+            MemoryItem(
+                "index",
+                "IVF-PQ index" if pq_m else "IVF-flat index",
+                rows * (per_row + 8) + nlist * d * 4,
+                formula,
+                detail="+ centroids",
+            )
+        )
+    items += [
+        MemoryItem(
+            "foreign_block",
+            "foreign query block",
+            block * (d * 4 + (0 if exact else nprobe * 12)),
+            "b·w·4" if exact else "b·(w·4 + nprobe·12)",
+        ),
+        MemoryItem(
+            "result_blocks", "result blocks", 2 * block * k * 12, "2·b·k·12", detail="foreign + returned"
+        ),
+        MemoryItem(
+            "own_topk",
+            "own running top-k",
+            rows * k * 12 + block * k * 52,
+            "n_r·k·12 + b·k·52",
+            detail="+ one block's merge",
+        ),
+    ]
+    return items
+
+
+def per_rank_bytes(
+    rows: int, d: int, k: int, *, nlist: int, nprobe: int, block_rows: int = BLOCK_ROWS, pq_m: int = 0
+) -> dict[str, int]:
+    """:func:`per_rank_memory` as ``{key: bytes}`` plus ``total`` (``index`` is 0 for the exact
+    search), the form ``bench knn`` records next to the measured peak."""
+    items = per_rank_memory(rows, d, k, nlist=nlist, nprobe=nprobe, block_rows=block_rows, pq_m=pq_m)
+    out = {"shard": 0, "index": 0} | {i.key: i.bytes for i in items}
+    out["total"] = sum(i.bytes for i in items)
     return out
+
+
+def resolve_cells(params: IVFParams, n_total: int) -> tuple[int, int]:
+    """``(nlist, nprobe)`` as :func:`distributed_knn` runs them for ``n_total`` rows: ``(0, 0)`` for
+    the exact search, else ``params.nlist`` (0: :func:`auto_nlist`) capped at ``n_total`` and
+    ``params.nprobe`` capped at ``nlist``."""
+    if params.exact:
+        return 0, 0
+    nlist = min(params.nlist or auto_nlist(n_total), n_total)
+    return nlist, min(params.nprobe, nlist)
+
+
+def quantizer_sample_rows(n_total: int, nlist: int, train_per_list: int) -> int:
+    """Rows of the quantizer's training sample: ``nlist·train_per_list``, at most ``n_total``; 0 for
+    the exact search (``nlist = 0``)."""
+    return min(nlist * train_per_list, n_total) if nlist else 0
+
+
+def knn_memory(
+    params: IVFParams,
+    n_total: int,
+    rows: int,
+    d: int,
+    k: int,
+    *,
+    block_rows: int = BLOCK_ROWS,
+    rank0: bool = False,
+) -> list[MemoryItem]:
+    """Per-rank memory of ``distributed_knn(x_local, ranges, k, params, block_rows=block_rows)`` on a
+    rank holding ``rows`` of ``n_total`` rows: :func:`per_rank_memory` with the settings it resolves
+    (:func:`resolve_cells`, ``k`` clipped to ``n_total``), and with ``rank0`` the quantizer's
+    training sample of ``s`` = :func:`quantizer_sample_rows` rows (``min(nlist·train_per_list, N)``).
+    Gathering it
+    (``_gather_rows_to_rank0``), rank 0 holds its own sampled rows and their padded copy (about
+    ``s·n_r/N`` rows each: the sample is uniform by global id), every rank's part (``s`` rows) and
+    their concatenation (``s``) at once: ``(2·s + 2·s·n_r/N)·w·4``. Faiss's k-means afterwards needs
+    the sample and ``12·s`` B of assignments, less. On one rank nothing is gathered: the sample's
+    copy, ``s·w·4``.
+    """
+    nlist, nprobe = resolve_cells(params, n_total)
+    items = per_rank_memory(
+        rows, d, min(k, n_total), nlist=nlist, nprobe=nprobe, block_rows=block_rows, pq_m=params.pq_m
+    )
+    sample = quantizer_sample_rows(n_total, nlist, params.train_per_list)
+    if rank0 and sample:
+        if rows >= n_total:
+            held, formula = sample, "s·w·4"
+        else:
+            held, formula = 2 * sample + 2 * -(-sample * rows // n_total), "(2·s + 2·s·n_r/N)·w·4"
+        items.append(
+            MemoryItem(
+                "train_sample",
+                "IVF training sample",
+                held * d * 4,
+                formula,
+                detail=f"nlist={nlist:,}: s = {sample:,} rows",
+                rank0_only=True,
+            )
+        )
+    return items
+
+
+def ring_madds(n_total: int, rows: int, d: int, *, nlist: int, nprobe: int) -> int:
+    """Multiply-adds of the ring search on a rank holding ``rows`` rows: every rank searches all
+    ``N`` queries against its shard. Exact (``nlist = 0``): ``N·n_r·w``. IVF visits ``nprobe/nlist``
+    of the shard per query, plus the coarse assignment of its own rows against the centroids:
+    ``N·n_r·w·nprobe/nlist + n_r·nlist·w``."""
+    if nlist == 0:
+        return n_total * rows * d
+    return n_total * rows * d * nprobe // nlist + rows * nlist * d
 
 
 def auto_nlist(n: int) -> int:
@@ -530,21 +674,16 @@ def _gather_rows_to_rank0(rows: np.ndarray, device: torch.device) -> np.ndarray 
     return np.concatenate([p[:c].cpu().numpy() for p, c in zip(parts, counts, strict=True)])
 
 
-def gather_knn_lists(
-    result: KnnResult, device: torch.device | None = None
-) -> tuple[np.ndarray, np.ndarray] | None:
-    """All ranks' lists in row order on rank 0 (``None`` elsewhere): ``[N, k]`` scores and ids.
-
-    What ``pretrain`` needs to write today's single-file graph (``knn_to_adjacency`` →
-    ``normalise_adjacency`` → ``save_graph`` on rank 0): ``N·k·12`` bytes on rank 0 (2.9 GB at 30M
-    users, k = 8) instead of ``N·d·4`` on every rank. Every rank must call it (a collective).
-    """
-    device = device or torch.device("cpu")
-    scores = _gather_rows_to_rank0(np.ascontiguousarray(result.scores), device)
-    indices = _gather_rows_to_rank0(np.ascontiguousarray(result.indices), device)
-    if scores is None or indices is None:
-        return None
-    return scores, indices
+def _self_first_in_place(
+    scores: np.ndarray, indices: np.ndarray, lo: int, self_scores: np.ndarray, chunk: int
+) -> None:
+    """:func:`~cstwa_dist.structure.knn.ensure_self_first` on the rank's lists ``chunk`` rows at a
+    time, written back in place. The rule is per row, so the lists equal one call on all rows; its
+    copies then cost ``chunk·k`` instead of ``n_r·k`` rows (see :func:`per_rank_memory`)."""
+    for a in range(0, scores.shape[0], chunk):
+        b = min(a + chunk, scores.shape[0])
+        ids = np.arange(lo + a, lo + b, dtype=np.int64)
+        scores[a:b], indices[a:b] = ensure_self_first(scores[a:b], indices[a:b], ids, self_scores[a:b])
 
 
 def _normalise_rows(x: np.ndarray, chunk: int) -> np.ndarray:
@@ -578,7 +717,7 @@ def distributed_knn(
     params: IVFParams | None = None,
     *,
     recall_queries: int = 1000,
-    block_rows: int = 65536,
+    block_rows: int = BLOCK_ROWS,
     device: torch.device | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> KnnResult:
@@ -625,10 +764,11 @@ def distributed_knn(
     nlist = nprobe = 0
     index = None
     if not params.exact:
-        nlist = min(params.nlist or auto_nlist(n_total), n_total)
-        nprobe = min(params.nprobe, nlist)
+        nlist, nprobe = resolve_cells(params, n_total)
         t0 = time.perf_counter()
-        sample_ids = recall_sample_ids(n_total, nlist * params.train_per_list, params.seed + 1)
+        sample_ids = recall_sample_ids(
+            n_total, quantizer_sample_rows(n_total, nlist, params.train_per_list), params.seed + 1
+        )
         mine = sample_ids[(sample_ids >= lo) & (sample_ids < hi)] - lo
         sample = _gather_rows_to_rank0(np.ascontiguousarray(xn[mine]), device)
         blob = _faiss_train_serialised(sample, nlist, params) if sample is not None else None
@@ -645,7 +785,7 @@ def distributed_knn(
 
     t0 = time.perf_counter()
     scores, indices, ring = _ring_search(xn, counts, searcher, k, block_rows, device)
-    scores, indices = ensure_self_first(scores, indices, np.arange(lo, hi, dtype=np.int64), self_scores)
+    _self_first_in_place(scores, indices, lo, self_scores, block_rows)
     timings["search_s"] = time.perf_counter() - t0
     say(f"kNN of {hi - lo} rows against {n_total} in {timings['search_s']:.1f}s ({ring.rounds} rounds)")
 

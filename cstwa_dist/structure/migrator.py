@@ -30,15 +30,15 @@ optimizer's per-row state (row-wise Adagrad's sum of squared gradients, Adam's m
 gradients a row has seen, and stays as it is. A row's next updates therefore keep the step size its
 history earned; resetting the state would give every smoothed row a burst of large steps.
 
-**Per-rank memory** (``n_r`` own rows, ``w`` table width, ``k`` neighbours, ``f_r`` distinct foreign
-neighbour rows, at most ``min(n_r·k, N − n_r)``): epoch boundary ``n_r·w`` (the propagated block) +
-``f_r·w`` (fetched rows) per layer + ``n_r·k·12`` B (own CSR rows); initialisation ``n_r·(w + M·8)``
-(``sm_init=pretrained``: ``n_r·w·4`` B, the block's rows of the memory map);
-mining as ``structure/ivf.py`` states plus ``n_r·(M·8 + w·4)``. Rank 0 also holds the IVF training
-sample (``nlist·39·w`` floats). Reading (b), at initialisation and every boundary: ``n_r·M·8`` B
-(the block's profiles) + ``n_r·w·4`` B (``R``, on the host, and once more on the table's device) +
-the propagation's ``f_r·w`` per layer and two ``n_r·w`` layer outputs, as above; ``P`` is written in
-place. Nothing of size ``N`` in either reading.
+**Per-rank memory.** Nothing of size ``N`` in either reading: every rank holds its block's rows
+and the foreign rows it fetches or serves. Each step states its own figure next to its code, and
+``cstwa-dist plan`` adds them up: mining is ``readout.readout_memory`` + ``ivf.knn_memory`` (rank 0
+also the quantizer's training sample) + ``sharded_graph.shard_build_memory``; training is
+``sharded_graph.propagator_memory`` (resident) + ``sharded_graph.migrate_memory`` (an epoch
+boundary, its mixing ``propagate.beta_update_memory``) and, at initialisation, ``readout_memory``
+(``sm_init=pretrained``: the block's rows of the memory map instead, ``n_r·w·4`` B). Reading (b)
+reads ``R`` out at every boundary too (on the host, and once more on the table's device) and
+propagates it like reading (a); ``P`` is written in place.
 """
 
 from __future__ import annotations

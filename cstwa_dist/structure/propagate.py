@@ -13,9 +13,11 @@ import math
 
 import torch
 
+from cstwa_dist.structure.memory import MemoryItem
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["beta_update", "propagate", "structure_migrate"]
+__all__ = ["beta_update", "beta_update_memory", "propagate", "structure_migrate"]
 
 
 def propagate(a_hat: torch.Tensor, x: torch.Tensor, layers: int) -> torch.Tensor:
@@ -61,6 +63,21 @@ def beta_update(x: torch.Tensor, x_prop: torch.Tensor, beta: float) -> torch.Ten
     if x.shape != x_prop.shape:
         raise ValueError(f"shape mismatch: x {tuple(x.shape)} vs x_prop {tuple(x_prop.shape)}")
     return (1.0 - beta) * x + beta * x_prop
+
+
+def beta_update_memory(rows: int, width: int, itemsize: int = 4) -> list[MemoryItem]:
+    """What :func:`beta_update` allocates on a block of ``n_r = rows`` rows of width ``w``, ``b`` =
+    ``itemsize`` bytes an element: ``(1−β)·x`` and ``β·x_prop`` are both alive when their sum, the
+    new block, is made, so ``3·n_r·w·b`` at once. ``x`` (a view of the table's rows) and ``x_prop``
+    (the propagation's output) are the caller's and not counted here.
+    """
+    block = rows * width * itemsize
+    return [
+        MemoryItem(
+            "beta_terms", "β update terms", 2 * block, f"2·n_r·w·{itemsize}", detail="(1−β)·U, β·Â^L·U"
+        ),
+        MemoryItem("new_block", "new block", block, f"n_r·w·{itemsize}"),
+    ]
 
 
 def structure_migrate(a_hat: torch.Tensor, x: torch.Tensor, layers: int, beta: float) -> torch.Tensor:

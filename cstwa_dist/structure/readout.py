@@ -6,8 +6,8 @@ out the entities of its own row block only; the blocks are looked up in equal-co
 one padded) and every rank runs the same number of chunks, because a sharded forward is a collective
 that every rank must enter the same number of times.
 
-Per-rank memory: the own block's representations ``n_r · width`` floats, one chunk's KJT
-(``chunk · fields`` ids) and its pooled output ``chunk · width``; nothing of size ``N``.
+Per-rank memory (:func:`readout_memory`): the block's entity profiles and its representations, plus
+one chunk's KJT (``chunk · fields`` ids) and its pooled output ``chunk · width``; nothing of size ``N``.
 """
 
 from __future__ import annotations
@@ -24,8 +24,28 @@ from torch import nn
 from cstwa_dist.data.batch import make_kjt
 from cstwa_dist.data.spec import DatasetSpec
 from cstwa_dist.distributed.env import DistEnv
+from cstwa_dist.structure.memory import MemoryItem
 
 logger = logging.getLogger(__name__)
+
+
+def readout_memory(rows: int, fields: int, width: int) -> list[MemoryItem]:
+    """Per-rank memory of reading out a block of ``n_r = rows`` entities with ``M = fields`` side
+    fields into ``w = width`` floats: what :func:`side_representations` is given and returns, on the
+    host.
+
+    * ``profiles``: the block's profiles from ``data.entities.read_entity_rows``, ``M`` int64 ids a
+      row, and its ``seen`` flags, counted at 8 B a row though they are one byte:
+      ``n_r·(M+1)·8`` (``7·n_r`` B over);
+    * ``representations``: the block's read-out, float32, ``n_r·w·4``.
+
+    One chunk's KJT and pooled output (``chunk`` rows, freed chunk by chunk) are left out: they do
+    not grow with the block.
+    """
+    return [
+        MemoryItem("profiles", "profiles", rows * (fields + 1) * 8, "n_r·(M+1)·8", detail="int64 + seen"),
+        MemoryItem("representations", "representations", rows * width * 4, "n_r·w·4"),
+    ]
 
 
 @torch.no_grad()

@@ -22,14 +22,12 @@ anything of size ``N·d`` or the full graph:
    concatenated rows.
 
 **Per-rank memory** (``n_r`` own rows, ``z`` own nonzeros, ``f`` distinct foreign columns, ``s`` rows
-served to peers, ``w`` width, ``b`` bytes per table element): shard ``8·(n_r + 1) + 12·z`` B; while
-building it the kNN lists and their COO triplets, ``O(n_r·k·24)`` B, and ``8·(n_r + f)`` B of degrees;
-the propagator's local CSR ``8·(n_r + 1) + (8 + b)·z`` B (one copy per device/dtype used) and the
-fetcher's id lists ``8·(f + s)`` B; per call the window ``(n_r + f)·w·b``, at most two layer outputs
-``2·n_r·w·b`` and one send buffer ``max_p s_p·w·b`` (the largest single peer's request; ``≤ s·w·b``).
-:meth:`ShardedPropagator.memory` reports these from
-the tensors actually allocated. ``f ≤ min(N − n_r, z)``: how far below that it stays depends on how
-local the graph is in id order (docs/structure-scaling.md).
+served to peers, ``w`` width, ``b`` bytes per table element): the shard ``8·(n_r + 1) + 12·z`` B;
+building it, :func:`shard_build_memory`; the propagator, resident, :func:`propagator_memory`; per
+call, :func:`propagation_memory`, and with Eq. 10's mixing :func:`migrate_memory`. These functions are
+the one source of the formulas (the dry run asks them); :meth:`ShardedPropagator.memory` reports the
+same items from the tensors actually allocated. ``f ≤ min(N − n_r, z)``: how far below that it stays
+depends on how local the graph is in id order (docs/structure-scaling.md).
 """
 
 from __future__ import annotations
@@ -56,7 +54,8 @@ from cstwa_dist.distributed.exchange import (
     world,
 )
 from cstwa_dist.fs import atomic_path, atomic_write_json
-from cstwa_dist.structure.propagate import _check_beta, beta_update
+from cstwa_dist.structure.memory import MemoryItem
+from cstwa_dist.structure.propagate import _check_beta, beta_update, beta_update_memory
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +64,11 @@ __all__ = [
     "ShardedPropagator",
     "graph_rows",
     "load_graph_rows",
+    "migrate_memory",
+    "propagation_memory",
+    "propagator_memory",
     "save_graph_shard",
+    "shard_build_memory",
     "shard_from_knn",
     "shard_of",
 ]
@@ -186,9 +189,7 @@ def shard_from_knn(
     float64, cast to float32 at the end; entries that become 0 (a zero-degree neighbour) are dropped.
     ``device``: where tensors travel (see :class:`~cstwa_dist.distributed.exchange.RowFetcher`).
 
-    Per-rank memory: the lists ``n_r·k·12`` B (the caller's), their COO triplets and sort order
-    ``≈ n_r·k·28`` B, ``8·n_r`` B of own and ``8·f`` B of fetched degrees (``f`` distinct foreign
-    columns), and the shard itself (``8·(n_r + 1) + 12·nnz`` B).
+    Per-rank memory: :func:`shard_build_memory`, besides the caller's lists.
     """
     rank, size = world()
     n_total = check_ranges(ranges, size)
@@ -226,6 +227,108 @@ def shard_from_knn(
         *(rank, lo, hi, n_total, new_val.numel(), needed.numel()),
     )
     return GraphShard(lo=lo, hi=hi, n_total=n_total, crow=crow, col=col_t.contiguous(), val=new_val)
+
+
+def shard_build_memory(rows: int, k: int, foreign: int) -> list[MemoryItem]:
+    """Per-rank memory of :func:`shard_from_knn` on ``n_r = rows`` rows of ``k``-wide kNN lists, at
+    its peak (the float64 normalisation), beyond the lists themselves (the caller's: ``own_topk`` of
+    :func:`~cstwa_dist.structure.ivf.per_rank_memory`). With ``nnz ≤ n_r·k`` entries and ``f ≤ f_r =
+    foreign`` distinct foreign columns:
+
+    * ``triplets``: Eq. 4's (row, column, value), int64 + int64 + float32, ``n_r·k·20`` (the column
+      array becomes the shard's);
+    * ``normalisation``: the float64 values, the column factors, the gathered row factors, two
+      float64 products and the own-column mask, ``n_r·k·41``;
+    * ``degrees``: own degrees and their inverse roots ``16·n_r``; the ids to request, the ids to
+      serve, the fetched degrees and their inverse roots ``32·f_r``.
+
+    Measured on one rank at 1M rows × 8: 62.8 B per entry above the lists; the formula gives 63. The
+    finished shard, ``8·(n_r + 1) + 12·nnz``, is smaller and reuses the triplets' columns; writing it
+    (:func:`save_graph_shard`) allocates nothing more.
+    """
+    entries = rows * k
+    return [
+        MemoryItem("triplets", "Â build triplets", entries * 20, "n_r·k·20", detail="COO"),
+        MemoryItem("normalisation", "Â build normalisation", entries * 41, "n_r·k·41", detail="float64"),
+        MemoryItem(
+            "degrees", "Â build degrees", 16 * rows + 32 * foreign, "16·n_r + 32·f_r", detail="+ fetch ids"
+        ),
+    ]
+
+
+def propagator_memory(rows: int, k: int, foreign: int) -> list[MemoryItem]:
+    """Resident per-rank memory of a :class:`ShardedPropagator` over ``n_r = rows`` graph rows of at
+    most ``k`` entries (built once per graph, kept for the job), ``foreign`` bounding both the rows it
+    requests and the rows it serves:
+
+    * ``csr``: its local CSR, offsets ``(n_r+1)·8`` and per entry an int64 window column and a
+      float32 value, ``n_r·k·12 + (n_r+1)·8``. That is the copy on the table's device: on a GPU rank
+      the CPU master it was made from stays on the host as well (not counted here);
+    * ``ids``: its :class:`~cstwa_dist.distributed.exchange.RowFetcher`'s request and serve lists,
+      ``8·(f + s) ≤ 16·f_r``.
+    """
+    return [
+        MemoryItem("csr", "own Â rows", rows * k * 12 + (rows + 1) * 8, "n_r·k·12 + (n_r+1)·8", detail="CSR"),
+        MemoryItem("ids", "fetch id lists", 16 * foreign, "16·f_r", detail="requested + served"),
+    ]
+
+
+def propagation_memory(
+    rows: int, foreign: int, width: int, layers: int, itemsize: int = 4
+) -> list[MemoryItem]:
+    """Per-rank memory of one :meth:`ShardedPropagator.propagate` call (the items
+    :meth:`ShardedPropagator.memory` reports, less the caller's ``own_rows`` and the resident
+    :func:`propagator_memory`): ``n_r = rows`` own rows of width ``w``, ``b = itemsize``, ``f ≤ f_r =
+    foreign`` rows fetched and, the same bound, served:
+
+    * ``fetched_rows``: the foreign rows in the fetch window, ``f_r·w·b``;
+    * ``send_buffers``: the rows served to one peer at a time, at most ``f_r·w·b``;
+    * ``window_own_copy``: the window's copy of the own rows, ``n_r·w·b`` (none when nothing is
+      fetched: the product then reads the own rows directly);
+    * ``layer_outputs``: ``min(L, 2)·n_r·w·b``: a layer's input and output block are alive together,
+      so ``L`` layers never hold more than two.
+
+    No layer, no exchange and nothing allocated.
+    """
+    if layers == 0:
+        return []
+    block, fetched = rows * width * itemsize, foreign * width * itemsize
+    outputs = min(layers, 2)
+    items = []
+    if foreign:
+        items += [
+            MemoryItem("fetched_rows", "fetched foreign rows", fetched, f"f_r·w·{itemsize}"),
+            MemoryItem("send_buffers", "served rows", fetched, f"f_r·w·{itemsize}", detail="send buffer"),
+            MemoryItem("window_own_copy", "window's own rows", block, f"n_r·w·{itemsize}"),
+        ]
+    items.append(
+        MemoryItem(
+            "layer_outputs",
+            "layer outputs",
+            outputs * block,
+            f"{outputs}·n_r·w·{itemsize}" if outputs > 1 else f"n_r·w·{itemsize}",
+        )
+    )
+    return items
+
+
+def migrate_memory(rows: int, foreign: int, width: int, layers: int, itemsize: int = 4) -> list[MemoryItem]:
+    """Peak per-rank memory of one :meth:`ShardedPropagator.migrate` call (an epoch boundary of one
+    table, Eq. 9–10), as the larger of its two phases, which never overlap:
+
+    * propagating: :func:`propagation_memory`;
+    * mixing: the propagated block ``Â^L·U`` (``n_r·w·b``; the fetch window and the other layer
+      output are freed by then) and :func:`~cstwa_dist.structure.propagate.beta_update_memory`.
+
+    The rows of ``U`` themselves are a view of the table's shard, not counted (nor, with ``L = 0``, the
+    propagated block: it is ``U``). With foreign rows to
+    fetch the propagation is usually the larger (``2·f_r ≥ n_r`` on ``W ≥ 2`` ranks); on one rank the
+    mixing is.
+    """
+    propagating = propagation_memory(rows, foreign, width, layers, itemsize)
+    propagated = MemoryItem("propagated", "propagated block", rows * width * itemsize, f"n_r·w·{itemsize}")
+    mixing = [*([propagated] if layers else []), *beta_update_memory(rows, width, itemsize)]
+    return max(propagating, mixing, key=lambda items: sum(i.bytes for i in items))
 
 
 def shard_of(a: torch.Tensor, lo: int, hi: int) -> GraphShard:
@@ -484,10 +587,8 @@ class ShardedPropagator:
     same order as in the full graph). Per layer: fetch the foreign rows of the *current* ``U^(l)``
     into the window, then ``U^(l+1)_own = CSR @ window`` (Eq. 9), on ``x_local``'s device.
 
-    Per-rank memory (see the module doc): CSR ``8·(n_r + 1) + (8 + b)·nnz``, ids ``8·(f + s)``, and
-    per call window ``(n_r + f)·w·b``, two layer outputs ``2·n_r·w·b``, one send buffer
-    ``max_p s_p·w·b``;
-    :meth:`memory` reports what was allocated.
+    Per-rank memory: resident :func:`propagator_memory`, per call :func:`propagation_memory` (with
+    Eq. 10, :func:`migrate_memory`); :meth:`memory` reports what was allocated.
     """
 
     def __init__(

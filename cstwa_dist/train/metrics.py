@@ -29,15 +29,17 @@ import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
+
+from cstwa_dist.config import SelectEpoch
 
 logger = logging.getLogger(__name__)
 
 TASKS = ("click", "purchase")
 CALIBRATION_BINS = 10
-SELECT_RULES = ("best_val_purchase_auc", "last")
+SELECT_RULES: tuple[str, ...] = get_args(SelectEpoch)  # train.select_epoch's choices
 # the record fields that are not scalars per task (not for TensorBoard or tables)
 _NOT_SCALARS = {"rows", "seconds"}
 

@@ -21,9 +21,10 @@ logger = logging.getLogger(__name__)
 
 
 # Every setting the mined structure depends on: the pre-training run (data, the CTR MLP's model and
-# optimizer settings, seed, epochs) and the graph build (k and the kNN search); a key ending in "." is
-# a whole section. Anything else (β, the SM reading, the loss, the CVR side) only reads the graphs, so
-# cells that differ only there share them.
+# optimizer settings, its own settings should it get any, seed, epochs) and the graph build (k and the
+# kNN search); a key ending in "." is a whole section. Anything else (β, the SM reading, the loss, the
+# CVR side, the trained models' own settings) only reads the graphs, so cells that differ only there
+# share them.
 _MINING_KEYS = (
     "data.dataset",
     "data.batch_size",
@@ -33,6 +34,7 @@ _MINING_KEYS = (
     "model.dropout",
     "model.embedding_init_std",
     "model.context_pooling",
+    f"models.{PRETRAIN_MODEL}.",
     "optim.",
     "train.seed",
     "structure.k",

@@ -78,12 +78,13 @@ class TrainResult:
 def build_sharded(cfg: RunConfig, model_name: str, env: DistEnv, spec: DatasetSpec) -> ShardedModel:
     """Registry → model on ``meta`` + loss → ``ModelTrain`` → DistributedModelParallel."""
     mspec = get_model_spec(model_name)
+    own = mspec.settings_in(cfg)
     seed_everything(cfg.train.seed)
-    model = mspec.build(spec, cfg.model, torch.device("meta"), structure=cfg.structure)
+    model = mspec.build(spec, cfg.model, torch.device("meta"), structure=cfg.structure, settings=own)
     comm = Collectives(gather=all_gather_cat, sum=summed, world_size=env.world_size)
-    loss = mspec.build_loss(cfg.loss, cfg.model, comm)
+    loss = mspec.build_loss(cfg.loss, cfg.model, comm, settings=own)
     # the row-sharded structure step
-    structure = mspec.structure_tables(cfg.model, cfg.structure)
+    structure = mspec.structure_tables(cfg.model, cfg.structure, settings=own)
     return shard_model(ModelTrain(model, loss, comm), env, cfg.optim, structure)
 
 
@@ -172,7 +173,9 @@ class Trainer:
         )
         self.structure_seconds = 0.0
         self.migrator: StructureMigrator | None = None
-        tables = self.model_spec.structure_tables(cfg.model, cfg.structure)
+        tables = self.model_spec.structure_tables(
+            cfg.model, cfg.structure, settings=self.model_spec.settings_in(cfg)
+        )
         if tables:
             t0 = time.perf_counter()
             self.migrator = StructureMigrator(

@@ -1,137 +1,69 @@
-"""Two real gloo ranks (spawned like TorchRec's MultiProcessTestBase) running models through DMP."""
+"""Real gloo ranks (spawned by :func:`cstwa_dist.distributed.spawn.spawn_ranks`, like TorchRec's
+MultiProcessTestBase) running models through DistributedModelParallel, against one process.
+
+The 1-process-vs-2-rank training check runs every registered model (a pytest case each). Its ranks
+start twice in all, not twice per model: one 1-process run and one 2-rank run each train every model
+in turn (:func:`steps_runs`), since starting ranks (torch, TorchRec, a process group) costs more than
+a model's few steps.
+"""
 
 from __future__ import annotations
 
+import json
 import math
-import os
 import shutil
 import traceback
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-from tests.conftest import free_port
+from cstwa_dist.distributed.spawn import spawn_ranks
+from cstwa_dist.registry import MODELS
+from tests.distributed.common import (
+    NO_SM,
+    SHORT_TRAIN,
+    WORLD,
+    fixed_global_batch,
+    load_reference,
+    rank_setup,
+    reference_model,
+)
 
-WORLD = 2
-TINY = [
-    "model.ctr_tower=[16, 8]",
-    "model.cvr_tower=[16, 8]",
-    "model.dropout=[0.0, 0.0]",
-    "model.info_layer=[8]",
-]
-
-
-def _spawn(fn, *args, world: int = WORLD) -> None:
-    port = free_port()
-    ctx = mp.get_context("spawn")
-    errq = ctx.SimpleQueue()
-    procs = [ctx.Process(target=_entry, args=(fn, r, world, port, errq, *args)) for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=600)
-    errors = []
-    while not errq.empty():
-        errors.append(errq.get())
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            errors.append(f"rank process {p.pid} hung (killed after 600 s)")
-    assert not errors, "\n".join(errors)
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
-
-
-def _entry(fn, rank, world, port, errq, *args) -> None:
-    os.environ.update(
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-        LOCAL_WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
-    torch.set_num_threads(1)
-    try:
-        from cstwa_dist.distributed.env import init_distributed, shutdown_distributed
-
-        init_distributed()
-        fn(rank, *args)
-        shutdown_distributed()
-    except Exception:
-        errq.put(f"rank {rank}:\n{traceback.format_exc()}")
-        raise
+#: each model's own settings for the tiny runs, on top of common.TINY: small experts keep the
+#: mixture-of-experts models quick
+MODEL_OVERRIDES: dict[str, list[str]] = {
+    "omoe": ["models.omoe.expert_widths=[8, 8]"],
+    "mmoe": ["models.mmoe.expert_widths=[8, 8]"],
+    "ple": ["models.ple.expert_widths=[8, 8]"],
+}
+#: the 1-vs-2-rank cases: case -> (model, overrides). Every registered model (the pre-training one
+#: included: ``pretrain`` trains it on every rank), plus ESMM with concatenated context pooling, which
+#: sends the context fields through the sharded collections by key rather than by position.
+CASES: dict[str, tuple[str, list[str]]] = {
+    **{name: (name, MODEL_OVERRIDES.get(name, [])) for name in MODELS},
+    "esmm_concat": ("esmm", ["model.context_pooling=concat"]),
+}
 
 
 # --- 1. same loss on 1 and 2 ranks for identical weights and batch -----------------------------
-def _fixed_global_batch(spec, n: int, seed: int = 123, mask=None):
-    from cstwa_dist.data.batch import Batch, make_kjt
-
-    g = torch.Generator().manual_seed(seed)
-    cols = {f.name: torch.randint(0, f.vocab_size, (n,), generator=g) for f in spec.fields}
-    click = (torch.rand(n, generator=g) < 0.3).float()
-    purchase = click * (torch.rand(n, generator=g) < 0.3).float()
-    mask = torch.ones(n, dtype=torch.bool) if mask is None else mask
-
-    def part(lo: int, hi: int) -> Batch:
-        return Batch(
-            features=make_kjt({k: v[lo:hi] for k, v in cols.items()}, spec.names),
-            click=click[lo:hi],
-            purchase=purchase[lo:hi],
-            mask=mask[lo:hi],
-        )
-
-    return part
-
-
-def _reference_weights(spec, cfg, model: str = "cstwa"):
-    """An unsharded model (CSTWA by default) on CPU with seed 0: the weights every sharded run starts from."""
-    from cstwa_dist.registry import get_model_spec
-    from cstwa_dist.train.wrapper import ModelTrain
-
-    mspec = get_model_spec(model)
-    torch.manual_seed(0)
-    model = mspec.build(spec, cfg.model, torch.device("cpu"))
-    return ModelTrain(model, mspec.build_loss(cfg.loss, cfg.model))
-
-
-def _load_weights(sharded, ref_sd) -> None:
-    """The reference's weights into a sharded model: tables through the sharded write path."""
-    from cstwa_dist.distributed.sharding import submodule
-    from cstwa_dist.distributed.tables import write_full_table
-
-    for key, weight in ref_sd.items():
-        if ".embedding_bags." in key:
-            path, table = key.removeprefix("model.").removesuffix(".weight").split(".embedding_bags.")
-            write_full_table(submodule(sharded.dmp, path), table, weight)
-    with torch.no_grad():
-        for name, p in sharded.dmp.module.model.named_parameters():
-            if "embedding_bags" not in name:
-                p.copy_(ref_sd[f"model.{name}"])
-
-
-def _loss_worker(rank: int, dataset: str, graph_dir: str, out_dir: str) -> None:
+def _loss_worker(rank: int, world: int, dataset: str, graph_dir: str) -> None:
     import torch.distributed as dist
 
-    from cstwa_dist.config import load_config
-    from cstwa_dist.data.spec import DatasetSpec
-    from cstwa_dist.distributed.env import init_distributed
     from cstwa_dist.distributed.sharding import submodule
     from cstwa_dist.train.trainer import build_sharded
 
-    cfg = load_config(None, [*TINY, f"data.dataset={dataset}", f"structure.graph_dir={graph_dir}"])
-    env = init_distributed()
-    spec = DatasetSpec.load(dataset)
-    ref = _reference_weights(spec, cfg)
+    cfg, env, spec = rank_setup(dataset, f"structure.graph_dir={graph_dir}")
+    ref = reference_model(spec, cfg)
     ref_sd = ref.state_dict()
     sharded = build_sharded(cfg, "cstwa", env, spec)
-    _load_weights(sharded, ref_sd)
+    load_reference(sharded, ref_sd)
 
     b = 64
-    part = _fixed_global_batch(spec, WORLD * b)
+    part = fixed_global_batch(spec, WORLD * b)
     mine = part(rank * b, (rank + 1) * b)
     full = part(0, WORLD * b)
     for step in range(2):  # step 2 uses the CE window filled by step 1 (global on 2 ranks)
@@ -179,19 +111,21 @@ def _loss_worker(rank: int, dataset: str, graph_dir: str, out_dir: str) -> None:
 
     looked_up = concat_by_keys(sm_ebc(make_kjt(cols, spec.names)), [spec.user_id])
     assert torch.allclose(looked_up, 0.5 * u_ref), "a lookup after the write-back misses the update"
-    if rank == 0:
-        Path(out_dir, "loss_ok").write_text("ok")
 
 
 def test_two_rank_loss_equals_one_rank(tiny_dataset, tmp_path):
-    _spawn(_loss_worker, str(tiny_dataset), str(tmp_path / "g"), str(tmp_path))
-    assert (tmp_path / "loss_ok").exists()
+    spawn_ranks(_loss_worker, WORLD, str(tiny_dataset), str(tmp_path / "g"))
 
 
 # --- 1b. N steps on W ranks leave the parameters one process leaves on the same global batches ---
 STEPS = 3
 ROWS = 64  # per rank per step; the global batch has WORLD * ROWS rows
 LAST_REAL = (40, 10)  # real rows of rank 0 and rank 1 in the last, uneven step (the rest is padding)
+# CE on with a window smaller than the global batch: its thresholds must not depend on W either. The
+# embedding lr is pinned: the weight tolerance below is calibrated for 0.02 steps (rounding
+# differences grow with the step; a wrong normalisation moves weights ~5x more than the bound).
+STEPS_OVERRIDES = ["loss.window=100", "loss.high_percentile=80", "optim.embedding_lr=0.02"]
+Job = tuple[str, bool]  # (case, through TorchRec's train pipeline)
 
 
 def _global_mask(step: int) -> torch.Tensor:
@@ -202,37 +136,30 @@ def _global_mask(step: int) -> torch.Tensor:
     return mask
 
 
-def _steps_worker(
-    rank: int, dataset: str, out_dir: str, pipeline: bool = False, model_name: str = "cstwa"
-) -> None:
-    from cstwa_dist.config import load_config
-    from cstwa_dist.data.spec import DatasetSpec
-    from cstwa_dist.distributed.env import init_distributed
+def _train_steps(dataset: str, case: str, pipeline: bool) -> tuple[dict[str, torch.Tensor], float]:
+    """``STEPS`` steps of ``case`` on this group from the seed-0 reference, each rank fed its share
+    of the same global batches. Returns the losses, dense gradients (plain loop only), full tables and
+    dense parameters, and how far the dense parameters moved from the start."""
     from cstwa_dist.distributed.sharding import submodule
     from cstwa_dist.distributed.tables import read_full_table
     from cstwa_dist.train.trainer import build_sharded
 
-    # CE on with a window smaller than the global batch: its thresholds must not depend on W either.
-    # The embedding lr is pinned: the weight tolerance below is calibrated for 0.02 steps (rounding
-    # differences grow with the step; a wrong normalisation moves weights ~5x more than the bound).
-    overrides = ["loss.window=100", "loss.high_percentile=80", "optim.embedding_lr=0.02"]
-    cfg = load_config(None, [*TINY, f"data.dataset={dataset}", *overrides])
-    env = init_distributed()
-    spec = DatasetSpec.load(dataset)
+    model_name, overrides = CASES[case]
+    cfg, env, spec = rank_setup(dataset, *STEPS_OVERRIDES, *overrides)
     sharded = build_sharded(cfg, model_name, env, spec)
-    ref_sd = _reference_weights(spec, cfg, model_name).state_dict()
-    _load_weights(sharded, ref_sd)
+    ref_sd = reference_model(spec, cfg, model_name).state_dict()
+    load_reference(sharded, ref_sd)
     share = WORLD * ROWS // env.world_size
     losses = []
     params: dict[str, torch.Tensor] = {}
     model = sharded.dmp.module.model
     batches = [
-        _fixed_global_batch(spec, WORLD * ROWS, seed=1000 + step, mask=_global_mask(step))(
+        fixed_global_batch(spec, WORLD * ROWS, seed=1000 + step, mask=_global_mask(step))(
             env.rank * share, (env.rank + 1) * share
         )
         for step in range(STEPS)
     ]
-    if pipeline:  # TorchRec's TrainPipelineSparseDist, as the trainer runs it
+    if pipeline:  # TorchRec's TrainPipelineSparseDist, as the trainer runs it (it traces the model)
         from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
         pipe = TrainPipelineSparseDist(sharded.dmp, sharded.optimizer, env.device, execute_all_batches=True)
@@ -262,12 +189,51 @@ def _steps_worker(
         if ".embedding_bags." in key:
             path, table = key.removeprefix("model.").removesuffix(".weight").split(".embedding_bags.")
             params[table] = read_full_table(submodule(sharded.dmp, path), table, env.device)
+    moved = 0.0
     for name, p in model.named_parameters():
         if "embedding_bags" not in name:
             params[name] = p.detach().clone()
-    if rank == 0:
-        suffix = ("_pipeline" if pipeline else "") + ("" if model_name == "cstwa" else f"_{model_name}")
-        torch.save(params, Path(out_dir) / f"params_w{env.world_size}{suffix}.pt")
+            moved = max(moved, float((params[name] - ref_sd[f"model.{name}"]).abs().max()))
+    return params, moved
+
+
+def _steps_worker(rank: int, world: int, dataset: str, jobs: list[Job]) -> dict[Job, Any]:
+    """Every job in turn on this group. Rank 0 returns each job's ``_train_steps`` result, the other
+    ranks ``None``; a job that raised returns its traceback instead, and the next job still runs
+    (a case fails alone). An error that strikes one rank only can leave the others waiting in a
+    collective; then the whole run times out and every case reports that."""
+    done: dict[Job, Any] = {}
+    for case, pipeline in jobs:
+        try:
+            result = _train_steps(dataset, case, pipeline)
+            done[(case, pipeline)] = result if rank == 0 else None
+        except Exception:
+            done[(case, pipeline)] = traceback.format_exc()
+    return done
+
+
+@pytest.fixture(scope="module")
+def steps_runs(tiny_dataset) -> dict[tuple[int, str, bool], Any]:
+    """Every case on 1 process, and on 2 ranks both with the plain loop and through the pipeline:
+    ``(world, case, pipeline)`` -> ``(params, moved)``, or the failing ranks' tracebacks."""
+    plain = [(case, False) for case in CASES]
+    runs: dict[tuple[int, str, bool], Any] = {}
+    for world, jobs in ((1, plain), (WORLD, plain + [(case, True) for case in CASES])):
+        per_rank = spawn_ranks(_steps_worker, world, str(tiny_dataset), jobs, timeout_s=1200)
+        for job in jobs:
+            errors = [
+                f"rank {r}:\n{done[job]}" for r, done in enumerate(per_rank) if isinstance(done[job], str)
+            ]
+            runs[(world, *job)] = "\n".join(errors) if errors else per_rank[0][job]
+    return runs
+
+
+def _params(runs: dict[tuple[int, str, bool], Any], world: int, case: str, pipeline: bool = False):
+    got = runs[(world, case, pipeline)]
+    if isinstance(got, str):
+        how = " through the train pipeline" if pipeline else ""
+        pytest.fail(f"{case} on {world} rank(s){how} raised:\n{got}", pytrace=False)
+    return got
 
 
 def _assert_same_parameters(one: dict[str, torch.Tensor], two: dict[str, torch.Tensor]) -> None:
@@ -285,40 +251,26 @@ def _assert_same_parameters(one: dict[str, torch.Tensor], two: dict[str, torch.T
     assert not bad, {k: diffs[k] for k in bad}
 
 
-def test_esmm_on_two_ranks_trains_like_one_process(tiny_dataset, tmp_path):
-    """The same for the shared-embedding family (ESMM: one collection, the entire-space loss)."""
-    _spawn(_steps_worker, str(tiny_dataset), str(tmp_path), False, "esmm", world=1)
-    _spawn(_steps_worker, str(tiny_dataset), str(tmp_path), False, "esmm", world=WORLD)
-    one = torch.load(tmp_path / "params_w1_esmm.pt")
-    _assert_same_parameters(one, torch.load(tmp_path / f"params_w{WORLD}_esmm.pt"))
-
-
-def test_two_ranks_train_like_one_process_on_the_same_global_batches(tiny_dataset, tmp_path):
+@pytest.mark.parametrize("case", list(CASES))
+def test_two_ranks_train_like_one_process_on_the_same_global_batches(steps_runs, case):
     """Parameters after N steps (uneven last batch, CE on, dense Adam + fused embedding optimizer)
     on 2 ranks equal those of 1 process fed the concatenated batches: losses are normalised by the
     global real-row count and dense gradients summed, like the embedding gradients."""
-    _spawn(_steps_worker, str(tiny_dataset), str(tmp_path), world=1)
-    _spawn(_steps_worker, str(tiny_dataset), str(tmp_path), world=WORLD)
-    one = torch.load(tmp_path / "params_w1.pt")
-    two = torch.load(tmp_path / f"params_w{WORLD}.pt")
+    one, moved = _params(steps_runs, 1, case)
+    two, _ = _params(steps_runs, WORLD, case)
     _assert_same_parameters(one, two)
-    # TorchRec's train pipeline (input all-to-all of the next batch overlapping this one) leaves the
-    # same parameters as the plain loop on the same ranks
-    _spawn(_steps_worker, str(tiny_dataset), str(tmp_path), True, world=WORLD)
-    piped = torch.load(tmp_path / f"params_w{WORLD}_pipeline.pt")
+    assert moved > 0, "the weights did not move: the comparison is between two untouched copies"
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_the_train_pipeline_leaves_the_parameters_of_the_plain_loop(steps_runs, case):
+    """TorchRec's train pipeline (it traces the model with fx, and overlaps the next batch's input
+    all-to-all with this step) leaves the parameters the plain loop leaves on the same ranks."""
+    piped, _ = _params(steps_runs, WORLD, case, pipeline=True)
+    two, _ = _params(steps_runs, WORLD, case)
+    assert piped.keys() == {k for k in two if not k.startswith("grad")}
     for k, v in piped.items():
         assert torch.allclose(v, two[k], rtol=1e-6, atol=1e-7), (k, float((v - two[k]).abs().max()))
-    # the weights moved (the comparison is not between two untouched copies)
-    start = _reference_weights_state(tiny_dataset)
-    assert not torch.allclose(start["model.click_layer.weight"], one["click_layer.weight"])
-
-
-def _reference_weights_state(dataset: Path) -> dict[str, torch.Tensor]:
-    from cstwa_dist.config import load_config
-    from cstwa_dist.data.spec import DatasetSpec
-
-    cfg = load_config(None, [*TINY, f"data.dataset={dataset}"])
-    return _reference_weights(DatasetSpec.load(dataset), cfg).state_dict()
 
 
 # --- 2. uneven files: equal steps, every row once; gathered AUC = sklearn's ---------------------
@@ -335,29 +287,21 @@ def _uneven_copy(src: Path, dst: Path) -> int:
     return n
 
 
-def _train_worker(rank: int, dataset: str, run_dir: str) -> None:
+def _train_worker(rank: int, world: int, dataset: str, run_dir: str) -> None:
     from sklearn.metrics import roc_auc_score
 
-    from cstwa_dist.config import load_config
     from cstwa_dist.data.reader import SplitReader
-    from cstwa_dist.distributed.env import init_distributed
     from cstwa_dist.runtime import RayRuntime
     from cstwa_dist.train.trainer import predict, train
 
-    cfg = load_config(
-        None,
-        [
-            *TINY,
-            f"data.dataset={dataset}",
-            f"train.run_dir={run_dir}",
-            "train.epochs=2",
-            "data.batch_size=512",
-            "model.structure_migrator=false",
-            "data.ray_num_cpus=1",
-            "train.select_epoch=last",  # the metrics of the final model, which `predict` below reads
-        ],
+    cfg, env, _ = rank_setup(
+        dataset,
+        *SHORT_TRAIN,
+        NO_SM,
+        f"train.run_dir={run_dir}",
+        "data.batch_size=512",
+        "train.select_epoch=last",  # the metrics of the final model, which `predict` below reads
     )
-    env = init_distributed()
     with RayRuntime(num_cpus=1):
         res = train(cfg, "cstwa", run_dir=run_dir)
         reader = SplitReader(
@@ -384,61 +328,13 @@ def _train_worker(rank: int, dataset: str, run_dir: str) -> None:
 
 
 def test_uneven_files_equal_steps_and_gathered_auc(tiny_dataset, tmp_path):
-    import json
-
     data = tmp_path / "uneven"
     n = _uneven_copy(tiny_dataset, data)
     run_dir = tmp_path / "run"
-    _spawn(_train_worker, str(data), str(run_dir))
+    spawn_ranks(_train_worker, WORLD, str(data), str(run_dir))
     m = json.loads((run_dir / "metrics.json").read_text())
     assert m["world_size"] == 2
     assert m["train_samples"] == 2 * n  # 2 epochs, every real row exactly once per epoch
     # rank 0 gathered every test row; rank 1 kept none
     assert np.load(run_dir / "pred_rank0.npy").size > 0
     assert not (run_dir / "pred_rank1.npy").exists()
-
-
-# --- 3. every registered model trains through TorchRec's pipeline (it traces the model with fx) ----
-def _pipeline_worker(rank: int, dataset: str, out_dir: str) -> None:
-    from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
-
-    from cstwa_dist.config import load_config
-    from cstwa_dist.data.spec import DatasetSpec
-    from cstwa_dist.distributed.env import init_distributed
-    from cstwa_dist.registry import MODELS
-    from cstwa_dist.train.trainer import build_sharded
-
-    env = init_distributed()
-    spec = DatasetSpec.load(dataset)
-    ok = []
-    for name, mspec in MODELS.items():
-        if mspec.needs_graphs(load_config(None, TINY).model):
-            overrides = [*TINY, f"data.dataset={dataset}", "model.structure_migrator=false"]
-        else:
-            overrides = [*TINY, f"data.dataset={dataset}", "model.expert_widths=[8, 8]"]
-        sharded = build_sharded(load_config(None, overrides), name, env, spec)
-        pipe = TrainPipelineSparseDist(sharded.dmp, sharded.optimizer, env.device, execute_all_batches=True)
-        batches = iter([_fixed_global_batch(spec, 32, seed=s)(0, 32) for s in range(3)])
-        outs = [pipe.progress(batches) for _ in range(3)]
-        assert all(torch.isfinite(o.loss) for o in outs), name
-        ok.append(name)
-    # concatenated context pooling goes through the sharded collections (keys, not positions) too
-    overrides = [*TINY, f"data.dataset={dataset}", "model.context_pooling=concat"]
-    sharded = build_sharded(load_config(None, overrides), "esmm", env, spec)
-    pipe = TrainPipelineSparseDist(sharded.dmp, sharded.optimizer, env.device, execute_all_batches=True)
-    batches = iter([_fixed_global_batch(spec, 32, seed=s)(0, 32) for s in range(2)])
-    assert all(torch.isfinite(pipe.progress(batches).loss) for _ in range(2))
-    if rank == 0:
-        Path(out_dir, "pipeline_ok").write_text(",".join(ok))
-
-
-def test_every_model_trains_through_the_train_pipeline(tiny_dataset, tmp_path):
-    from cstwa_dist.registry import MODELS
-
-    _spawn(_pipeline_worker, str(tiny_dataset), str(tmp_path), world=1)
-    assert (tmp_path / "pipeline_ok").read_text().split(",") == list(MODELS)
-
-
-@pytest.fixture(autouse=True)
-def _no_ray_address(monkeypatch):
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)

@@ -1,26 +1,26 @@
-"""``model.embedding_init_std`` reaches the sharded tables: every rank's rows start inside the bounds."""
+"""``model.embedding_init_std`` reaches the sharded tables: every rank's rows start inside the bounds.
+
+Both settings are built in one 2-rank run (starting ranks costs more than building the model); each
+is still its own pytest case.
+"""
 
 from __future__ import annotations
 
 import math
+import traceback
 
 import pytest
 
-from tests.distributed.test_dmp import TINY, _spawn
+from cstwa_dist.distributed.spawn import spawn_ranks
+from tests.distributed.common import WORLD, rank_setup
+
+STDS = [0.0, 0.05]
 
 
-def _init_worker(rank: int, dataset: str, std: float, errors: list) -> None:
-    import torch
-
-    from cstwa_dist.config import load_config
-    from cstwa_dist.data.spec import DatasetSpec
-    from cstwa_dist.distributed.env import init_distributed
+def _check_init(dataset: str, std: float) -> None:
     from cstwa_dist.train.trainer import build_sharded
 
-    overrides = [*TINY, f"data.dataset={dataset}", f"model.embedding_init_std={std}"]
-    cfg = load_config(None, overrides)
-    env = init_distributed()
-    spec = DatasetSpec.load(dataset)
+    cfg, env, spec = rank_setup(dataset, f"model.embedding_init_std={std}")
     vocab = {f.name: f.vocab_size for f in spec.fields}
     sharded = build_sharded(cfg, "esmm", env, spec)
     seen = 0
@@ -36,9 +36,31 @@ def _init_worker(rank: int, dataset: str, std: float, errors: list) -> None:
             if std > 0 and w.numel() >= 400:  # same spread in every table, small fields included
                 assert float(w.std()) == pytest.approx(std, rel=0.25), (name, float(w.std()))
     assert seen > 0
-    torch.distributed.barrier()
 
 
-@pytest.mark.parametrize("std", [0.0, 0.05])
-def test_embedding_init_std_reaches_every_sharded_table(tiny_dataset, std):
-    _spawn(_init_worker, str(tiny_dataset), std, [])
+def _init_worker(rank: int, world: int, dataset: str, stds: list[float]) -> dict[float, str | None]:
+    """Every setting in turn; its traceback when a check failed. The checks run after the build's
+    collectives and every rank meets the others at a barrier after each setting, so a rank that
+    failed one setting still joins the next one's build."""
+    import torch.distributed as dist
+
+    failed: dict[float, str | None] = {}
+    for std in stds:
+        try:
+            _check_init(dataset, std)
+            failed[std] = None
+        except Exception:
+            failed[std] = traceback.format_exc()
+        dist.barrier()
+    return failed
+
+
+@pytest.fixture(scope="module")
+def init_checks(tiny_dataset) -> list[dict[float, str | None]]:
+    return spawn_ranks(_init_worker, WORLD, str(tiny_dataset), STDS)
+
+
+@pytest.mark.parametrize("std", STDS)
+def test_embedding_init_std_reaches_every_sharded_table(init_checks, std):
+    failed = [f"rank {r}:\n{done[std]}" for r, done in enumerate(init_checks) if done[std]]
+    assert not failed, "\n".join(failed)

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from cstwa_dist.bench.knn import spawn_ranks
 from cstwa_dist.distributed.exchange import RowFetcher, _check_needed, check_ranges
+from cstwa_dist.distributed.spawn import spawn_ranks
 from cstwa_dist.structure.graph import knn_to_adjacency, normalise_adjacency
 from cstwa_dist.structure.propagate import propagate, structure_migrate
 from cstwa_dist.structure.sharded_graph import (
@@ -141,7 +141,7 @@ def _worker(rank: int, world: int, out_dir: str) -> dict:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("sharded")
-    results = spawn_ranks(_worker, 2, str(out), threads=1, timeout_s=300)
+    results = spawn_ranks(_worker, 2, str(out), timeout_s=300, backend="gloo")
     return results, out
 
 

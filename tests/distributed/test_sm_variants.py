@@ -10,49 +10,31 @@ import math
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
-from tests.distributed.test_dmp import TINY, WORLD, _fixed_global_batch, _spawn
-from tests.distributed.test_structure_dist import _load_reference, _mine_worker
+from cstwa_dist.distributed.spawn import spawn_ranks
+from tests.distributed.common import (
+    SHORT_TRAIN,
+    WORLD,
+    fixed_global_batch,
+    load_reference,
+    rank_setup,
+    reference_model,
+    structure_tables,
+)
 
 LAYERS, BETA = 2, 0.4
 RECOMPUTED = ["structure.sm_reading=recomputed", f"structure.layers={LAYERS}", f"structure.beta={BETA}"]
 
 
-@pytest.fixture(scope="module")
-def graphs(tiny_dataset, tmp_path_factory) -> Path:
-    """Graphs (and the pre-trained representations) mined once on 2 ranks, exact kNN, k = 4."""
-    out = tmp_path_factory.mktemp("sm_graphs")
-    _spawn(_mine_worker, str(tiny_dataset), str(out), "exact")
-    return out
-
-
-def _reference_state(spec, cfg) -> dict[str, torch.Tensor]:
-    """The seed-0 unsharded model's weights, built with the run's ``structure`` section."""
-    from cstwa_dist.registry import get_model_spec
-    from cstwa_dist.train.wrapper import ModelTrain
-
-    mspec = get_model_spec("cstwa")
-    torch.manual_seed(0)
-    model = mspec.build(spec, cfg.model, torch.device("cpu"), structure=cfg.structure)
-    return ModelTrain(model, mspec.build_loss(cfg.loss, cfg.model)).state_dict()
-
-
 def _sharded(dataset: str, overrides: list[str]):
-    from cstwa_dist.config import load_config
-    from cstwa_dist.data.spec import DatasetSpec
-    from cstwa_dist.distributed.env import init_distributed
-    from cstwa_dist.registry import get_model_spec
     from cstwa_dist.structure.migrator import StructureMigrator
     from cstwa_dist.train.trainer import build_sharded
 
-    cfg = load_config(None, [*TINY, f"data.dataset={dataset}", *overrides])
-    env = init_distributed()
-    spec = DatasetSpec.load(dataset)
+    cfg, env, spec = rank_setup(dataset, *overrides)
     sharded = build_sharded(cfg, "cstwa", env, spec)
-    _load_reference(sharded, _reference_state(spec, cfg))
-    tables = list(get_model_spec("cstwa").structure_tables(cfg.model, cfg.structure))
+    load_reference(sharded, reference_model(spec, cfg).state_dict())
+    tables = structure_tables(cfg)
     migrator = StructureMigrator(sharded.dmp, tables, spec, dataset, cfg.structure, env)
     return sharded, migrator, tables, spec, env
 
@@ -67,7 +49,7 @@ def _full_tables(sharded, ebc_path: str, env) -> dict[str, torch.Tensor]:
     return {n: read_full_table(ebc, n, env.device) for n in names}
 
 
-def _recomputed_worker(rank: int, dataset: str, graph_dir: str, out_dir: str) -> None:
+def _recomputed_worker(rank: int, world: int, dataset: str, graph_dir: str, out_dir: str) -> None:
     from cstwa_dist.distributed.sharding import submodule
     from cstwa_dist.distributed.tables import local_rows
 
@@ -85,7 +67,7 @@ def _recomputed_worker(rank: int, dataset: str, graph_dir: str, out_dir: str) ->
     # never the structure tables, whose lookup is detached
     rows = 64
     for step in range(2):
-        batch = _fixed_global_batch(spec, WORLD * rows, seed=500 + step)(rank * rows, (rank + 1) * rows)
+        batch = fixed_global_batch(spec, WORLD * rows, seed=500 + step)(rank * rows, (rank + 1) * rows)
         loss, _ = sharded.dmp(batch)
         sharded.optimizer.zero_grad()
         loss.backward()
@@ -116,10 +98,10 @@ def _dense_p(dataset: Path, spec, side: str, cvr: dict[str, torch.Tensor], graph
     return propagate(torch.sparse_csr_tensor(g.crow, g.col, g.val, size=(n, n)), r, LAYERS)
 
 
-def test_recomputed_p_equals_the_dense_computation_and_is_never_trained(tiny_dataset, graphs, tmp_path):
+def test_recomputed_p_equals_the_dense_computation_and_is_never_trained(tiny_dataset, exact_graphs, tmp_path):
     from cstwa_dist.data.spec import DatasetSpec
 
-    _spawn(_recomputed_worker, str(tiny_dataset), str(graphs), str(tmp_path))
+    spawn_ranks(_recomputed_worker, WORLD, str(tiny_dataset), str(exact_graphs), str(tmp_path))
     res = torch.load(tmp_path / "recomputed.pt")
     spec = DatasetSpec.load(tiny_dataset)
     # P is never trained, so its tables carry no optimizer state (stateless SGD); the field tables do
@@ -130,21 +112,21 @@ def test_recomputed_p_equals_the_dense_computation_and_is_never_trained(tiny_dat
     for side, table in (("user", "sm__user"), ("item", "sm__item")):
         n = spec.num_users if side == "user" else spec.num_items
         assert len(res[f"ranges:{table}"]) == 2 and 0 < int(res[f"ranges:{table}"][0][1]) < n
-        p0 = _dense_p(tiny_dataset, spec, side, cvr0, graphs)
+        p0 = _dense_p(tiny_dataset, spec, side, cvr0, exact_graphs)
         assert torch.allclose(res[f"init:{table}"], p0, rtol=1e-5, atol=1e-6), f"{table}: initial P differs"
         # the steps left P exactly as it was; the CVR field tables of the side did train
         assert torch.equal(res[f"step:{table}"], res[f"init:{table}"]), f"{table}: the optimizer moved P"
         id_table = f"cvr__{spec.user_id if side == 'user' else spec.item_id}"
         assert not torch.equal(cvr1[id_table], cvr0[id_table]), f"{id_table} did not train"
         # the boundary recomputed P from the live (trained) tables, not from the old ones
-        p1 = _dense_p(tiny_dataset, spec, side, cvr1, graphs)
+        p1 = _dense_p(tiny_dataset, spec, side, cvr1, exact_graphs)
         assert torch.allclose(res[f"after:{table}"], p1, rtol=1e-5, atol=1e-6), (
             f"{table}: P at epoch 1 differs"
         )
         assert not torch.allclose(p1, p0)
 
 
-def _pretrained_worker(rank: int, dataset: str, graph_dir: str, out_dir: str) -> None:
+def _pretrained_worker(rank: int, world: int, dataset: str, graph_dir: str, out_dir: str) -> None:
     sharded, migrator, _, _, env = _sharded(
         dataset, [f"structure.graph_dir={graph_dir}", "structure.sm_init=pretrained"]
     )
@@ -155,50 +137,37 @@ def _pretrained_worker(rank: int, dataset: str, graph_dir: str, out_dir: str) ->
         torch.save({"before": before, "after": after}, Path(out_dir) / "pretrained.pt")
 
 
-def test_pretrained_start_writes_the_representation_rows(tiny_dataset, graphs, tmp_path):
-    _spawn(_pretrained_worker, str(tiny_dataset), str(graphs), str(tmp_path))
+def test_pretrained_start_writes_the_representation_rows(tiny_dataset, exact_graphs, tmp_path):
+    spawn_ranks(_pretrained_worker, WORLD, str(tiny_dataset), str(exact_graphs), str(tmp_path))
     res = torch.load(tmp_path / "pretrained.pt")
     for side, table in (("user", "sm__user"), ("item", "sm__item")):
-        want = torch.from_numpy(np.load(graphs / f"{side}_representations.npy"))
+        want = torch.from_numpy(np.load(exact_graphs / f"{side}_representations.npy"))
         assert torch.equal(res["after"][table], want), f"{table}: not the pre-trained rows"
         assert not torch.equal(res["before"][table], want)
 
 
-def _train_worker(rank: int, dataset: str, graph_dir: str, run_dir: str) -> None:
-    from cstwa_dist.config import load_config
-    from cstwa_dist.distributed.env import init_distributed
+def _train_worker(rank: int, world: int, dataset: str, graph_dir: str, run_dir: str) -> None:
     from cstwa_dist.runtime import RayRuntime
     from cstwa_dist.train.trainer import train
 
-    cfg = load_config(
-        None,
-        [
-            *TINY,
-            *RECOMPUTED,
-            f"data.dataset={dataset}",
-            f"structure.graph_dir={graph_dir}",
-            f"train.run_dir={run_dir}",
-            "train.epochs=2",
-            "data.batch_size=1024",
-            "data.ray_num_cpus=1",
-            "train.tensorboard=false",
-        ],
+    cfg, _, _ = rank_setup(
+        dataset,
+        *RECOMPUTED,
+        *SHORT_TRAIN,
+        f"structure.graph_dir={graph_dir}",
+        f"train.run_dir={run_dir}",
+        "data.batch_size=1024",
+        "train.tensorboard=false",
     )
-    init_distributed()
     with RayRuntime(num_cpus=1):
         train(cfg, "cstwa", run_dir=run_dir)
 
 
-def test_train_with_the_recomputed_reading_end_to_end(tiny_dataset, graphs, tmp_path):
+def test_train_with_the_recomputed_reading_end_to_end(tiny_dataset, exact_graphs, tmp_path):
     run_dir = tmp_path / "run"
-    _spawn(_train_worker, str(tiny_dataset), str(graphs), str(run_dir))
+    spawn_ranks(_train_worker, WORLD, str(tiny_dataset), str(exact_graphs), str(run_dir))
     m = json.loads((run_dir / "metrics.json").read_text())
     assert m["world_size"] == 2 and m["config"]["structure"]["sm_reading"] == "recomputed"
     assert m["structure_seconds"] > 0 and len(m["history"]) == 2
     for key in ("click_auc", "purchase_auc"):
         assert m[key] is not None and math.isfinite(m[key]) and 0.0 < m[key] < 1.0
-
-
-@pytest.fixture(autouse=True)
-def _no_ray_address(monkeypatch):
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)

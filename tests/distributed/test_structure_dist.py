@@ -10,64 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from tests.distributed.test_dmp import TINY, _spawn
-
-
-def _load_reference(sharded, ref_sd) -> None:
-    """Every table of the reference state dict into the sharded model (its own sharded write path)."""
-    from cstwa_dist.distributed.sharding import submodule
-    from cstwa_dist.distributed.tables import write_full_table
-
-    with torch.no_grad():
-        for key, weight in ref_sd.items():
-            name = key.removeprefix("model.")
-            if ".embedding_bags." in name:
-                path, table = name.removesuffix(".weight").split(".embedding_bags.")
-                write_full_table(submodule(sharded.dmp, path), table, weight)
-        for name, p in sharded.dmp.module.model.named_parameters():
-            if "embedding_bags" not in name:
-                p.copy_(ref_sd[f"model.{name}"])
-
-
-def _reference(spec, cfg, model: str):
-    from cstwa_dist.registry import get_model_spec
-    from cstwa_dist.train.wrapper import ModelTrain
-
-    mspec = get_model_spec(model)
-    torch.manual_seed(0)
-    return ModelTrain(
-        mspec.build(spec, cfg.model, torch.device("cpu")), mspec.build_loss(cfg.loss, cfg.model)
-    )
-
-
-def _mine_worker(rank: int, dataset: str, graph_dir: str, knn: str) -> None:
-    from cstwa_dist.config import load_config
-    from cstwa_dist.data.spec import DatasetSpec
-    from cstwa_dist.distributed.env import init_distributed
-    from cstwa_dist.fs import atomic_write_json
-    from cstwa_dist.registry import PRETRAIN_MODEL, get_model_spec
-    from cstwa_dist.structure.migrator import mine_structure
-    from cstwa_dist.train.trainer import build_sharded
-
-    cfg = load_config(
-        None,
-        [
-            *TINY,
-            f"data.dataset={dataset}",
-            f"structure.graph_dir={graph_dir}",
-            f"structure.knn={knn}",
-            "structure.k=4",
-            "structure.recall_queries=64",
-        ],
-    )
-    env = init_distributed()
-    spec = DatasetSpec.load(dataset)
-    sharded = build_sharded(cfg, PRETRAIN_MODEL, env, spec)
-    _load_reference(sharded, _reference(spec, cfg, PRETRAIN_MODEL).state_dict())
-    source = get_model_spec(PRETRAIN_MODEL).representation_source
-    report = mine_structure(sharded.dmp, source, spec, dataset, cfg.structure, env)
-    if rank == 0:
-        atomic_write_json(Path(graph_dir) / "report.json", report)
+from cstwa_dist.distributed.spawn import spawn_ranks
+from tests.distributed.common import (
+    WORLD,
+    load_reference,
+    mine_worker,
+    rank_setup,
+    reference_model,
+    structure_tables,
+    tiny_config,
+)
 
 
 def _graph(graph_dir: Path, side: str, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -78,13 +30,17 @@ def _graph(graph_dir: Path, side: str, n: int) -> tuple[np.ndarray, np.ndarray, 
 
 
 @pytest.mark.parametrize("knn", ["exact", "ivf"])
-def test_graphs_mined_on_one_and_two_ranks_agree(tiny_dataset, tmp_path, knn):
+def test_graphs_mined_on_one_and_two_ranks_agree(tiny_dataset, tmp_path, knn, request):
     from cstwa_dist.data.spec import DatasetSpec
     from cstwa_dist.structure.graph import build_graph
 
-    g1, g2 = tmp_path / "g1", tmp_path / "g2"
-    _spawn(_mine_worker, str(tiny_dataset), str(g1), knn, world=1)
-    _spawn(_mine_worker, str(tiny_dataset), str(g2), knn, world=2)
+    g1 = tmp_path / "g1"
+    spawn_ranks(mine_worker, 1, str(tiny_dataset), str(g1), knn)
+    if knn == "exact":  # the shared 2-rank exact mining (conftest) is this case's 2-rank side
+        g2 = request.getfixturevalue("exact_graphs")
+    else:
+        g2 = tmp_path / "g2"
+        spawn_ranks(mine_worker, WORLD, str(tiny_dataset), str(g2), knn)
     spec = DatasetSpec.load(tiny_dataset)
     for side, n in (("user", spec.num_users), ("item", spec.num_items)):
         r1 = np.load(g1 / f"{side}_representations.npy")
@@ -104,26 +60,17 @@ def test_graphs_mined_on_one_and_two_ranks_agree(tiny_dataset, tmp_path, knn):
             assert np.allclose(ref.values().numpy(), v1, rtol=1e-6, atol=1e-7)
 
 
-def _migrate_worker(rank: int, dataset: str, graph_dir: str, out_dir: str) -> None:
-    from cstwa_dist.config import load_config
-    from cstwa_dist.data.spec import DatasetSpec
-    from cstwa_dist.distributed.env import init_distributed
+def _migrate_worker(rank: int, world: int, dataset: str, graph_dir: str, out_dir: str) -> None:
     from cstwa_dist.distributed.sharding import submodule
     from cstwa_dist.distributed.tables import local_rows, read_full_table
-    from cstwa_dist.registry import get_model_spec
     from cstwa_dist.structure.migrator import StructureMigrator
     from cstwa_dist.train.trainer import build_sharded
 
-    cfg = load_config(
-        None,
-        [*TINY, f"data.dataset={dataset}", f"structure.graph_dir={graph_dir}", "structure.layers=2"],
-    )
-    env = init_distributed()
-    spec = DatasetSpec.load(dataset)
+    cfg, env, spec = rank_setup(dataset, f"structure.graph_dir={graph_dir}", "structure.layers=2")
     sharded = build_sharded(cfg, "cstwa", env, spec)
-    ref_sd = _reference(spec, cfg, "cstwa").state_dict()
-    _load_reference(sharded, ref_sd)
-    tables = list(get_model_spec("cstwa").structure_tables(cfg.model))
+    ref_sd = reference_model(spec, cfg).state_dict()
+    load_reference(sharded, ref_sd)
+    tables = structure_tables(cfg)
     migrator = StructureMigrator(sharded.dmp, tables, spec, dataset, cfg.structure, env)
     migrator.initialise()
     out: dict[str, torch.Tensor] = {}
@@ -139,24 +86,22 @@ def _migrate_worker(rank: int, dataset: str, graph_dir: str, out_dir: str) -> No
         torch.save(out, Path(out_dir) / f"migrate_w{env.world_size}.pt")
 
 
-def test_beta_update_on_row_shards_equals_the_dense_reference(tiny_dataset, tmp_path):
+def test_beta_update_on_row_shards_equals_the_dense_reference(tiny_dataset, exact_graphs, tmp_path):
     """Eq. 8 and Eq. 9-10 on row-wise sharded U/I (2 ranks, uneven blocks when N is odd) equal the
     dense single-process computation, and 1 and 2 ranks agree."""
-    from cstwa_dist.config import load_config
     from cstwa_dist.data.entities import read_entity_rows
     from cstwa_dist.data.spec import DatasetSpec
     from cstwa_dist.structure.propagate import structure_migrate
     from cstwa_dist.structure.sharded_graph import load_graph_rows
 
-    graphs = tmp_path / "g"
-    _spawn(_mine_worker, str(tiny_dataset), str(graphs), "exact", world=2)
-    _spawn(_migrate_worker, str(tiny_dataset), str(graphs), str(tmp_path), world=1)
-    _spawn(_migrate_worker, str(tiny_dataset), str(graphs), str(tmp_path), world=2)
+    graphs = exact_graphs
+    spawn_ranks(_migrate_worker, 1, str(tiny_dataset), str(graphs), str(tmp_path))
+    spawn_ranks(_migrate_worker, WORLD, str(tiny_dataset), str(graphs), str(tmp_path))
     one = torch.load(tmp_path / "migrate_w1.pt")
     two = torch.load(tmp_path / "migrate_w2.pt")
     spec = DatasetSpec.load(tiny_dataset)
-    cfg = load_config(None, TINY)
-    ref_sd = _reference(spec, cfg, "cstwa").state_dict()
+    cfg = tiny_config(tiny_dataset)
+    ref_sd = reference_model(spec, cfg).state_dict()
     d = cfg.model.embedding_dim
     for side, table in (("user", "sm__user"), ("item", "sm__item")):
         n = spec.num_users if side == "user" else spec.num_items

@@ -13,16 +13,38 @@ STAGES = {"data_wait", "host_to_device", "input_distribution", "forward", "backw
 def _bench(cfg: Path, out: Path, ranks: int, *extra: str) -> dict:
     _run(
         [
-            str(BIN / "cstwa-dist"), "bench", "train", "--config", str(cfg), "--model", "cstwa",
-            "--ranks", str(ranks), "--threads", "2", "--compute-batches", "2", "--compute-steps", "3",
-            "--profile-steps", "3", "--out", str(out), *extra,
+            str(BIN / "cstwa-dist"),
+            "bench",
+            "train",
+            "--config",
+            str(cfg),
+            "--model",
+            "cstwa",
+            "--ranks",
+            str(ranks),
+            "--threads",
+            "2",
+            "--compute-batches",
+            "2",
+            "--compute-steps",
+            "3",
+            "--profile-steps",
+            "3",
+            "--out",
+            str(out),
+            *extra,
         ]  # fmt: skip
     )
     return json.loads(out.read_text())
 
 
 def test_bench_train_one_process_then_two_ranks(tmp_path, tiny_dataset):
-    cfg = _config(tmp_path, tiny_dataset, model={"structure_migrator": False}, data={"batch_size": 512})
+    cfg = _config(
+        tmp_path,
+        tiny_dataset,
+        models={"cstwa": {"info_layer": [8], "structure_migrator": False}},
+        data={"batch_size": 512},
+    )
     one = _bench(cfg, tmp_path / "r1.json", 1)
     assert one["ranks"]["world_size"] == 1 and one["compute_only"]["world_size"] == 1
     assert one["ranks"]["end_to_end"]["samples_per_s"] > 0

@@ -40,7 +40,8 @@ def _run(
 def _config(tmp: Path, dataset: Path, **extra: dict) -> Path:
     cfg = {
         "data": {"dataset": str(dataset), "batch_size": 500, "eval_batch_size": 1000, "ray_num_cpus": 1},
-        "model": {"ctr_tower": [16, 8], "cvr_tower": [16, 8], "dropout": [0.0, 0.1], "info_layer": [8]},
+        "model": {"ctr_tower": [16, 8], "cvr_tower": [16, 8], "dropout": [0.0, 0.1]},
+        "models": {"cstwa": {"info_layer": [8]}},
         "structure": {"graph_dir": str(tmp / "structure"), "k": 4},
         "train": {"epochs": 2, "run_dir": str(tmp / "runs"), "log_every": 5},
     }
@@ -141,7 +142,7 @@ def test_bad_input_names_file_row_and_field(tmp_path, tiny_dataset, column, valu
         table.schema.get_field_index(column), column, pa.array(vals, table.schema.field(column).type)
     )
     pq.write_table(table, victim)
-    cfg = _config(tmp_path, data, model={"structure_migrator": False})
+    cfg = _config(tmp_path, data, models={"cstwa": {"info_layer": [8], "structure_migrator": False}})
     proc = _run([str(BIN / "cstwa-dist"), "train", "--config", str(cfg), "--model", "cstwa"], check=False)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert victim.name in proc.stderr and f"row {row}" in proc.stderr and words in proc.stderr

@@ -96,7 +96,8 @@ def test_killed_rank_restarts_in_job_exactly_then_changes_world_size(tmp_path, t
         tmp_path,
         tiny_dataset,
         data={"batch_size": 250},
-        model={"structure_migrator": False, "dropout": [0.1, 0.1]},
+        model={"dropout": [0.1, 0.1]},
+        models={"cstwa": {"info_layer": [8], "structure_migrator": False}},
         train={"epochs": 2, "checkpoint_every": 4, "collective_timeout_s": 120},
     )
     _train(cfg, tmp_path / "plain")
@@ -135,7 +136,7 @@ def test_bad_row_on_one_rank_stops_the_job_with_its_location(tmp_path, tiny_data
     ids[3] = 10_000  # the demo preset at this scale has 50 items
     table = table.set_column(table.schema.get_field_index("item_id"), "item_id", pa.array(ids, pa.int64()))
     pq.write_table(table, victim)
-    cfg = _config(tmp_path, data, model={"structure_migrator": False})
+    cfg = _config(tmp_path, data, models={"cstwa": {"info_layer": [8], "structure_migrator": False}})
     proc = _launch(["bash", "launchers/torchrun.sh", "2", "train", "--config", str(cfg), "--model", "cstwa"])
     assert proc.returncode != 0
     out = proc.stdout + proc.stderr

@@ -14,6 +14,7 @@ from cstwa_dist.models.aitm import AITM, AttentionInfoTransfer
 from cstwa_dist.models.blocks import ctcvr_logit
 from cstwa_dist.models.escm2 import CVR_LOGIT, IMPUTED_ERROR
 from cstwa_dist.models.outputs import ModelOutput
+from cstwa_dist.models.settings import AITMSettings
 from cstwa_dist.registry import get_model_spec
 from cstwa_dist.train.wrapper import ModelTrain
 from tests.unit.model_fixtures import SPEC, loss_trajectory, random_batch
@@ -22,8 +23,11 @@ NAMES = ["aitm", "escm2_ips", "escm2_dr"]
 CPU = torch.device("cpu")
 
 
+AITM_SMALL = AITMSettings(ait_dim=8)  # AITM's own settings (models.aitm)
+
+
 def _cfg(**kw) -> ModelConfig:
-    return ModelConfig(ctr_tower=[16, 8], cvr_tower=[16, 8], dropout=[0.0, 0.0], ait_dim=8, **kw)
+    return ModelConfig(ctr_tower=[16, 8], cvr_tower=[16, 8], dropout=[0.0, 0.0], **kw)
 
 
 def _batch(n: int = 32, seed: int = 0) -> Batch:
@@ -51,9 +55,11 @@ def _t(values) -> torch.Tensor:
 
 def _train_module(name: str, lc: LossConfig | None = None) -> ModelTrain:
     spec = get_model_spec(name)
-    cfg = _cfg()
+    cfg, own = _cfg(), AITM_SMALL if name == "aitm" else None
     torch.manual_seed(0)
-    return ModelTrain(spec.build(SPEC, cfg, CPU), spec.build_loss(lc or LossConfig(), cfg, None))
+    return ModelTrain(
+        spec.build(SPEC, cfg, CPU, settings=own), spec.build_loss(lc or LossConfig(), cfg, None, settings=own)
+    )
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -107,7 +113,8 @@ def test_aitm_calibrator_and_total_by_hand():
 
 def test_ait_attention_weights_sum_to_one_over_the_two_inputs():
     torch.manual_seed(0)
-    model = AITM(SPEC, _cfg(), CPU).eval()
+    model = AITM(SPEC, _cfg(), CPU, settings=AITM_SMALL).eval()
+    assert model.ait.out_dim == 8
     w = model.attention(_batch(16).features)
     assert w.shape == (16, 2)
     assert (w > 0).all()

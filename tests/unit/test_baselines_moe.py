@@ -14,6 +14,7 @@ from cstwa_dist.models.experts import SoftmaxGate
 from cstwa_dist.models.mlp import SingleTaskMLPs
 from cstwa_dist.models.moe import PLE, MMoE, OMoE
 from cstwa_dist.models.outputs import ModelOutput
+from cstwa_dist.models.settings import ModelSettings, MoESettings, PLESettings
 from cstwa_dist.registry import get_model_spec
 from cstwa_dist.train.wrapper import ModelTrain
 from tests.unit.model_fixtures import SPEC, loss_trajectory, random_batch
@@ -22,27 +23,42 @@ NAMES = ("mlp", "omoe", "mmoe", "ple")
 CLASSES = {"mlp": SingleTaskMLPs, "omoe": OMoE, "mmoe": MMoE, "ple": PLE}
 
 
-def _cfg(**kw: object) -> ModelConfig:
-    base: dict[str, object] = dict(
-        ctr_tower=[16, 8], cvr_tower=[16, 8], dropout=[0.0, 0.0], expert_widths=[16, 8], num_experts=3
-    )
-    base.update(kw)
-    return ModelConfig(**base)  # type: ignore[arg-type]
+def _cfg() -> ModelConfig:
+    return ModelConfig(ctr_tower=[16, 8], cvr_tower=[16, 8], dropout=[0.0, 0.0])
+
+
+def _own(name: str, **kw: object) -> ModelSettings | None:
+    """Small experts for each model's own settings (``models.<name>``); the MLP has none."""
+    if name == "ple":
+        return PLESettings(**{"expert_widths": [16, 8], **kw})  # type: ignore[arg-type]
+    if name in ("omoe", "mmoe"):
+        return MoESettings(**{"expert_widths": [16, 8], "num_experts": 3, **kw})  # type: ignore[arg-type]
+    return None
+
+
+def _model(name: str, device: str = "cpu", **kw: object) -> torch.nn.Module:
+    """The model class itself (not through the registry), with its own small settings."""
+    own = _own(name, **kw)
+    extra = {"settings": own} if own is not None else {}
+    return CLASSES[name](SPEC, _cfg(), torch.device(device), **extra)
 
 
 def _batch(n: int = 32, seed: int = 0) -> Batch:
     return random_batch(n, seed)
 
 
-def _train_module(name: str, cfg: ModelConfig) -> ModelTrain:
-    spec = get_model_spec(name)
-    return ModelTrain(spec.build(SPEC, cfg, torch.device("cpu")), spec.build_loss(LossConfig(), cfg, None))
+def _train_module(name: str) -> ModelTrain:
+    spec, cfg, own = get_model_spec(name), _cfg(), _own(name)
+    return ModelTrain(
+        spec.build(SPEC, cfg, torch.device("cpu"), settings=own),
+        spec.build_loss(LossConfig(), cfg, None, settings=own),
+    )
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_registry_builds_the_baseline_with_its_loss(name: str) -> None:
     spec = get_model_spec(name)
-    module = _train_module(name, _cfg())
+    module = _train_module(name)
     assert spec.predicts_purchase
     assert type(module.model) is CLASSES[name]
     assert isinstance(module.loss, ClickedSpaceLoss if name == "mlp" else EntireSpaceLoss)
@@ -51,7 +67,7 @@ def test_registry_builds_the_baseline_with_its_loss(name: str) -> None:
 @pytest.mark.parametrize("name", NAMES)
 def test_shapes_and_finite_gradient_for_every_parameter(name: str) -> None:
     torch.manual_seed(0)
-    module = _train_module(name, _cfg())
+    module = _train_module(name)
     loss, out = module(_batch())
     parts, click, purchase = out.parts, out.click_logit, out.purchase_logit
     assert click.shape == (32,) and purchase is not None and purchase.shape == (32,)
@@ -64,14 +80,14 @@ def test_shapes_and_finite_gradient_for_every_parameter(name: str) -> None:
 @pytest.mark.parametrize("name", NAMES)
 def test_loss_falls_on_a_fixed_batch(name: str) -> None:
     torch.manual_seed(0)
-    module = _train_module(name, _cfg())
+    module = _train_module(name)
     losses = loss_trajectory(module, _batch(64), lr=2e-2)
     assert losses[-1] < 0.7 * losses[0], losses
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_builds_on_meta(name: str) -> None:
-    model = CLASSES[name](SPEC, ModelConfig(), torch.device("meta"))
+    model = CLASSES[name](SPEC, ModelConfig(), torch.device("meta"))  # every default
     params = list(model.parameters())
     assert params and all(p.is_meta for p in params)
 
@@ -120,8 +136,8 @@ def _gates(model: torch.nn.Module) -> list[SoftmaxGate]:
 
 
 def test_omoe_has_one_gate_and_mmoe_one_per_task() -> None:
-    cfg = _cfg(num_experts=5)
-    omoe, mmoe = OMoE(SPEC, cfg, torch.device("cpu")), MMoE(SPEC, cfg, torch.device("cpu"))
+    omoe, mmoe = _model("omoe", num_experts=5), _model("mmoe", num_experts=5)
+    assert isinstance(omoe, OMoE) and isinstance(mmoe, MMoE)
     assert len(_gates(omoe)) == 1 and len(omoe.experts) == 5
     assert len(_gates(mmoe)) == 2 and set(mmoe.gates) == {"ctr", "cvr"} and len(mmoe.experts) == 5
     assert mmoe.gates["ctr"] is not mmoe.gates["cvr"]
@@ -146,8 +162,8 @@ def test_gate_mixes_with_softmax_weights() -> None:
 
 @pytest.mark.parametrize("levels", [1, 2])
 def test_ple_levels_and_expert_counts(levels: int) -> None:
-    cfg = _cfg(ple_levels=levels, ple_shared_experts=2, ple_task_experts=3)
-    model = PLE(SPEC, cfg, torch.device("cpu"))
+    model = _model("ple", levels=levels, shared_experts=2, task_experts=3)
+    assert isinstance(model, PLE)
     assert len(model.levels) == levels
     for i, level in enumerate(model.levels):
         final = i == levels - 1
@@ -168,7 +184,7 @@ def test_ple_levels_and_expert_counts(levels: int) -> None:
 def test_moe_purchase_is_entire_space_ctcvr(name: str) -> None:
     """p_purchase = p_ctr · p_cvr ≤ p_ctr for every row (the ESMM decision in moe.py)."""
     torch.manual_seed(0)
-    model = CLASSES[name](SPEC, _cfg(), torch.device("cpu")).eval()
+    model = _model(name).eval()
     out = model(_batch(16).features)
     assert out.purchase_logit is not None
     assert (torch.sigmoid(out.purchase_logit) <= torch.sigmoid(out.click_logit) + 1e-6).all()

@@ -1,10 +1,11 @@
 """Experiment grid planning, resumable cell ids, report aggregation and sweep plots."""
 
 import json
+from pathlib import Path
 
 import pytest
 
-from cstwa_dist.config import RunConfig, with_overrides
+from cstwa_dist.config import RunConfig
 from cstwa_dist.experiments.grid import (
     Cell,
     build_report,
@@ -14,6 +15,7 @@ from cstwa_dist.experiments.grid import (
     stale_settings,
     write_reports,
 )
+from cstwa_dist.registry import with_overrides
 from cstwa_dist.train.pretrain import mining_settings, structure_mismatch
 
 
@@ -35,7 +37,19 @@ def test_plan_cells_table2_ablation_sweep():
     # the full model of the ablation is the Table 2 cstwa cell with explicit switches: different overrides,
     # so different ids; an identical cell planned twice shares one id
     full = next(c for c in abl if c.label == "SM+CP+CE" and c.seed == 0)
-    assert "model.structure_migrator=true" in full.overrides
+    assert "models.cstwa.structure_migrator=true" in full.overrides
+    cp_only = next(c for c in abl if c.label == "CP" and c.seed == 0)
+    assert cp_only.overrides == (
+        "models.cstwa.structure_migrator=false",
+        "models.cstwa.click_perceptron=true",
+        "models.cstwa.curse_escaper=false",
+    )
+    # every ablation row's overrides are valid settings of CSTWA, switching what the row names
+    for c in abl:
+        if c.model == "cstwa":
+            own = cell_config(RunConfig(), c, Path("unused")).models["cstwa"]
+            on = {"SM": own.structure_migrator, "CP": own.click_perceptron, "CE": own.curse_escaper}
+            assert {k for k, v in on.items() if v} == set(c.label.split("+"))
     assert Cell("a", "x", "mlp", 0, ()).cell_id == Cell("b", "y", "mlp", 0, ()).cell_id
     assert Cell("a", "x", "mlp", 0, ()).cell_id != Cell("a", "x", "mlp", 1, ()).cell_id
     with pytest.raises(ValueError, match="registered"):
@@ -104,7 +118,8 @@ def test_variants_are_named_rows_with_their_overrides():
     assert cells[2].overrides == ("model.ctr_tower=[8, 4]", "model.cvr_tower=[8, 4]")
     # the same model and overrides as a Table 2 cell ⇒ the same cell, run once
     assert (
-        plan_cells(None, [0], False, [], ["x=cstwa:model.curse_escaper=true"])[0].cell_id != cells[0].cell_id
+        plan_cells(None, [0], False, [], ["x=cstwa:models.cstwa.curse_escaper=true"])[0].cell_id
+        != cells[0].cell_id
     )
     for bad in ("no-model", "x=cstwa", "x=cstwa:", "x=cstwa:beta", "x=nosuch:model.dropout=[0]"):
         with pytest.raises(ValueError):
@@ -120,7 +135,11 @@ def test_cells_share_structure_unless_they_change_how_it_is_mined(tmp_path):
     plain = gdir()
     assert plain.endswith("structure/k8-seed0") and gdir(seed=1).endswith("k8-seed1")
     # settings that only read the graphs share them
-    for ov in ("structure.beta=0.5", "model.click_perceptron=false", "structure.sm_reading=recomputed"):
+    for ov in (
+        "structure.beta=0.5",
+        "models.cstwa.click_perceptron=false",
+        "structure.sm_reading=recomputed",
+    ):
         assert gdir(ov) == plain
     assert gdir("structure.k=4").endswith("k4-seed0")
     # settings that change the mined graphs get their own directory, one per setting
@@ -162,6 +181,26 @@ def test_finished_cell_with_another_config_is_reported_stale(tmp_path):
     ]
 
 
+def test_stale_settings_compare_the_cells_own_model_settings(tmp_path):
+    cfg = cell_config(RunConfig(), Cell("table2", "ple", "ple", 0, ()), tmp_path)
+    run = tmp_path / "cell"
+    run.mkdir()
+    recorded = json.loads(json.dumps(cfg.to_dict()))
+    (run / "metrics.json").write_text(json.dumps({"config": recorded}))
+    assert stale_settings(run, cfg, "ple") == []
+    assert stale_settings(run, with_overrides(cfg, ["models.ple.levels=3"]), "ple") == [
+        "models.ple.levels: 2 → 3"
+    ]
+    # another model's own settings cannot change this cell's results
+    assert stale_settings(run, with_overrides(cfg, ["models.cstwa.curse_escaper=false"]), "ple") == []
+    # a record from before the models section: its flat `model.ple_levels` is read as models.ple.levels
+    del recorded["models"]
+    recorded["model"]["ple_levels"] = 3
+    (run / "metrics.json").write_text(json.dumps({"config": recorded}))
+    assert stale_settings(run, with_overrides(cfg, ["models.ple.levels=3"]), "ple") == []
+    assert stale_settings(run, cfg, "ple") == ["models.ple.levels: 3 → 2"]
+
+
 def test_model_set_reaches_every_cell_of_its_model_and_no_other():
     plain = plan_cells(["esmm", "cstwa"], [0], ablation=True, sweeps=["gamma=4"])
     cells = plan_cells(
@@ -185,3 +224,8 @@ def test_model_set_reaches_every_cell_of_its_model_and_no_other():
     for bad in ("cstwa", "cstwa:", "cstwa:gamma=2", "nosuch:loss.gamma=2"):
         with pytest.raises(ValueError):
             plan_cells(["cstwa"], [0], False, [], model_sets=[bad])
+    # a model's own settings are set for that model only
+    own = plan_cells(["ple"], [0], False, [], model_sets=["ple:models.ple.levels=3"])
+    assert own[0].overrides == ("models.ple.levels=3",)
+    with pytest.raises(ValueError, match="sets ple's own settings, not cstwa's"):
+        plan_cells(["cstwa"], [0], False, [], model_sets=["cstwa:models.ple.levels=3"])

@@ -9,13 +9,20 @@ import pytest
 
 from cstwa_dist.bench.knn import clustered_rows
 from cstwa_dist.structure.ivf import (
+    BLOCK_ROWS,
     IVFParams,
     auto_nlist,
     distributed_knn,
     even_ranges,
+    knn_memory,
     merge_topk,
+    per_rank_bytes,
+    per_rank_memory,
+    quantizer_sample_rows,
     recall_counts,
     recall_sample_ids,
+    resolve_cells,
+    ring_madds,
 )
 from cstwa_dist.structure.knn import exact_knn, knn_recall
 
@@ -86,6 +93,10 @@ def test_same_semantics_as_exact_for_duplicates_zero_rows_and_large_k(caplog):
     assert res.scores[3, 0] == 0.0 and np.isfinite(res.scores).all()
     ref_s, _ = exact_knn(x, 5)
     np.testing.assert_allclose(res.scores, ref_s, atol=1e-6)
+    # the self-first rule runs block by block, in place: blocks of 2 rows give the same lists
+    small = distributed_knn(x, [(0, 5)], 10, IVFParams(exact=True), recall_queries=0, block_rows=2)
+    np.testing.assert_array_equal(small.indices, res.indices)
+    np.testing.assert_array_equal(small.scores, res.scores)
 
 
 def test_recall_counts_by_hand():
@@ -137,8 +148,6 @@ def test_generated_rows_do_not_depend_on_the_range():
 
 
 def test_per_rank_bytes_formula():
-    from cstwa_dist.structure.ivf import per_rank_bytes
-
     flat = per_rank_bytes(1000, 40, 8, nlist=0, nprobe=0, block_rows=100)
     ivf = per_rank_bytes(1000, 40, 8, nlist=10, nprobe=4, block_rows=100)
     pq = per_rank_bytes(1000, 40, 8, nlist=10, nprobe=4, block_rows=100, pq_m=8)
@@ -146,3 +155,36 @@ def test_per_rank_bytes_formula():
     assert ivf["index"] == 1000 * (160 + 8) + 10 * 40 * 4
     assert ivf["foreign_block"] == 100 * (160 + 4 * 12)
     assert pq["index"] < ivf["index"] and ivf["total"] == sum(v for k, v in ivf.items() if k != "total")
+    assert per_rank_bytes(1000, 40, 8, nlist=10, nprobe=4) == per_rank_bytes(
+        1000, 40, 8, nlist=10, nprobe=4, block_rows=BLOCK_ROWS
+    )
+    # the running top-k once, plus one block's merge: no second list of the rank's size
+    assert ivf["own_topk"] == 1000 * 8 * 12 + 100 * 8 * 52
+    items = per_rank_memory(1000, 40, 8, nlist=10, nprobe=4, block_rows=100)
+    assert {i.key: i.bytes for i in items} == {k: v for k, v in ivf.items() if k != "total"}
+
+
+def test_knn_memory_uses_the_settings_distributed_knn_runs():
+    x = clustered(n=2000, seed=6)
+    for params in (IVFParams(), IVFParams(nlist=30, nprobe=50), IVFParams(exact=True)):
+        res = distributed_knn(x, [(0, len(x))], 8, params, recall_queries=0)
+        assert resolve_cells(params, len(x)) == (res.nlist, res.nprobe)
+    params = IVFParams(nlist=30, nprobe=4)
+    assert quantizer_sample_rows(2000, 30, params.train_per_list) == 30 * 39
+    assert quantizer_sample_rows(100, 30, 39) == 100 and quantizer_sample_rows(100, 0, 39) == 0
+    other = knn_memory(params, 2000, 500, 12, 8, block_rows=200)
+    rank0 = knn_memory(params, 2000, 500, 12, 8, block_rows=200, rank0=True)
+    assert other == per_rank_memory(500, 12, 8, nlist=30, nprobe=4, block_rows=200)
+    (sample,) = [i for i in rank0 if i.rank0_only]
+    # rank 0 holds every part (s rows), their concatenation (s), its own part and its padded copy
+    assert sample.bytes == (2 * 1170 + 2 * 293) * 12 * 4 and rank0[:-1] == other
+    one_rank = knn_memory(params, 2000, 2000, 12, 8, rank0=True)
+    assert one_rank[-1].bytes == 1170 * 12 * 4  # nothing gathered: the sample's copy
+    exact = knn_memory(IVFParams(exact=True), 2000, 500, 12, 8, rank0=True)
+    assert not any(i.rank0_only or i.key == "index" for i in exact)
+    assert knn_memory(params, 5, 5, 12, 8)[-1].bytes == 5 * 5 * 12 + 5 * 5 * 52  # k clipped to N
+
+
+def test_ring_madds():
+    assert ring_madds(1000, 250, 16, nlist=0, nprobe=0) == 1000 * 250 * 16
+    assert ring_madds(1000, 250, 16, nlist=20, nprobe=5) == 1000 * 250 * 16 * 5 // 20 + 250 * 20 * 16

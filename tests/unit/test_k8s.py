@@ -34,9 +34,14 @@ K8S_VERSIONS = ["1.29", "latest"]
 
 def _job(nodes: int, gpus: int, **kw: Any) -> K8sJob:
     args: dict[str, Any] = dict(
-        name="retrain", nodes=nodes, gpus_per_node=gpus, image="registry.example.com/cstwa-dist:0.1.0",
-        config=ROOT / "configs" / "aliccp.yaml", command=("train", "--model", "cstwa"),
-        data_pvc="data", runs_pvc="runs",
+        name="retrain",
+        nodes=nodes,
+        gpus_per_node=gpus,
+        image="registry.example.com/cstwa-dist:0.1.0",
+        config=ROOT / "configs" / "aliccp.yaml",
+        command=("train", "--model", "cstwa"),
+        data_pvc="data",
+        runs_pvc="runs",
     )
     return K8sJob(**(args | kw))
 
@@ -79,7 +84,7 @@ def _pod_view(job_obj: dict[str, Any], index: int) -> tuple[str, dict[str, str]]
             path = var["valueFrom"]["fieldRef"]["fieldPath"]
             prefix = "metadata.annotations['"
             assert path.startswith(prefix) and path.endswith("']"), path
-            env[var["name"]] = annotations[path[len(prefix):-2]]
+            env[var["name"]] = annotations[path[len(prefix) : -2]]
     return f"{name}-{index}", env
 
 
@@ -333,9 +338,24 @@ def test_cpu_only_rendering_uses_cpu_ranks():
 
 def test_cli_writes_three_manifests_or_one_stream(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
-    argv = ["--name", "smoke", "--nodes", "2", "--gpus-per-node", "0", "--image", "img:1",
-            "--config", "configs/demo.yaml", "--data-pvc", "data", "--runs-pvc", "runs",
-            "--command", "train --model esmm --set train.epochs=1"]
+    argv = [
+        "--name",
+        "smoke",
+        "--nodes",
+        "2",
+        "--gpus-per-node",
+        "0",
+        "--image",
+        "img:1",
+        "--config",
+        "configs/demo.yaml",
+        "--data-pvc",
+        "data",
+        "--runs-pvc",
+        "runs",
+        "--command",
+        "train --model esmm --set train.epochs=1",
+    ]
     assert k8s.main([*argv, "--out", str(tmp_path)]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(k8s.FILE_NAMES.values())
     from_files = [yaml.safe_load((tmp_path / n).read_text()) for n in k8s.FILE_NAMES.values()]
@@ -375,8 +395,8 @@ def test_committed_examples_are_what_their_command_renders(folder, monkeypatch):
     assert sorted(files) == sorted(k8s.FILE_NAMES.values())
     prefix = f"# Rendered by: {k8s.RENDER_COMMAND} "
     (line,) = {ln for text in files.values() for ln in text.splitlines() if ln.startswith(prefix)}
-    _, _, fresh = k8s.render_files(shlex.split(line[len(prefix):]))
-    hint = f"re-render with: {line[len('# Rendered by: '):]}"
+    _, _, fresh = k8s.render_files(shlex.split(line[len(prefix) :]))
+    hint = f"re-render with: {line[len('# Rendered by: ') :]}"
     for name, text in files.items():
         committed, rendered = yaml.safe_load(text), yaml.safe_load(fresh[name])
         if committed["kind"] == "ConfigMap":  # the config file itself may change; its key and wiring not

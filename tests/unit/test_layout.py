@@ -34,8 +34,14 @@ def _imports(path: Path) -> set[str]:
 
 
 def test_models_import_only_config_schema_and_their_own_blocks():
-    forbidden = ("cstwa_dist.train", "cstwa_dist.structure", "cstwa_dist.distributed", "cstwa_dist.losses",
-                 "cstwa_dist.registry", "ray")
+    forbidden = (
+        "cstwa_dist.train",
+        "cstwa_dist.structure",
+        "cstwa_dist.distributed",
+        "cstwa_dist.losses",
+        "cstwa_dist.registry",
+        "ray",
+    )
     bad = []
     for path in sorted((PACKAGE / "models").glob("*.py")):
         for name in _imports(path):
@@ -57,14 +63,27 @@ def test_nothing_asks_a_model_instance_for_its_needs():
 
 
 def test_cli_help_imports_no_torch_ray_or_torchrec():
+    """``--help`` of the top level and of every command and benchmark: each group module is imported
+    and each help text formatted, and still nothing heavy is loaded."""
     code = (
-        "import sys\n"
+        "import argparse, sys\n"
         "from cstwa_dist.cli import build_parser\n"
-        "build_parser()\n"
+        "def helps(p):\n"
+        "    p.format_help()\n"
+        "    subs = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]\n"
+        "    return 1 + sum(helps(s) for a in subs for s in a.choices.values())\n"
+        "assert helps(build_parser()) > 12\n"
         "heavy = sorted(m for m in ('torch', 'torchrec', 'ray', 'fbgemm_gpu', 'faiss') if m in sys.modules)\n"
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_cli_runs_as_a_module():
+    """``python -m cstwa_dist.cli``: how torchrun starts the ranks (launchers/torchrun.sh, bench train)."""
+    cmd = [sys.executable, "-m", "cstwa_dist.cli", "--version"]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=True)
+    assert p.stdout.startswith("cstwa-dist ")
 
 
 def test_model_lists_come_from_the_registry():
@@ -151,3 +170,93 @@ def test_doc_references_resolve_inside_the_repository(path: Path):
             assert any(re.match(rf"#+ {re.escape(number)}[. ]", h) for h in headings), (
                 f"{path} cites docs/{doc} {section}, which has no such section"
             )
+
+
+# Rooms from the bottom up (the README's layout table): a module may import its own room and rooms
+# listed below it, never one above or beside it. A piece two rooms need goes below both — so the
+# node's Ray runtime sits below data/ and distributed/, and the dry run sits above train/ and structure/.
+LAYERS: tuple[tuple[str, ...], ...] = (
+    ("fs", "config", "runtime"),
+    ("data",),
+    ("distributed",),
+    ("models",),
+    ("losses",),
+    ("registry",),
+    ("structure",),
+    ("train",),
+    ("experiments", "planner", "bench"),
+    ("cli",),
+    ("deploy",),
+)
+LEVEL = {room: i for i, rooms in enumerate(LAYERS) for room in rooms}
+
+
+def _room(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[0] == "cstwa_dist" else None
+
+
+def _all_imports(path: Path) -> set[str]:
+    """Every absolute import in the file, function-level and ``TYPE_CHECKING`` ones included: a lazy
+    import runs upward just the same when it runs."""
+    names = _imports(path)
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            raise AssertionError(f"{path.relative_to(ROOT)}: relative import; use cstwa_dist.<room>")
+    return names
+
+
+def test_every_room_has_a_layer():
+    rooms = {p.relative_to(PACKAGE).parts[0].removesuffix(".py") for p in PACKAGE.rglob("*.py")}
+    rooms.discard("__init__")
+    assert sorted(rooms - set(LEVEL)) == [], "a new room needs its place in LAYERS"
+
+
+def _upward(path: Path, here: str) -> list[str]:
+    """The imports of ``path`` (a module of room ``here``) that reach a room not below it."""
+    bad = []
+    for name in sorted(_all_imports(path)):
+        there = _room(name)
+        if there is None or there == here:
+            continue
+        if there not in LEVEL or LEVEL[there] >= LEVEL[here]:
+            bad.append(f"{path.name} ({here}) imports {name} ({there})")
+    return bad
+
+
+def test_no_import_runs_upward():
+    bad = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        here = path.relative_to(PACKAGE).parts[0].removesuffix(".py")
+        if here != "__init__":
+            bad += [f"{path.relative_to(ROOT)}: {b}" for b in _upward(path, here)]
+    assert not bad, "\n".join(bad)
+
+
+@pytest.mark.parametrize(
+    ("here", "line"),
+    [
+        ("data", "    from cstwa_dist.distributed.env import DistEnv"),  # lazy, beside-and-above
+        ("distributed", "from cstwa_dist.registry import StructureTable"),
+        ("structure", "    from cstwa_dist.train.trainer import Trainer"),
+    ],
+)
+def test_the_layer_check_catches_an_upward_import(tmp_path: Path, here: str, line: str):
+    """The check above on planted files: each import must be reported, also inside a function."""
+    planted = tmp_path / "planted.py"
+    body = f"def f():\n{line}\n" if line.startswith(" ") else f"{line}\n"
+    planted.write_text(body)
+    assert len(_upward(planted, here)) == 1
+
+
+def test_set_help_lists_every_closed_choice():
+    """``--set``'s help is read off the config's ``Literal`` types: a new choice reaches ``--help``."""
+    from cstwa_dist.config import choices
+    from cstwa_dist.registry import MODEL_SETTINGS
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    help_text = next(a for a in sub.choices["train"]._actions if a.dest == "overrides").help
+    listed = choices(MODEL_SETTINGS)
+    assert "structure.sm_reading" in listed and "train.pipeline" in listed
+    for key, allowed in listed.items():
+        assert f"{key}: {'|'.join(map(str, allowed))}" in help_text

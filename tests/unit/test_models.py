@@ -5,6 +5,7 @@ import torch
 
 from cstwa_dist.config import LossConfig, ModelConfig
 from cstwa_dist.data.batch import Batch
+from cstwa_dist.models.settings import CSTWASettings
 from cstwa_dist.registry import MODELS, get_model_spec
 from cstwa_dist.train.wrapper import ModelTrain
 from tests.unit.model_fixtures import SPEC, loss_trajectory, random_batch
@@ -23,11 +24,13 @@ def test_unknown_model_lists_registered():
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_shapes_and_every_parameter_gets_a_gradient(name, pooling):
     spec = get_model_spec(name)
-    cfg = ModelConfig(
-        ctr_tower=[16, 8], cvr_tower=[16, 8], dropout=[0.0, 0.0], info_layer=[8], context_pooling=pooling
-    )
+    cfg = ModelConfig(ctr_tower=[16, 8], cvr_tower=[16, 8], dropout=[0.0, 0.0], context_pooling=pooling)
+    own = CSTWASettings(info_layer=[8]) if name == "cstwa" else None
     torch.manual_seed(0)
-    module = ModelTrain(spec.build(SPEC, cfg, torch.device("cpu")), spec.build_loss(LossConfig(), cfg, None))
+    module = ModelTrain(
+        spec.build(SPEC, cfg, torch.device("cpu"), settings=own),
+        spec.build_loss(LossConfig(), cfg, None, settings=own),
+    )
     b = _batch()
     loss, out = module(b)
     click, purchase = out.click_logit, out.purchase_logit
@@ -37,7 +40,7 @@ def test_shapes_and_every_parameter_gets_a_gradient(name, pooling):
         assert purchase.shape == (32,)
     loss.backward()
     # tables read only to initialise the structure tables (Eq. 8) take no part in the step
-    init_only = tuple(f"model.{t.init_from}." for t in spec.structure_tables(cfg))
+    init_only = tuple(f"model.{t.init_from}." for t in spec.structure_tables(cfg, settings=own))
     params = [(n, p) for n, p in module.named_parameters() if not n.startswith(init_only)]
     missing = [n for n, p in params if p.grad is None or not torch.isfinite(p.grad).all()]
     assert not missing, f"no gradient for {missing}"
@@ -47,16 +50,32 @@ def test_shapes_and_every_parameter_gets_a_gradient(name, pooling):
 
 @pytest.mark.parametrize("sm, cp", [(True, True), (False, True), (True, False), (False, False)])
 def test_cstwa_switches(sm, cp):
-    cfg = ModelConfig(
-        ctr_tower=[16, 8], cvr_tower=[16, 8], dropout=[0.0, 0.0], structure_migrator=sm, click_perceptron=cp
-    )
-    model = get_model_spec("cstwa").build(SPEC, cfg, torch.device("cpu"))
+    cfg = ModelConfig(ctr_tower=[16, 8], cvr_tower=[16, 8], dropout=[0.0, 0.0])
+    own = CSTWASettings(structure_migrator=sm, click_perceptron=cp)
+    model = get_model_spec("cstwa").build(SPEC, cfg, torch.device("cpu"), settings=own)
     assert hasattr(model, "structure_embeddings") == sm
     assert hasattr(model, "info_layer") == cp
-    tables = get_model_spec("cstwa").structure_tables(cfg)
+    tables = get_model_spec("cstwa").structure_tables(cfg, settings=own)
     assert [t.side for t in tables] == (["user", "item"] if sm else [])
     out = model(_batch().features)
     assert out.purchase_logit.shape == (32,)
+
+
+@pytest.mark.parametrize("ce", [True, False])
+def test_cstwa_loss_reads_the_curse_escaper_switch_from_cstwas_settings(ce):
+    loss = get_model_spec("cstwa").build_loss(
+        LossConfig(), ModelConfig(), None, settings=CSTWASettings(curse_escaper=ce)
+    )
+    assert (loss.curse_escaper is not None) == ce
+
+
+def test_a_model_is_built_with_its_own_settings_class_only():
+    from cstwa_dist.models.settings import PLESettings
+
+    with pytest.raises(TypeError, match="cstwa reads CSTWASettings, got PLESettings"):
+        get_model_spec("cstwa").build(SPEC, ModelConfig(), torch.device("meta"), settings=PLESettings())
+    with pytest.raises(TypeError, match="esmm has no settings of its own"):
+        get_model_spec("esmm").build(SPEC, ModelConfig(), torch.device("meta"), settings=PLESettings())
 
 
 def test_loss_falls_on_a_fixed_batch():

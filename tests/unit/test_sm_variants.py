@@ -5,24 +5,33 @@ the Structure Migrator"): config validation, what each variant builds, reading (
 from __future__ import annotations
 
 import logging
+import re
 
 import numpy as np
 import pytest
 import torch
 
-from cstwa_dist.config import ConfigError, LossConfig, ModelConfig, StructureConfig, load_config
-from cstwa_dist.registry import MODELS, get_model_spec
+from cstwa_dist.config import ConfigError, LossConfig, ModelConfig, StructureConfig
+from cstwa_dist.models.settings import CSTWASettings
+from cstwa_dist.registry import MODELS, get_model_spec, load_config
 from cstwa_dist.train.wrapper import ModelTrain
 from tests.unit.model_fixtures import SPEC, random_batch
 
-SMALL = {"ctr_tower": [16, 8], "cvr_tower": [16, 8], "dropout": [0.0, 0.0], "info_layer": [8]}
+SMALL = {"ctr_tower": [16, 8], "cvr_tower": [16, 8], "dropout": [0.0, 0.0]}
 
 
 def _cstwa(reading: str = "free", shared: bool = False, sm: bool = True, beta: float = 0.3, cp: bool = True):
-    cfg = ModelConfig(**SMALL, structure_migrator=sm, shared_tables=shared, click_perceptron=cp)
-    st = StructureConfig(sm_reading=reading, beta=beta)
+    """CSTWA and what built it: (model, shared model section, structure section, CSTWA's own settings)."""
+    cfg = ModelConfig(**SMALL, shared_tables=shared)
+    own = CSTWASettings(structure_migrator=sm, click_perceptron=cp, info_layer=[8])
+    st = StructureConfig(sm_reading=reading, beta=beta)  # type: ignore[arg-type]
     torch.manual_seed(0)
-    return get_model_spec("cstwa").build(SPEC, cfg, torch.device("cpu"), structure=st), cfg, st
+    return (
+        get_model_spec("cstwa").build(SPEC, cfg, torch.device("cpu"), structure=st, settings=own),
+        cfg,
+        st,
+        own,
+    )
 
 
 def _tables(module: torch.nn.Module) -> set[str]:
@@ -43,13 +52,13 @@ def test_defaults_are_the_papers_choices():
 @pytest.mark.parametrize(
     "override, words",
     [
-        ("structure.sm_reading=both", "sm_reading must be free or recomputed"),
-        ("structure.sm_init=random", "sm_init must be fields or pretrained"),
+        ("structure.sm_reading=both", "sm_reading: must be one of free | recomputed"),
+        ("structure.sm_init=random", "sm_init: must be one of fields | pretrained"),
         ("model.shared_tables=maybe", "expected true/false"),
     ],
 )
 def test_bad_values_are_config_errors(override, words):
-    with pytest.raises(ConfigError, match=words):
+    with pytest.raises(ConfigError, match=re.escape(words)):
         load_config(None, [override])
 
 
@@ -65,7 +74,7 @@ def test_pretrained_start_is_rejected_for_the_recomputed_reading():
 @pytest.mark.parametrize("shared", [False, True])
 @pytest.mark.parametrize("sm", [True, False])
 def test_every_variant_builds_trains_and_declares_its_tables(reading, shared, sm):
-    model, cfg, st = _cstwa(reading, shared, sm)
+    model, cfg, st, own = _cstwa(reading, shared, sm)
     tables = _tables(model)
     fields = [f.name for f in SPEC.fields]
     assert {f"ctr__{f}" for f in fields} <= tables
@@ -78,7 +87,7 @@ def test_every_variant_builds_trains_and_declares_its_tables(reading, shared, sm
     else:  # SM off or reading (b): every field, ids included, in the step's CVR collection
         assert {f"cvr__{f}" for f in fields} <= tables and not hasattr(model, "cvr_side_embeddings")
     assert ({"sm__user", "sm__item"} <= tables) == sm
-    declared = get_model_spec("cstwa").structure_tables(cfg, st)
+    declared = get_model_spec("cstwa").structure_tables(cfg, st, settings=own)
     assert [t.side for t in declared] == (["user", "item"] if sm else [])
     for t in declared:
         want = (
@@ -88,7 +97,7 @@ def test_every_variant_builds_trains_and_declares_its_tables(reading, shared, sm
         )
         assert t.init_from == want and t.reads_id == (shared or reading == "recomputed")
         assert hasattr(model, t.init_from)
-    module = ModelTrain(model, get_model_spec("cstwa").build_loss(LossConfig(), cfg, None))
+    module = ModelTrain(model, get_model_spec("cstwa").build_loss(LossConfig(), cfg, None, settings=own))
     loss, out = module(random_batch())
     assert out.purchase_logit.shape == (32,) and torch.isfinite(loss)
     loss.backward()
@@ -106,7 +115,7 @@ def test_default_build_is_reading_a_without_a_structure_section():
 # --- reading (b): live field tables + the detached, fixed structure term -----------------------------
 def test_recomputed_forward_is_the_beta_mix_and_only_the_field_tables_get_gradients():
     beta = 0.4
-    model, cfg, _ = _cstwa("recomputed", beta=beta, cp=False)
+    model, cfg, _, own = _cstwa("recomputed", beta=beta, cp=False)
     batch = random_batch()
     with torch.no_grad():  # a recognisable P, so the mix can be checked by hand
         for t in ("sm__user", "sm__item"):
@@ -118,7 +127,7 @@ def test_recomputed_forward_is_the_beta_mix_and_only_the_field_tables_get_gradie
         [(1 - beta) * c_u + beta * sm["user_id"], (1 - beta) * c_i + beta * sm["item_id"], c_ctx], dim=1
     )
     assert torch.allclose(x, want)
-    module = ModelTrain(model, get_model_spec("cstwa").build_loss(LossConfig(), cfg, None))
+    module = ModelTrain(model, get_model_spec("cstwa").build_loss(LossConfig(), cfg, None, settings=own))
     loss, _ = module(batch)
     loss.backward()
     grads = {n: p.grad for n, p in model.named_parameters()}
@@ -130,8 +139,8 @@ def test_recomputed_forward_is_the_beta_mix_and_only_the_field_tables_get_gradie
 
 
 def test_free_reading_still_trains_u_and_i_and_leaves_the_side_tables_alone():
-    model, cfg, _ = _cstwa("free")
-    module = ModelTrain(model, get_model_spec("cstwa").build_loss(LossConfig(), cfg, None))
+    model, cfg, _, own = _cstwa("free")
+    module = ModelTrain(model, get_model_spec("cstwa").build_loss(LossConfig(), cfg, None, settings=own))
     loss, _ = module(random_batch())
     loss.backward()
     grads = {n: p.grad for n, p in model.named_parameters()}
@@ -142,7 +151,7 @@ def test_free_reading_still_trains_u_and_i_and_leaves_the_side_tables_alone():
 # --- shared tables (ablation) -------------------------------------------------------------------------
 def test_shared_tables_feed_the_ctr_embeddings_to_the_cvr_side(caplog):
     with caplog.at_level(logging.WARNING, logger="cstwa_dist.models.base"):
-        model, _, _ = _cstwa(shared=True, sm=False, cp=False)
+        model, _, _, _ = _cstwa(shared=True, sm=False, cp=False)
     assert "deviation from the paper's Eq. 6" in caplog.text
     f = random_batch().features
     ctr = model.ctr_embeddings(f)
@@ -153,13 +162,13 @@ def test_shared_tables_feed_the_ctr_embeddings_to_the_cvr_side(caplog):
 
 @pytest.mark.parametrize("name", sorted(n for n, s in MODELS.items() if s.predicts_purchase))
 def test_models_without_separate_collections_reject_shared_tables(name):
-    cfg = ModelConfig(**SMALL, shared_tables=True, expert_widths=[8, 8])
+    cfg = ModelConfig(**SMALL, shared_tables=True)
     spec = get_model_spec(name)
     if name in ("cstwa", "mlp"):
         spec.build(SPEC, cfg, torch.device("cpu"))
     else:
-        with pytest.raises(ConfigError, match="already shares one collection"):
-            spec.build(SPEC, cfg, torch.device("cpu"))
+        with pytest.raises(ConfigError, match="already shares one collection"):  # before any module
+            spec.build(SPEC, cfg, torch.device("meta"))
 
 
 def test_the_pretraining_model_ignores_shared_tables():

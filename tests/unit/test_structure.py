@@ -16,7 +16,17 @@ from cstwa_dist.structure.graph import (
     save_graph,
 )
 from cstwa_dist.structure.knn import ensure_self_first, exact_knn, knn_recall, l2_normalise
-from cstwa_dist.structure.propagate import beta_update, propagate, structure_migrate
+from cstwa_dist.structure.memory import total_bytes
+from cstwa_dist.structure.propagate import beta_update, beta_update_memory, propagate, structure_migrate
+from cstwa_dist.structure.readout import readout_memory
+from cstwa_dist.structure.sharded_graph import (
+    ShardedPropagator,
+    migrate_memory,
+    propagation_memory,
+    propagator_memory,
+    shard_build_memory,
+    shard_of,
+)
 
 
 def dense_cosine(x: np.ndarray) -> np.ndarray:
@@ -239,3 +249,49 @@ def test_beta_out_of_range_rejected(beta):
         beta_update(x, x, beta)
     with pytest.raises(ValueError):
         structure_migrate(torch.eye(2).to_sparse_csr(), x, 1, beta)
+
+
+# --- memory functions: each step's own statement of what it allocates --------------------------
+
+
+@pytest.mark.parametrize("layers", [1, 2, 3])
+def test_propagation_memory_is_what_the_propagator_reports(layers):
+    """One rank (nothing to fetch): the formulas against ``ShardedPropagator.memory()``, which counts
+    the tensors actually allocated. Positive rows make every cosine positive, so every row of ``Â``
+    keeps its ``k`` entries and the CSR formula is exact."""
+    n, w, k = 40, 6, 5
+    x = np.random.default_rng(5).uniform(0.1, 1.0, size=(n, w)).astype(np.float32)
+    shard = shard_of(build_graph(x, k), 0, n)
+    assert shard.nnz == n * k
+    prop = ShardedPropagator(shard, [(0, n)])
+    prop.propagate(torch.from_numpy(x), layers)
+    held = prop.memory()
+    want = {i.key: i.bytes for i in propagation_memory(n, 0, w, layers)}
+    assert want == {"layer_outputs": min(layers, 2) * n * w * 4}
+    for key in ("fetched_rows", "send_buffers", "window_own_copy", "layer_outputs"):
+        assert held[key] == want.get(key, 0), key
+    resident = {i.key: i.bytes for i in propagator_memory(n, k, 0)}
+    assert resident == {"csr": held["csr"], "ids": held["ids"]}
+
+
+def test_migrate_memory_is_the_larger_phase():
+    n, w = 100, 8
+    block = n * w * 4
+    # one rank: mixing (the propagated block, (1−β)·U, β·Â^L·U, the new block) outweighs one layer output
+    one = migrate_memory(n, 0, w, 1)
+    assert [i.key for i in one] == ["propagated", "beta_terms", "new_block"]
+    assert total_bytes(one) == 4 * block == block + total_bytes(beta_update_memory(n, w))
+    # with foreign rows: fetched + served + the window's own rows + min(L, 2) layer outputs
+    assert total_bytes(migrate_memory(n, 300, w, 1)) == 2 * 300 * w * 4 + 2 * block
+    assert total_bytes(migrate_memory(n, 300, w, 5)) == 2 * 300 * w * 4 + 3 * block
+    assert total_bytes(migrate_memory(n, 0, w, 0)) == 3 * block  # L = 0: the block is U itself
+    assert total_bytes(beta_update_memory(n, w, itemsize=2)) == 3 * n * w * 2
+
+
+def test_build_and_readout_memory_formulas():
+    assert total_bytes(shard_build_memory(1000, 8, 0)) == 1000 * 8 * 61 + 16 * 1000
+    assert total_bytes(shard_build_memory(1000, 8, 500)) == 1000 * 8 * 61 + 16 * 1000 + 32 * 500
+    assert {i.key: i.bytes for i in readout_memory(1000, 5, 40)} == {
+        "profiles": 1000 * 6 * 8,
+        "representations": 1000 * 40 * 4,
+    }

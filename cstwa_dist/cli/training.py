@@ -1,0 +1,124 @@
+"""Training commands: ``pretrain`` (structure), ``train`` (one model) and ``report`` (its results).
+
+``pretrain`` and ``train`` run as one process or under ``torchrun --nproc_per_node=N`` on the same
+code path; ``report`` is their reader, grouped with them because it presents exactly what ``train``
+writes (``metrics.json``) and imports numpy only, never torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from cstwa_dist.cli.common import add_config_args
+from cstwa_dist.registry import MODELS, load_config, trainable_models
+
+logger = logging.getLogger(__name__)
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from cstwa_dist.distributed.env import command_runtime
+    from cstwa_dist.train.pretrain import pretrain_structure
+
+    cfg = load_config(args.config, args.overrides)
+    with command_runtime(cfg.data.ray_num_cpus, cfg.train.collective_timeout_s):
+        pretrain_structure(cfg)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from cstwa_dist.distributed.env import command_runtime
+    from cstwa_dist.train.trainer import train
+
+    overrides = [*args.overrides, *([f"train.resume={args.resume}"] if args.resume else [])]
+    cfg = load_config(args.config, overrides)
+    with command_runtime(cfg.data.ray_num_cpus, cfg.train.collective_timeout_s):
+        train(cfg, args.model, run_dir=args.run_dir)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Prints the runs' test metrics (of each run's selected epoch) and writes reliability plots.
+
+    Two tables (:func:`~cstwa_dist.cli.tables.report_tables`): ranking and calibration. Each run dir
+    gets ``reliability_<task>.png`` (the decile table as ``.txt`` without matplotlib). Imports numpy
+    only (and matplotlib for the plots), never torch.
+    """
+    from cstwa_dist.cli.tables import report_tables
+    from cstwa_dist.train.metrics import TASKS, write_reliability
+
+    rows: list[tuple[Path, dict[str, Any]]] = []
+    for d in args.runs:
+        path = Path(d) / "metrics.json" if Path(d).is_dir() else Path(d)
+        if not path.exists():
+            logger.error("no metrics.json at %s", path)
+            return 1
+        rows.append((path.parent, json.loads(path.read_text())))
+    sys.stdout.write(report_tables(rows))
+    for run, m in rows:
+        for t in TASKS:
+            try:
+                out = write_reliability(m, t, run)
+            except OSError as e:  # a read-only run dir still gets its table printed
+                logger.warning("could not write the %s reliability plot into %s: %s", t, run, e)
+                continue
+            if out is not None:
+                logger.info("reliability plot %s", out)
+    return 0
+
+
+def _model_list(names: list[str]) -> str:
+    """Every model with its registry description, so that ``train --help`` documents the choices."""
+    return "; ".join(f"{n}: {MODELS[n].description}" for n in names)
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    """Registers the training commands on the top-level ``COMMAND`` subparsers."""
+    p = sub.add_parser(
+        "pretrain",
+        help="pre-train the CTR MLP and build the user/item kNN graphs",
+        description="Train the plain CTR MLP for structure.pretrain_epochs; then every rank reads r_u and "
+        "r_i of its own block of users and items out of the sharded tables, the blocks are searched against "
+        "each other with Faiss IVF on a ring of row shards (structure.knn, nlist, nprobe, pq_m; "
+        "structure.knn=exact for the exact reference), and each rank writes its rows of the kNN graphs "
+        "(top-k, negatives clamped, D^-1/2 A D^-1/2) to structure.graph_dir for `train`, with recall@k "
+        "against exact search in structure.json.",
+    )
+    add_config_args(p)
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser(
+        "train",
+        help="train and evaluate one model; writes <run_dir>/metrics.json",
+        description="Train a registered model with DistributedModelParallel and evaluate Click "
+        "and Purchase AUC over all impressions of the eval split.",
+    )
+    add_config_args(p)
+    p.add_argument(
+        "--model",
+        required=True,
+        choices=trainable_models(),
+        metavar="MODEL",
+        help=f"registered model: {_model_list(trainable_models())}",
+    )
+    p.add_argument(
+        "--run-dir", default=None, help="where metrics.json goes (default: <train.run_dir>/<model>)"
+    )
+    p.add_argument(
+        "--resume",
+        default=None,
+        metavar="auto|never|DIR",
+        help="continue from a checkpoint: auto = the newest complete one under train.checkpoint_dir "
+        "(default <run dir>/checkpoints), or a checkpoint folder (same as --set train.resume=...)",
+    )
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "report", help="print the Click/Purchase AUC, GAUC and calibration tables of finished runs"
+    )
+    p.add_argument("runs", nargs="+", help="run directories (or metrics.json files)")
+    p.set_defaults(func=cmd_report)
