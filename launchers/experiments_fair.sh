@@ -10,6 +10,38 @@
 # Purchase AUC at conflict `none` (docs/experiments/README.md, "CSTWA's hyper-parameters on `fair`");
 # CSTWA_SET= (empty) runs the paper's. The variants then include the paper's settings as a row.
 set -euo pipefail
+
+usage() {
+  cat <<'USAGE'
+usage: launchers/experiments_fair.sh [-h|--help] [LEVEL...]
+
+Table 2 (8 models), Table 3 (CSTWA ablation) and four CSTWA variants on the fair instrument, one
+experiment per conflict LEVEL (none, moderate or strong; default: all three), then the summary across
+levels in $OUT/summary. Generates data/fair-LEVEL when it is absent. Resumable: finished cells and data
+sets are kept (with the same settings; changed ones need another OUT).
+
+Environment:
+  NPROC      ranks per experiment (default 2)
+  SEEDS      seeds per cell (default 5)
+  SCALE      scale of a generated fair data set (default 1.0)
+  OUT        results folder (default runs/fair)
+  CSTWA_SET  CSTWA's own settings in every table (--model-set cstwa:...); default the ones chosen
+             on validation at conflict `none`; set it empty for the paper's
+  VENV       virtual environment holding cstwa-dist (default .venv)
+USAGE
+}
+
+for arg in "$@"; do
+  case $arg in
+    -h | --help) usage; exit 0 ;;
+    none | moderate | strong) ;;
+    *)
+      echo "launchers/experiments_fair.sh: unknown conflict level '$arg': use none, moderate or strong (--help)" >&2
+      exit 2
+      ;;
+  esac
+done
+
 cd "$(dirname "$0")/.."
 venv=${VENV:-.venv}
 nproc=${NPROC:-2}

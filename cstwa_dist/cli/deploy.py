@@ -13,36 +13,69 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cstwa_dist.cli.common import add_config_args
 from cstwa_dist.registry import MODELS, load_config
+
+if TYPE_CHECKING:
+    from cstwa_dist.planner.dryrun import DryRun
 
 logger = logging.getLogger(__name__)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    """Sharding dry run: no process group, no data, no table memory (the model is built on ``meta``)."""
-    from cstwa_dist.planner import dry_run, resolve_spec  # imports torch and TorchRec
+    """Sharding dry run: no process group, no data, no table memory (the model is built on ``meta``).
 
+    Ends with the verdict line (``planner/verdict.py``) and exits 1 when the job does not fit its caps
+    (a rank over a cap, or no plan at all), after searching the smallest world size that fits.
+    """
+    from cstwa_dist.planner import dry_run, resolve_spec  # imports torch and TorchRec
+    from cstwa_dist.planner.render import render_no_plan
+    from cstwa_dist.planner.verdict import NoPlan, judge
+
+    if args.search_up_to < 1:
+        raise ValueError(f"--search-up-to must be >= 1, got {args.search_up_to}")
     cfg = load_config(args.config, args.overrides)
     spec, source = resolve_spec(args.spec, cfg.data.dataset)
-    result = dry_run(
-        cfg,
-        spec,
-        model_name=args.model,
-        world_size=args.world_size,
-        gpus_per_node=args.gpus_per_node,
-        hbm_gb=args.hbm_gb,
-        ddr_gb=args.ddr_gb,
-        spec_source=source,
-    )
-    sys.stdout.write(result.render())
+
+    def plan_at(world_size: int) -> DryRun:
+        return dry_run(
+            cfg,
+            spec,
+            model_name=args.model,
+            world_size=world_size,
+            gpus_per_node=args.gpus_per_node,
+            hbm_gb=args.hbm_gb,
+            ddr_gb=args.ddr_gb,
+            spec_source=source,
+        )
+
+    result: DryRun | NoPlan
+    try:
+        result = plan_at(args.world_size)
+    except NoPlan as e:
+        result = e
+    verdict = judge(result, plan_at, limit=args.search_up_to)
+    sys.stdout.write(render_no_plan(result) if isinstance(result, NoPlan) else result.render())
+    sys.stdout.write(verdict.line + "\n")
     if args.json_out is not None:
+        from dataclasses import asdict
+
         from cstwa_dist.fs import atomic_write_json
 
-        atomic_write_json(args.json_out, result.to_dict(), sort_keys=False)
+        if isinstance(result, NoPlan):
+            report = {
+                "world_size": result.world_size,
+                "no_plan": result.reason,
+                "tables": [asdict(t) for t in result.demands],
+            }
+        else:
+            report = result.to_dict()
+        report["verdict"] = asdict(verdict)
+        atomic_write_json(args.json_out, report, sort_keys=False)
         logger.info("plan written to %s", args.json_out)
-    return 0
+    return 0 if verdict.fits else 1
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -53,7 +86,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         description="Build the model on the meta device, plan its embedding tables with TorchRec's planner "
         "for --world-size ranks (no process group, no data, no GPU needed) and print every table's "
         "sharding type, kernel, ranks and bytes, then per rank: embedding storage, dense state and the "
-        "row-sharded structure steps' peaks (mining in pretrain, the β update in train; formulas included).",
+        "row-sharded structure steps' peaks (mining in pretrain, the β update in train; formulas included). "
+        "The last line is the verdict: 'fits', or 'does NOT fit' naming the ranks and tables over the caps "
+        "(or the tables no rank can hold) and the smallest world size that fits; exit code 1 then.",
     )
     add_config_args(p)
     p.add_argument("--world-size", type=int, required=True, help="number of ranks to plan for")
@@ -79,6 +114,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="spec.yaml or dataset folder, or synth:PRESET[:SCALE] (default: <data.dataset>/spec.yaml, "
         "else the synth preset that folder is named after, e.g. data/industrial-like)",
+    )
+    p.add_argument(
+        "--search-up-to",
+        type=int,
+        default=4096,
+        metavar="RANKS",
+        help="when the plan does not fit, search the smallest world size that does up to this many ranks "
+        "(default 4096; doubling, then bisecting, a re-plan per step)",
     )
     p.add_argument(
         "--json",

@@ -19,8 +19,10 @@ logger = logging.getLogger(__name__)
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
+    from cstwa_dist.data.preflight import PRETRAIN_READS_ENTITIES, check_dataset
     from cstwa_dist.distributed.env import command_runtime
-    from cstwa_dist.experiments.grid import plan_cells, run_experiment
+    from cstwa_dist.experiments.grid import cell_config, plan_cells, run_experiment
+    from cstwa_dist.registry import get_model_spec
 
     if args.seeds < 1:
         raise ValueError("--seeds must be >= 1")
@@ -30,6 +32,19 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     seeds = list(range(args.seed_base, args.seed_base + args.seeds))
     cells = plan_cells(models, seeds, args.ablation, args.sweep, args.variant, args.model_set)
     cfg = load_config(args.config, args.overrides)  # validates the config before any rank starts work
+    # the data set too (each cell's, usually one): a cell that reads graphs has them mined by
+    # `pretrain` first (unless already mined), which reads the entity tables; so do those cells'
+    # Structure Migrators (sm_init=fields or reading b); other models read impressions only
+    reasons: dict[str, str | None] = {}
+    for cell in cells:
+        ccfg = cell_config(cfg, cell, Path(args.out))
+        mspec = get_model_spec(cell.model)
+        migrates = mspec.needs_graphs(ccfg.model, ccfg.structure, settings=mspec.settings_in(ccfg))
+        reasons[ccfg.data.dataset] = reasons.get(ccfg.data.dataset) or (
+            PRETRAIN_READS_ENTITIES if migrates else None
+        )
+    for dataset, reason in reasons.items():
+        check_dataset(dataset, entities_for=reason)
     with command_runtime(cfg.data.ray_num_cpus, cfg.train.collective_timeout_s):
         run_experiment(cfg, cells, args.out, args.model_set)
     return 0

@@ -15,27 +15,37 @@ from pathlib import Path
 from typing import Any
 
 from cstwa_dist.cli.common import add_config_args
-from cstwa_dist.registry import MODELS, load_config, trainable_models
+from cstwa_dist.registry import MODELS, get_model_spec, load_config, trainable_models
 
 logger = logging.getLogger(__name__)
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
+    from cstwa_dist.data.preflight import PRETRAIN_READS_ENTITIES, check_dataset
+
+    cfg = load_config(args.config, args.overrides)
+    # before the process group, Ray and the pre-training: a missing file fails in a second, not after
+    check_dataset(cfg.data.dataset, entities_for=PRETRAIN_READS_ENTITIES)
     from cstwa_dist.distributed.env import command_runtime
     from cstwa_dist.train.pretrain import pretrain_structure
 
-    cfg = load_config(args.config, args.overrides)
     with command_runtime(cfg.data.ray_num_cpus, cfg.train.collective_timeout_s):
         pretrain_structure(cfg)
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from cstwa_dist.distributed.env import command_runtime
-    from cstwa_dist.train.trainer import train
+    from cstwa_dist.data.preflight import check_dataset, entity_tables_reader
 
     overrides = [*args.overrides, *([f"train.resume={args.resume}"] if args.resume else [])]
     cfg = load_config(args.config, overrides)
+    # entity tables only for a model that reads them (ESMM and the other baselines do not)
+    mspec = get_model_spec(args.model)
+    migrates = bool(mspec.structure_tables(cfg.model, cfg.structure, settings=mspec.settings_in(cfg)))
+    check_dataset(cfg.data.dataset, entities_for=entity_tables_reader(args.model, migrates, cfg.structure))
+    from cstwa_dist.distributed.env import command_runtime
+    from cstwa_dist.train.trainer import train
+
     with command_runtime(cfg.data.ray_num_cpus, cfg.train.collective_timeout_s):
         train(cfg, args.model, run_dir=args.run_dir)
     return 0

@@ -22,6 +22,10 @@ input file's pass, and for each split at the end, the share of quarantined lines
 quarantine files are moved to ``<out>.quarantine/`` so the bad lines can be read, while nothing appears at
 ``out``. A split that ends up with 0 rows is an error too, unless ``allow_empty_splits``.
 
+Both importers open their input files through the same helpers (:func:`check_text_input`,
+:func:`open_input`, :func:`scan_lines`), so that a folder or a zip given as a file, a gzip file (read on
+the fly, found by its magic bytes) and a gzip file cut short are treated, and worded, alike.
+
 This is a sibling of :mod:`cstwa_dist.data.writer` rather than part of it because the generator, which
 also writes through the writer, has no input lines and nothing to quarantine.
 """
@@ -29,10 +33,12 @@ also writes through the writer, has no input lines and nothing to quarantine.
 from __future__ import annotations
 
 import contextlib
+import gzip
 import json
 import logging
 import shutil
 import time
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -59,6 +65,9 @@ COMMON_FEATURES_QUARANTINED = "common_features_quarantined"
 DUPLICATE_COMMON_KEY = "duplicate_common_key"
 REPEATED_FIELD = "repeated_field"
 BAD_KEY = "bad_key"
+# The last line of a file that ends without a newline and fails the line checks: the file was cut
+# mid-line (an interrupted download or unpack), which the importers also warn about loudly.
+TRUNCATED_LINE = "truncated_line"
 
 # A sound export has no bad line or a few stray ones; more than 1 % of a file means a systematic problem
 # (wrong spec or vocabulary, wrong file, wrong format) that training on the remaining rows would hide.
@@ -158,15 +167,75 @@ class Quarantine:
             logger.info("%s: no line quarantined", what)
 
 
-def count_lines(path: Path, block: int = 16 << 20) -> int:
-    """Physical lines of a file (a last line without newline counts), read in blocks: bounded memory."""
+GZIP_MAGIC = b"\x1f\x8b"
+# Other compressed or binary formats a user may hand over instead of a CSV file: named in the error,
+# rather than parsed as text and quoted back as mojibake.
+_OTHER_FORMATS = {
+    b"PK\x03\x04": "a zip archive (or an .xlsx workbook)",
+    b"PAR1": "a Parquet file",
+    b"BZh": "a bzip2 file",
+    b"\xfd7zXZ": "an xz file",
+    b"\x28\xb5\x2f\xfd": "a zstd file",
+}
+
+
+def is_gzip(path: Path) -> bool:
+    """Whether ``path`` is gzip-compressed, by its magic bytes (a ``.gz`` suffix is neither needed nor
+    trusted: Ali-CCP mirrors and ``gzip -k`` leave both spellings around)."""
+    with open(path, "rb") as f:
+        return f.read(2) == GZIP_MAGIC
+
+
+def check_text_input(path: Path, what: str) -> None:
+    """Raises a one-line :class:`DataError` if ``path`` is a folder or a binary format we do not read
+    (gzip is read transparently, so it passes); a missing file is a :class:`FileNotFoundError`."""
+    if path.is_dir():
+        raise DataError(f"{path} is a folder, expected {what}")
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    for magic, kind in _OTHER_FORMATS.items():
+        if head.startswith(magic):
+            raise DataError(
+                f"{path} is {kind}, expected {what} (plain text or gzip): unpack or export it as CSV first"
+            )
+
+
+def open_input(path: Path) -> IO[bytes]:
+    """The bytes of an input file, decompressed on the fly if it is gzip (:func:`is_gzip`)."""
+    return gzip.open(path, "rb") if is_gzip(path) else open(path, "rb")  # noqa: SIM115
+
+
+def damaged_gzip(path: Path, exc: BaseException) -> DataError:
+    """The one-line error for a gzip stream that cannot be read to its end (a cut download)."""
+    return DataError(
+        f"{path} is gzip-compressed but cannot be read to its end ({type(exc).__name__}: {exc}); the "
+        "file is truncated or damaged (an interrupted download?): download it again"
+    )
+
+
+def scan_lines(path: Path, block: int = 16 << 20) -> tuple[int, bool]:
+    """Physical lines of a file (a last line without newline counts) and whether its last byte is a
+    newline (a file cut mid-line ends without one), read in blocks: bounded memory. A gzip file's lines
+    are those of its decompressed text."""
     n = 0
     last = b"\n"
-    with open(path, "rb") as f:
-        while data := f.read(block):
-            n += data.count(b"\n")
-            last = data[-1:]
-    return n + (0 if last == b"\n" else 1)
+    try:
+        with open_input(path) as f:
+            while data := f.read(block):
+                n += data.count(b"\n")
+                last = data[-1:]
+    except (EOFError, OSError, zlib.error) as e:
+        if not is_gzip(path):
+            raise
+        raise damaged_gzip(path, e) from e
+    return n + (0 if last == b"\n" else 1), last == b"\n"
+
+
+def count_lines(path: Path, block: int = 16 << 20) -> int:
+    """Physical lines of a file (:func:`scan_lines`)."""
+    return scan_lines(path, block)[0]
 
 
 def check_accounting(files: dict[str, dict[str, int]]) -> None:

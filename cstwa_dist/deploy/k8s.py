@@ -4,7 +4,8 @@
         --config configs/aliccp.yaml --data-pvc data --runs-pvc runs --command "train --model cstwa" \\
         --out runs/k8s/retrain
 
-writes ``00-configmap.yaml``, ``01-service.yaml``, ``02-job.yaml`` (``--out -``: all three to stdout).
+writes ``00-configmap.yaml``, ``01-networkpolicy.yaml``, ``02-service.yaml``, ``03-job.yaml`` (``--out -``:
+all four to stdout), in apply order: the NetworkPolicy exists before any pod does.
 
 Why an Indexed Job + headless Service and not a Kubeflow PyTorchJob: both are core ``batch/v1`` and
 ``v1`` objects, so the job runs on any cluster without installing an operator and its CRDs, and the
@@ -12,15 +13,23 @@ manifests validate offline against the Kubernetes schemas. The Indexed Job gives
 launcher needs: a completion index (``NODE_RANK``) and a stable hostname ``<name>-<index>``, which the
 headless Service (the pods' ``subdomain``) makes resolvable, so ``<name>-0.<name>-nodes`` is the
 rendezvous endpoint every pod is given. PyTorchJob would add operator-managed restarts and elastic
-policies, which this project cannot use yet (there is no checkpoint/resume: a restarted ``train``
-starts from epoch 0).
+policies; the Job's own retries already continue a run: ``train`` is rendered with ``--resume auto``
+(the newest complete checkpoint under ``train.checkpoint_dir`` on the runs volume) and ``backoffLimit``
+allows a few whole-job failures, so a failed pod is replaced and the retrain goes on where it was.
 
-Each pod runs ``launchers/torchrun.sh G COMMAND ...``: the node-local Ray runtime on loopback, then
-torchrun with ``--nproc_per_node`` = the pod's GPU request (or ``--cpu-ranks`` on CPU nodes). The
+On a shared cluster no other workload may reach the job's ports (pod 0's rendezvous store, gloo's and
+NCCL's ephemeral ports): the store and the collectives take unauthenticated connections. The
+NetworkPolicy admits only the job's own pods. Finished Jobs are garbage-collected
+(``ttlSecondsAfterFinished``), and the pod's local disk use (``/tmp``, logs) is requested and capped
+(``ephemeral-storage``) so the scheduler places it where there is room and it cannot fill the node.
+
+Each pod runs ``launchers/torchrun.sh G COMMAND ...``: the node-local Ray runtime, then torchrun
+with ``--nproc_per_node`` = the pod's GPU request (or ``--cpu-ranks`` on CPU nodes). The
 renderer checks at render time what would otherwise fail on the cluster after scheduling: the command
 and its options (parsed by the CLI's own parser), the config and ``--set`` overrides (loaded as the
 ranks will load them), that every path the job reads or writes lies on a mounted volume (the root
-filesystem is read-only), that the ConfigMap holds nothing that looks like a secret, and the sizes.
+filesystem is read-only; checkpoints and ``--resume DIR`` included), that the ConfigMap holds nothing
+that looks like a secret, and the sizes.
 """
 
 from __future__ import annotations
@@ -46,6 +55,16 @@ CONFIG_DIR = "/etc/cstwa-dist"
 INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 GPU_RESOURCE = "nvidia.com/gpu"
 APP = "cstwa-dist"
+# The optional checkpoint-signing key (--checkpoint-key-secret): a Secret mounted read-only as a file, its
+# path passed in this variable. A file rather than the key itself in an env var: env is inherited by every
+# child process (torchrun's workers, Ray's) and readable in /proc/<pid>/environ, and a mounted Secret is
+# updated in place when it is rotated. The training side reads the same variable; keep the names aligned.
+CHECKPOINT_KEY_FILE_ENV = "CSTWA_CHECKPOINT_KEY_FILE"
+CHECKPOINT_KEY_DIR = "/var/run/secrets/cstwa-dist/checkpoint"
+CHECKPOINT_KEY_ITEM = "key"  # the Secret's data key holding the signing key
+# Local disk a pod writes besides /tmp: container logs (rotated by the kubelet) and the (read-only)
+# root filesystem's writable layer.
+LOG_MARGIN = 2**30
 # Key names that would mean a credential went into a ConfigMap (readable by anyone who can read the
 # namespace's ConfigMaps, printed by `kubectl describe`): those belong in a Secret.
 SECRET_KEY = re.compile(
@@ -104,7 +123,10 @@ class K8sJob:
     ray_cpus: int | None = None
     ray_start_timeout: int = 120
     max_restarts: int = 0
-    backoff_limit: int = 0
+    backoff_limit: int | None = None
+    ttl_after_finished: int = 7 * 24 * 3600
+    ephemeral_storage: str | None = None
+    checkpoint_key_secret: str | None = None
     uid: int = 1000
     gid: int = 1000
     node_selector: tuple[tuple[str, str], ...] = ()
@@ -161,6 +183,23 @@ class K8sJob:
         if self.shm_size:
             return self.shm_size
         return f"{max(1, int(quantity_bytes(self.memory_request) / 2**31))}Gi"
+
+    @property
+    def backoff(self) -> int:
+        """Pod failures the Job tolerates: three whole-job failures by default. One failed rank usually
+        fails every pod (their collectives lose a peer), and each counts once."""
+        return self.backoff_limit if self.backoff_limit is not None else 3 * self.nodes
+
+    @property
+    def ephemeral(self) -> str:
+        """Local disk request = limit: the /tmp emptyDir (disk-backed) plus logs."""
+        if self.ephemeral_storage:
+            return self.ephemeral_storage
+        return f"{math.ceil((quantity_bytes(self.tmp_size) + LOG_MARGIN) / 2**30)}Gi"
+
+    @property
+    def network_policy(self) -> str:
+        return f"{self.name}-pods"
 
     @property
     def labels(self) -> dict[str, str]:
@@ -229,7 +268,17 @@ def check(job: K8sJob) -> None:
     if not _CPU.fullmatch(job.cpu_request):
         raise ValueError(f"--cpu {job.cpu_request!r} is not a CPU quantity like 16 or 500m")
     memory = quantity_bytes(job.memory_request)
-    quantity_bytes(job.tmp_size)
+    if quantity_bytes(job.ephemeral) < quantity_bytes(job.tmp_size):
+        raise ValueError(
+            f"--ephemeral-storage {job.ephemeral} must be at least --tmp-size {job.tmp_size}: /tmp is a "
+            "disk-backed emptyDir, and a pod past its ephemeral-storage limit is evicted"
+        )
+    if job.backoff < 0 or job.ttl_after_finished < 0 or job.max_restarts < 0:
+        raise ValueError("--backoff-limit, --ttl-after-finished and --max-restarts must be >= 0")
+    if job.checkpoint_key_secret is not None and not re.fullmatch(
+        r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", job.checkpoint_key_secret
+    ):
+        raise ValueError(f"--checkpoint-key-secret {job.checkpoint_key_secret!r} is not a Secret name")
     if quantity_bytes(job.shm) >= memory:
         raise ValueError(
             f"--shm-size {job.shm} must be below --memory {job.memory_request}: /dev/shm is "
@@ -240,24 +289,12 @@ def check(job: K8sJob) -> None:
     _check_command_and_config(job)
 
 
-def _check_command_and_config(job: K8sJob) -> None:
-    """Parses the command with the CLI's parser and loads the config as the ranks will: a typo fails here,
-    not after N pods have been scheduled and have started their Ray runtimes."""
+def _parse_and_load(job: K8sJob) -> tuple[argparse.Namespace, Any]:
+    """The command parsed by the CLI's parser and the config loaded as the ranks will load it."""
     from cstwa_dist.cli import build_parser
     from cstwa_dist.config import ConfigError
     from cstwa_dist.registry import load_config  # checks the models' own settings too
 
-    if any(t == "--config" or t.startswith("--config=") for t in job.command):
-        raise ValueError("--command must not contain --config: the renderer passes the ConfigMap's file")
-    if not job.config.is_file():
-        raise ValueError(f"config file not found: {job.config}")
-    raw = yaml.safe_load(job.config.read_text()) or {}
-    secrets = _secret_keys(raw)
-    if secrets:
-        raise ValueError(
-            f"{job.config}: keys {secrets} look like credentials; a ConfigMap is not the place "
-            "for them (use a Secret mounted separately)"
-        )
     argv = [*job.command, "--config", str(job.config)]
     try:
         args = build_parser().parse_args(argv)
@@ -270,9 +307,57 @@ def _check_command_and_config(job: K8sJob) -> None:
         cfg = load_config(job.config, getattr(args, "overrides", None))
     except ConfigError as e:
         raise ValueError(f"config: {e}") from e
+    return args, cfg
+
+
+def _resume(job: K8sJob, args: argparse.Namespace, cfg: Any) -> str | None:
+    """What a ``train`` command resumes from where the command or config chose it (``--resume``, or
+    ``train.resume`` in the config file or a ``--set``), else None: the renderer then adds ``--resume
+    auto``. None for the other commands."""
+    if args.command != "train":
+        return None
+    if args.resume:
+        return str(args.resume)
+    raw = yaml.safe_load(job.config.read_text()) or {}
+    chosen = "resume" in (raw.get("train") or {}) or any(
+        o.partition("=")[0].strip() == "train.resume" for o in args.overrides
+    )
+    return str(cfg.train.resume) if chosen else None
+
+
+def rendered_command(job: K8sJob) -> list[str]:
+    """The command the pods run (without --config): ``train`` gets ``--resume auto`` unless the command
+    or config already says where to resume from, so that a replaced pod continues the run instead of
+    starting it again (the Job retries failed pods, ``backoffLimit``)."""
+    args, cfg = _parse_and_load(job)
+    if args.command == "train" and _resume(job, args, cfg) is None:
+        return [*job.command, "--resume", "auto"]
+    return list(job.command)
+
+
+def _check_command_and_config(job: K8sJob) -> None:
+    """Parses the command with the CLI's parser and loads the config as the ranks will: a typo fails here,
+    not after N pods have been scheduled and have started their Ray runtimes."""
+    if any(t == "--config" or t.startswith("--config=") for t in job.command):
+        raise ValueError("--command must not contain --config: the renderer passes the ConfigMap's file")
+    if not job.config.is_file():
+        raise ValueError(f"config file not found: {job.config}")
+    raw = yaml.safe_load(job.config.read_text()) or {}
+    secrets = _secret_keys(raw)
+    if secrets:
+        raise ValueError(
+            f"{job.config}: keys {secrets} look like credentials; a ConfigMap is not the place "
+            "for them (use a Secret mounted separately)"
+        )
+    args, cfg = _parse_and_load(job)
     data, runs = _normpath(job.workdir, "data"), _normpath(job.workdir, "runs")
     reads = {"data.dataset": cfg.data.dataset}
     writes = {"train.run_dir": cfg.train.run_dir, "structure.graph_dir": cfg.structure.graph_dir}
+    if cfg.train.checkpoint_dir:  # default <run dir>/checkpoints: on the runs volume with the run dir
+        writes["train.checkpoint_dir"] = cfg.train.checkpoint_dir
+    resume = _resume(job, args, cfg)
+    if resume not in (None, "auto", "never"):  # a checkpoint folder: read, never written
+        reads["--resume" if args.resume else "train.resume"] = resume
     for opt in ("run_dir", "out"):  # train --run-dir, experiment --out
         if getattr(args, opt, None):
             writes[f"--{opt.replace('_', '-')}"] = str(getattr(args, opt))
@@ -290,6 +375,11 @@ def _check_command_and_config(job: K8sJob) -> None:
                 f"{key} = {path!r} resolves to {p}, outside the runs volume ({runs}); the pods' "
                 "root filesystem is read-only"
             )
+    if resume == "never" and job.backoff > 0:
+        logger.warning(
+            "resume is 'never' (--resume or train.resume): a pod the Job retries starts the run "
+            "again from epoch 0; leave it out to get --resume auto"
+        )
 
 
 def _env(job: K8sJob) -> list[dict[str, Any]]:
@@ -309,6 +399,8 @@ def _env(job: K8sJob) -> list[dict[str, Any]]:
         "PYTHONDONTWRITEBYTECODE": "1",
         "PYTHONUNBUFFERED": "1",
     }
+    if job.checkpoint_key_secret:
+        plain[CHECKPOINT_KEY_FILE_ENV] = f"{CHECKPOINT_KEY_DIR}/{CHECKPOINT_KEY_ITEM}"
     env: list[dict[str, Any]] = [{"name": k, "value": str(v)} for k, v in plain.items()]
     node_rank = {"fieldRef": {"fieldPath": f"metadata.annotations['{INDEX_ANNOTATION}']"}}
     env.insert(1, {"name": "NODE_RANK", "valueFrom": node_rank})
@@ -324,8 +416,29 @@ def _probe(job: K8sJob, *, startup: bool) -> dict[str, Any]:
     return probe
 
 
+def _network_policy(job: K8sJob) -> dict[str, Any]:
+    """Ingress to the job's pods only from the job's pods, on every TCP port: the rendezvous store is on
+    a fixed port, but gloo and NCCL's socket transport listen on ephemeral ones. Egress stays open:
+    the job needs only its peers and DNS, but where DNS answers (CoreDNS pods, a node-local cache on a
+    link-local address, its port after the Service's NAT) differs between clusters, and a wrong guess
+    would fail the rendezvous at start-up; the exposure this closes is inbound."""
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _metadata(job, job.network_policy),
+        "spec": {
+            "podSelector": {"matchLabels": job.pod_labels},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {"from": [{"podSelector": {"matchLabels": job.pod_labels}}], "ports": [{"protocol": "TCP"}]}
+            ],
+        },
+    }
+
+
 def build_objects(job: K8sJob) -> list[dict[str, Any]]:
-    """The three objects, in apply order: ConfigMap, headless Service, Indexed Job. Call ``check`` first."""
+    """The four objects, in apply order: ConfigMap, NetworkPolicy, headless Service, Indexed Job. Call
+    ``check`` first."""
     configmap = {
         "apiVersion": "v1",
         "kind": "ConfigMap",
@@ -345,8 +458,12 @@ def build_objects(job: K8sJob) -> list[dict[str, Any]]:
         },
     }
     resources: dict[str, Any] = {
-        "requests": {"cpu": job.cpu_request, "memory": job.memory_request},
-        "limits": {"memory": job.memory_request},
+        "requests": {
+            "cpu": job.cpu_request,
+            "memory": job.memory_request,
+            "ephemeral-storage": job.ephemeral,
+        },
+        "limits": {"memory": job.memory_request, "ephemeral-storage": job.ephemeral},
     }
     if job.gpus_per_node > 0:
         resources["limits"][GPU_RESOURCE] = job.gpus_per_node
@@ -356,7 +473,7 @@ def build_objects(job: K8sJob) -> list[dict[str, Any]]:
         "imagePullPolicy": "IfNotPresent",
         "workingDir": job.workdir,
         "command": ["bash", "launchers/torchrun.sh"],
-        "args": [str(job.nproc), *job.command, "--config", job.config_path],
+        "args": [str(job.nproc), *rendered_command(job), "--config", job.config_path],
         "ports": [{"name": "rdzv", "containerPort": job.port, "protocol": "TCP"}],
         "env": _env(job),
         "resources": resources,
@@ -380,6 +497,10 @@ def build_objects(job: K8sJob) -> list[dict[str, Any]]:
             {"name": "shm", "mountPath": "/dev/shm"},
         ],
     }
+    if job.checkpoint_key_secret:
+        container["volumeMounts"].append(
+            {"name": "checkpoint-key", "mountPath": CHECKPOINT_KEY_DIR, "readOnly": True}
+        )
     pod_spec: dict[str, Any] = {
         "subdomain": job.service,
         "setHostnameAsFQDN": False,
@@ -412,6 +533,13 @@ def build_objects(job: K8sJob) -> list[dict[str, Any]]:
         {"name": "tmp", "emptyDir": {"sizeLimit": job.tmp_size}},
         {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": job.shm}},
     ]
+    if job.checkpoint_key_secret:  # owner root, group fsGroup: 0440 lets the pod's group read it
+        secret = {
+            "secretName": job.checkpoint_key_secret,
+            "items": [{"key": CHECKPOINT_KEY_ITEM, "path": CHECKPOINT_KEY_ITEM}],
+            "defaultMode": 0o440,
+        }
+        pod_spec["volumes"].append({"name": "checkpoint-key", "secret": secret})
     k8s_job = {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -420,16 +548,22 @@ def build_objects(job: K8sJob) -> list[dict[str, Any]]:
             "completionMode": "Indexed",
             "completions": job.nodes,
             "parallelism": job.nodes,
-            "backoffLimit": job.backoff_limit,
+            "backoffLimit": job.backoff,
+            "podFailurePolicy": {
+                "rules": [
+                    {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+                ]
+            },
             "podReplacementPolicy": "Failed",
+            "ttlSecondsAfterFinished": job.ttl_after_finished,
             "template": {"metadata": {"labels": job.pod_labels}, "spec": pod_spec},
         },
     }
-    return [configmap, service, k8s_job]
+    return [configmap, _network_policy(job), service, k8s_job]
 
 
 def render(job: K8sJob) -> list[dict[str, Any]]:
-    """Checks ``job`` and returns its objects (ConfigMap, Service, Job)."""
+    """Checks ``job`` and returns its objects (ConfigMap, NetworkPolicy, Service, Job)."""
     check(job)
     return build_objects(job)
 
@@ -445,6 +579,30 @@ _NOTES: dict[str, list[tuple[str, int, str]]] = {
             "replacement pod can never read another config than its peers: to change it, delete the job and "
             "apply again. No secrets here: the renderer refuses credential-like keys; credentials belong in "
             "a Secret mounted separately.",
+        ),
+    ],
+    "NetworkPolicy": [
+        (
+            "podSelector",
+            0,
+            "This job's pods (the Job's pod-template labels; the Service selects them too). Applied before "
+            "the Job, so no pod of it ever runs unprotected. Needs a network plugin that enforces "
+            "NetworkPolicy (Calico, Cilium, ...); without one it is accepted and has no effect.",
+        ),
+        (
+            "policyTypes",
+            0,
+            "Ingress only. Egress stays open: the job needs only its peers and DNS, but where DNS answers "
+            "differs between clusters (CoreDNS pods, a node-local cache on a link-local address) and a "
+            "wrong guess would fail the rendezvous at start-up.",
+        ),
+        (
+            "ingress",
+            0,
+            "Only from this job's pods in this namespace, on every TCP port: pod 0's rendezvous store is on "
+            "the rendezvous port, but gloo and NCCL's socket transport listen on ephemeral ports. "
+            "Nothing else reaches these pods (their ports take unauthenticated connections). RDMA "
+            "(InfiniBand, RoCE) bypasses the pod network and NetworkPolicy altogether.",
         ),
     ],
     "Service": [
@@ -473,15 +631,31 @@ _NOTES: dict[str, list[tuple[str, int, str]]] = {
         (
             "backoffLimit",
             0,
-            "Pod failures tolerated before the Job fails. 0 by default: there is no checkpoint/resume yet, "
-            "so a retried `train` starts again from epoch 0; `experiment` skips finished cells, so a few "
-            "retries (--backoff-limit) pay off there.",
+            "Pod failures tolerated before the Job fails: 3 x NNODES by default, three whole-job failures "
+            "(one failed rank usually fails every pod: their collectives lose a peer). A replaced pod "
+            "continues the run: `train` runs with --resume auto (the newest complete checkpoint under "
+            "train.checkpoint_dir, default <run dir>/checkpoints on the runs volume); `experiment` skips "
+            "finished cells; `pretrain` starts again.",
+        ),
+        (
+            "podFailurePolicy",
+            0,
+            "A pod that fails because it was disrupted (preempted, its node drained, evicted under node "
+            "pressure) does not count against backoffLimit: it is replaced and the run resumes. One evicted "
+            "for passing its own ephemeral-storage limit does count.",
         ),
         (
             "podReplacementPolicy",
             0,
             "A failed pod is replaced only once it has fully terminated, so <job>-0's DNS name never "
             "points at two pods (Kubernetes >= 1.29).",
+        ),
+        (
+            "ttlSecondsAfterFinished",
+            0,
+            "The finished Job and its pods (and their logs) are deleted after this long "
+            "(--ttl-after-finished, default 7 days); results and checkpoints stay on the runs volume, "
+            "the ConfigMap, NetworkPolicy and Service stay until `kubectl delete -f`.",
         ),
         (
             "subdomain",
@@ -512,14 +686,18 @@ _NOTES: dict[str, list[tuple[str, int, str]]] = {
             "RDZV_ENDPOINT set, torchrun.sh uses the c10d rendezvous (id JOB_ID, store hosted by NODE_RANK "
             "0, MAX_RESTARTS in-place restarts of every node's workers); MASTER_ADDR, MASTER_PORT and "
             "NODE_RANK alone are the static rendezvous. The node-local Ray runtime (ray start --head on "
-            "127.0.0.1) gets RAY_NUM_CPUS; HOME and caches point at /tmp: the root filesystem is read-only.",
+            "127.0.0.1: RAY_NODE_IP stays unset, the ranks attach from the same pod, and only on loopback "
+            "does Ray bind its ports to one address) gets RAY_NUM_CPUS; HOME and caches point at /tmp: the "
+            "root filesystem is read-only.",
         ),
         (
             "resources",
             0,
             "One pod per node. nvidia.com/gpu (when present) = torchrun's --nproc_per_node. The memory limit "
-            "includes /dev/shm (tmpfs pages count once written). No CPU limit: throttling slows ranks "
-            "unevenly and the slowest rank sets every collective's pace.",
+            "includes /dev/shm (tmpfs pages count once written). ephemeral-storage: the disk-backed /tmp "
+            "plus logs, requested so the pod lands where there is room, capped so it cannot fill the node's "
+            "disk. No CPU limit: throttling slows ranks unevenly and the slowest rank sets every "
+            "collective's pace.",
         ),
         ("securityContext", 1, "Nothing is written to the image: /tmp, /dev/shm and runs/ are volumes."),
         (
@@ -543,7 +721,9 @@ _NOTES: dict[str, list[tuple[str, int, str]]] = {
             "config: the ConfigMap. data: the dataset PVC, read-only at <workdir>/data so the configs' "
             "relative data/... paths work; runs: run dirs, graphs, checkpoints at <workdir>/runs. All pods "
             "mount both: ReadOnlyMany/ReadWriteMany storage. tmp: /tmp (Ray's temp dir, logs, spilled "
-            "objects; HOME). shm: memory-backed /dev/shm for Ray's object store and NCCL.",
+            "objects; HOME). shm: memory-backed /dev/shm for Ray's object store and NCCL. "
+            "checkpoint-key (with --checkpoint-key-secret): the Secret holding the checkpoint-signing key, "
+            "read-only.",
         ),
     ],
 }
@@ -579,7 +759,12 @@ def _str(dumper: yaml.SafeDumper, s: str) -> yaml.ScalarNode:
 
 _Dumper.add_representer(str, _str)
 
-FILE_NAMES = {"ConfigMap": "00-configmap.yaml", "Service": "01-service.yaml", "Job": "02-job.yaml"}
+FILE_NAMES = {
+    "ConfigMap": "00-configmap.yaml",
+    "NetworkPolicy": "01-networkpolicy.yaml",
+    "Service": "02-service.yaml",
+    "Job": "03-job.yaml",
+}
 
 
 def manifest_files(job: K8sJob, objects: list[dict[str, Any]], command_line: str) -> dict[str, str]:
@@ -607,7 +792,8 @@ def manifest_files(job: K8sJob, objects: list[dict[str, Any]], command_line: str
 def build_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=RENDER_COMMAND,
-        description="Render the Kubernetes manifests (ConfigMap, headless Service, Indexed Job) for one "
+        description="Render the Kubernetes manifests (ConfigMap, NetworkPolicy, headless Service, Indexed "
+        "Job) for one "
         "cstwa-dist job on N nodes x G GPUs; --gpus-per-node 0 renders a CPU-only job. See k8s/README.md.",
     )
     add = p.add_argument
@@ -645,7 +831,32 @@ def build_arg_parser() -> argparse.ArgumentParser:
     add("--ray-cpus", type=int, default=None, help="RAY_NUM_CPUS (default: one per rank, at least 2)")
     add("--ray-start-timeout", type=int, default=120, help="RAY_START_TIMEOUT seconds (default 120)")
     add("--max-restarts", type=int, default=0, help="torchrun in-place restarts (c10d; default 0)")
-    add("--backoff-limit", type=int, default=0, help="pod failures before the Job fails (default 0)")
+    add(
+        "--backoff-limit",
+        type=int,
+        default=None,
+        help="pod failures before the Job fails (default 3 x --nodes: three whole-job failures; a "
+        "retried train resumes from its newest checkpoint)",
+    )
+    add(
+        "--ttl-after-finished",
+        type=int,
+        default=7 * 24 * 3600,
+        metavar="SECONDS",
+        help="delete the finished Job and its pods after this long (default 7 days)",
+    )
+    add(
+        "--ephemeral-storage",
+        default=None,
+        help="local disk request = limit per pod (default: --tmp-size + 1Gi for logs)",
+    )
+    add(
+        "--checkpoint-key-secret",
+        default=None,
+        metavar="NAME",
+        help=f"existing Secret whose data key '{CHECKPOINT_KEY_ITEM}' is the checkpoint-signing key: "
+        f"mounted read-only, its path in {CHECKPOINT_KEY_FILE_ENV}",
+    )
     add("--uid", type=int, default=1000, help="non-root user id (default 1000)")
     add("--gid", type=int, default=1000, help="group id, also fsGroup (default 1000)")
     add("--node-selector", action="append", default=[], metavar="KEY=VALUE", help="repeatable")
@@ -682,6 +893,9 @@ def job_from_args(args: argparse.Namespace) -> K8sJob:
         ray_start_timeout=args.ray_start_timeout,
         max_restarts=args.max_restarts,
         backoff_limit=args.backoff_limit,
+        ttl_after_finished=args.ttl_after_finished,
+        ephemeral_storage=args.ephemeral_storage,
+        checkpoint_key_secret=args.checkpoint_key_secret,
         uid=args.uid,
         gid=args.gid,
         node_selector=tuple(selector),

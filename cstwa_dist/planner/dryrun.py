@@ -59,6 +59,7 @@ from cstwa_dist.planner.structure import (
     structure_sides,
     train_structure_estimate,
 )
+from cstwa_dist.planner.verdict import NoPlan, TableDemand
 from cstwa_dist.registry import get_model_spec
 from cstwa_dist.train.wrapper import ModelTrain
 
@@ -66,7 +67,16 @@ logger = logging.getLogger(__name__)
 
 # ``resolve_spec`` and ``synth_spec`` live in ``specs.py``; named here too for callers that import the
 # dry run's entry points from this module.
-__all__ = ["DryRun", "RankPlan", "TablePlan", "dry_run", "resolve_spec", "synth_spec"]
+__all__ = [
+    "DryRun",
+    "NoPlan",
+    "RankPlan",
+    "TablePlan",
+    "dry_run",
+    "resolve_spec",
+    "synth_spec",
+    "table_demands",
+]
 
 
 @dataclass(frozen=True)
@@ -188,6 +198,25 @@ def _tables_from_plan(module: nn.Module, plan: ShardingPlan) -> list[TablePlan]:
     return out
 
 
+def table_demands(module: nn.Module, row_wise: set[str], world_size: int) -> list[TableDemand]:
+    """Every table's bytes (weights + fused-optimizer state) and its smallest share of one rank: a
+    row-wise table's ``ceil(rows/W)`` rows, a table-wise table whole. What a failed plan is explained
+    with: TorchRec's planner says only that nothing fits, not which table."""
+    out: list[TableDemand] = []
+    for _, ebc in module.named_modules():
+        if not isinstance(ebc, EmbeddingBagCollection):
+            continue
+        for conf in ebc.embedding_bag_configs():
+            elem = data_type_to_dtype(conf.data_type).itemsize
+            weight = ebc.embedding_bags[conf.name].weight
+            rows, dim = conf.num_embeddings, conf.embedding_dim
+            total = rows * dim * elem + _optimizer_state_bytes(weight, rows, dim, elem)
+            rw = conf.name in row_wise
+            share = -(-rows // world_size) * (total // rows) if rw else total
+            out.append(TableDemand(conf.name, rows, dim, "row_wise" if rw else "table_wise", total, share))
+    return out
+
+
 def _planner_storage(planner: EmbeddingShardingPlanner, world_size: int) -> tuple[list[int], list[int]]:
     """Per-rank (HBM, DDR) of the chosen plan, from the planner's sharding options.
 
@@ -222,6 +251,9 @@ def dry_run(
 
     ``gpus_per_node > 0`` plans CUDA ranks (local world size = GPUs per node), else CPU ranks on one
     node. ``hbm_gb`` (GiB per GPU) and ``ddr_gb`` (GiB per rank) default to TorchRec's 32 and 128.
+    Raises :class:`~cstwa_dist.planner.verdict.NoPlan` (a ``ValueError``) with every table's demand
+    when TorchRec's planner finds no plan, so that the verdict can say which table does not fit where;
+    a plan that exists but leaves ranks over their caps is returned (``verdict.judge`` says so).
     """
     if world_size < 1:
         raise ValueError(f"--world-size must be >= 1, got {world_size}")
@@ -232,6 +264,12 @@ def dry_run(
     for name, v in (("--hbm-gb", hbm_gb), ("--ddr-gb", ddr_gb)):
         if v is not None and not v > 0:
             raise ValueError(f"{name} must be > 0, got {v}")
+    if hbm_gb is not None and not gpus_per_node:
+        # a cap that would be silently ignored: CPU ranks keep their tables in host memory
+        raise ValueError(
+            f"--hbm-gb {hbm_gb} applies to GPU ranks: add --gpus-per-node G, or cap CPU ranks' host memory "
+            "with --ddr-gb"
+        )
     compute_device = "cuda" if gpus_per_node else "cpu"
     local_world_size = gpus_per_node or world_size
     hbm_cap = (int(hbm_gb * GIB) if hbm_gb is not None else HBM_CAP) if compute_device == "cuda" else 0
@@ -257,7 +295,16 @@ def dry_run(
     try:
         plan = planner.plan(module, [RowWiseSharder()])
     except PlannerError as e:
-        raise ValueError(f"no sharding plan fits {world_size} ranks: {e}") from None
+        raise NoPlan(
+            world_size=world_size,
+            local_world_size=local_world_size,
+            compute_device=compute_device,
+            hbm_cap=hbm_cap,
+            ddr_cap=ddr_cap,
+            reason=e.error_type.value.replace("_", " "),
+            demands=table_demands(module, {t.table for t in tables}, world_size),
+            dense_state=4 * dense_parameter_bytes(module),
+        ) from None
     seconds = time.perf_counter() - t0
     logger.info("planned %s for %d %s ranks in %.2fs", model_name, world_size, compute_device, seconds)
 

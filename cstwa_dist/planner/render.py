@@ -13,8 +13,9 @@ from cstwa_dist.planner.structure import StructureEstimate
 
 if TYPE_CHECKING:
     from cstwa_dist.planner.dryrun import DryRun
+    from cstwa_dist.planner.verdict import NoPlan
 
-__all__ = ["GIB", "fmt_bytes", "render_dry_run"]
+__all__ = ["GIB", "fmt_bytes", "render_dry_run", "render_no_plan"]
 
 GIB = 1024**3
 
@@ -139,6 +140,45 @@ def render_dry_run(d: DryRun) -> str:
             f"  kNN per rank (largest side, ring over {d.world_size} ranks): {d.knn_madds_per_rank:.2e} "
             f"multiply-adds; exact search through the ring N·n_r·w = {d.exact_knn_madds_per_rank:.2e}"
         )
+    return "\n".join(lines) + "\n"
+
+
+def render_no_plan(e: NoPlan) -> str:
+    """The report when TorchRec's planner found no plan: the topology and every table's demand, the
+    ones larger than a rank's usable memory marked ``!`` (the verdict line follows)."""
+    if e.compute_device == "cuda":
+        topo = (
+            f"{e.world_size} ranks = {e.world_size // e.local_world_size} node(s) x "
+            f"{e.local_world_size} GPUs, "
+            f"HBM {fmt_bytes(e.hbm_cap)} per GPU, host {fmt_bytes(e.ddr_cap)} per rank"
+        )
+    else:
+        topo = f"{e.world_size} CPU ranks, host {fmt_bytes(e.ddr_cap)} per rank"
+    lines = [
+        f"sharding dry run: no plan ({e.reason})",
+        f"topology: {topo}",
+        "",
+        f"embedding tables ({len(e.demands)}); bytes = weights + optimizer state; per rank = the least one "
+        "rank holds (row-wise: ceil(rows/W) rows; table-wise: all of it); usable = 85 % of the cap less "
+        "6 x the dense parameters (the planner's reservation)",
+    ]
+    big = {t.name for t in e.too_big()}
+    rows = [("table", "rows x dim", "sharding", "bytes", "per rank", "usable")]
+    for t in e.demands:
+        cap, where = e.usable(t)
+        flag = "!" if t.name in big else ""
+        rows.append(
+            (
+                t.name,
+                f"{t.rows:,} x {t.dim}",
+                t.sharding_type,
+                fmt_bytes(t.bytes),
+                fmt_bytes(t.per_rank) + flag,
+                f"{fmt_bytes(cap)} {where}",
+            )
+        )
+    rows.append(("total", "", "", fmt_bytes(sum(t.bytes for t in e.demands)), "", ""))
+    lines += _table(rows, right={1, 3, 4})
     return "\n".join(lines) + "\n"
 
 

@@ -277,6 +277,40 @@ def test_parallel_equals_single_process(generated, ray_runtime, tmp_path: Path) 
     assert (par / "spec.yaml").read_text() == (single / "spec.yaml").read_text()
 
 
+def test_parallel_gzip_equals_single_process_plain(generated, ray_runtime, tmp_path: Path) -> None:
+    """gzip inputs (chunks cut while decompressing, shipped to the Ray tasks with their bytes) write the
+    same files, quarantine and accounting as the plain files read in one process."""
+    import gzip
+
+    raw, fx, single, single_stats = generated
+    packed = tmp_path / "packed"
+    packed.mkdir()
+    for name in FILES.values():
+        (packed / f"{name}.gz").write_bytes(gzip.compress((raw / name).read_bytes()))
+    par = tmp_path / "par_gz"
+    par_stats = import_aliccp(
+        packed,
+        par,
+        min_count=3,
+        seed=5,
+        parallel=True,
+        chunk_bytes=1 << 15,
+        progress=False,
+        max_quarantine_fraction=FIXTURE_QUARANTINE,
+    )
+    for split in SPLITS:
+        for a, b in zip(split_files(par, split), split_files(single, split), strict=True):
+            assert a.read_bytes() == b.read_bytes()
+        got = [(Path(r["file"]).name, r["line"], r["reason"], r["raw"]) for r in _quarantine(par, split)]
+        want = [
+            (Path(r["file"]).name + ".gz", r["line"], r["reason"], r["raw"])
+            for r in _quarantine(single, split)
+        ]
+        assert got == want
+        files = par_stats[split].extra["input_files"]
+        assert files == {f"{k}.gz": v for k, v in single_stats[split].extra["input_files"].items()}
+
+
 def test_output_is_readable_by_split_reader(generated, ray_runtime) -> None:
     from cstwa_dist.data.reader import SplitReader
 

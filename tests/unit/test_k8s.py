@@ -1,4 +1,5 @@
-"""The Kubernetes manifests (cstwa_dist/deploy/k8s.py, k8s/): schema-valid offline, wired for rendezvous.
+"""The Kubernetes manifests (cstwa_dist/deploy/k8s.py, k8s/): schema-valid offline, wired for rendezvous,
+fenced off by their NetworkPolicy, and resumable (a retried pod continues the run from its checkpoint).
 
 No cluster is needed: every object is validated against the Kubernetes JSON schemas bundled in the
 kubernetes-validate package (strict: unknown fields fail, as with kubectl's server-side validation) with
@@ -48,7 +49,7 @@ def _job(nodes: int, gpus: int, **kw: Any) -> K8sJob:
 
 def _by_kind(objects: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     kinds = [o["kind"] for o in objects]
-    assert sorted(kinds) == ["ConfigMap", "Job", "Service"], kinds
+    assert sorted(kinds) == ["ConfigMap", "Job", "NetworkPolicy", "Service"], kinds
     return {o["kind"]: o for o in objects}
 
 
@@ -179,6 +180,159 @@ def test_nproc_matches_the_gpu_request(case):
         assert nproc == job.cpu_ranks
         assert GPU_RESOURCE not in yaml.safe_dump(objs["Job"])
     assert c["args"][1:4] == ["train", "--model", "cstwa"]
+
+
+# --- the NetworkPolicy ----------------------------------------------------------------------------------
+
+
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """A label selector as the API server reads it; the renderer only uses matchLabels."""
+    assert set(selector) <= {"matchLabels"}, selector
+    return selector.get("matchLabels", {}).items() <= labels.items()
+
+
+def _admits(
+    policy: dict[str, Any],
+    *,
+    src: dict[str, str],
+    dst: dict[str, str],
+    port: int,
+    protocol: str = "TCP",
+    same_namespace: bool = True,
+) -> bool:
+    """Whether ``policy`` lets a pod labelled ``src`` connect to a pod labelled ``dst`` on ``port``, by
+    the NetworkPolicy rules: a pod the policy selects for Ingress takes only what some rule allows; a
+    peer with a bare podSelector is a pod of the policy's own namespace; rule ports list allowed ones
+    (a port without a number: every port of that protocol)."""
+    spec = policy["spec"]
+    if not _selects(spec["podSelector"], dst) or "Ingress" not in spec["policyTypes"]:
+        return True  # not isolated by this policy
+    for rule in spec.get("ingress", []):
+        peers = rule.get("from")
+        peer_ok = peers is None or any(
+            set(peer) == {"podSelector"} and same_namespace and _selects(peer["podSelector"], src)
+            for peer in peers
+        )
+        ports = rule.get("ports")
+        port_ok = ports is None or any(
+            p.get("protocol", "TCP") == protocol and p.get("port") in (None, port) for p in ports
+        )
+        if peer_ok and port_ok:
+            return True
+    return False
+
+
+def test_the_network_policy_admits_only_the_jobs_own_pods(case):
+    job, objs = case
+    policy = objs["NetworkPolicy"]
+    pods = objs["Job"]["spec"]["template"]["metadata"]["labels"]
+    assert policy["metadata"].get("namespace") == objs["Job"]["metadata"].get("namespace")
+    assert _selects(policy["spec"]["podSelector"], pods)  # it fences this job's pods in
+    _, env = _pod_view(objs["Job"], 0)
+    rdzv = int(env["MASTER_PORT"])
+    for port in (rdzv, 45678, 6379):  # the rendezvous store, an ephemeral gloo/NCCL port, any other
+        assert _admits(policy, src=pods, dst=pods, port=port)
+        assert not _admits(policy, src=pods, dst=pods, port=port, same_namespace=False)
+    other_job = pods | {"app.kubernetes.io/instance": "someone-else"}
+    for src in (other_job, {}, {"app": "web"}):
+        assert not _admits(policy, src=src, dst=pods, port=rdzv)
+    assert not _admits(policy, src=pods, dst=pods, port=rdzv, protocol="UDP")
+    # nothing in the rules opens it wider: no ipBlock, no namespaceSelector
+    peers = [peer for rule in policy["spec"]["ingress"] for peer in rule["from"]]
+    assert peers and all(set(peer) == {"podSelector"} for peer in peers)
+
+
+def test_the_network_policy_is_applied_before_the_pods_exist():
+    names = list(k8s.FILE_NAMES.values())
+    assert names == sorted(names)  # kubectl apply -f DIR goes in file-name order
+    assert names.index(k8s.FILE_NAMES["NetworkPolicy"]) < names.index(k8s.FILE_NAMES["Job"])
+
+
+# --- retries, resume, cleanup, local disk ------------------------------------------------------------------
+
+
+def test_train_is_rendered_with_resume_auto_and_retries(case):
+    job, objs = case
+    spec, c = objs["Job"]["spec"], _container(objs)
+    args = c["args"]
+    assert args[args.index("--resume") + 1] == "auto"
+    assert args.index("--resume") < args.index("--config")
+    assert spec["backoffLimit"] == 3 * job.nodes > 0
+    assert spec["podReplacementPolicy"] == "Failed"  # required with a podFailurePolicy
+    (rule,) = spec["podFailurePolicy"]["rules"]
+    assert rule["action"] == "Ignore"
+    assert rule["onPodConditions"] == [{"type": "DisruptionTarget", "status": "True"}]
+    # checkpoints land under the run dir, on the runs volume (the renderer refuses anything else)
+    runs = next(m for m in c["volumeMounts"] if m["name"] == "runs")
+    assert runs["mountPath"] == f"{job.workdir}/runs" and not runs.get("readOnly")
+
+
+@pytest.mark.parametrize(
+    ("command", "expected"),
+    [
+        (("train", "--model", "cstwa", "--resume", "never"), "never"),
+        (("train", "--model", "cstwa", "--resume", "runs/aliccp/cstwa/checkpoints/step-10"), None),
+        (("train", "--model", "cstwa", "--set", "train.resume=never"), None),
+        (("pretrain",), None),
+    ],
+)
+def test_an_explicit_resume_choice_is_kept(command, expected):
+    """--resume auto is added only where the command and config leave it open: an explicit choice wins,
+    and `--resume auto` after a `--set train.resume=...` would silently override it."""
+    args = _container(_by_kind(render(_job(2, 8, command=command))))["args"]
+    assert args[1:-2] == list(command)
+    assert args.count("--resume") == command.count("--resume")
+    if expected:
+        assert args[args.index("--resume") + 1] == expected
+
+
+def test_ttl_and_ephemeral_storage(case):
+    job, objs = case
+    c, volumes = _container(objs), {v["name"]: v for v in _pod_spec(objs)["volumes"]}
+    assert objs["Job"]["spec"]["ttlSecondsAfterFinished"] == 7 * 24 * 3600
+    requests, limits = c["resources"]["requests"], c["resources"]["limits"]
+    assert requests["ephemeral-storage"] == limits["ephemeral-storage"]
+    disk = k8s.quantity_bytes(limits["ephemeral-storage"])
+    assert disk > k8s.quantity_bytes(volumes["tmp"]["emptyDir"]["sizeLimit"])  # /tmp fits, plus logs
+
+
+def test_sizes_and_retries_follow_the_options():
+    objs = _by_kind(
+        render(
+            _job(2, 8, backoff_limit=1, ttl_after_finished=3600, ephemeral_storage="50Gi", tmp_size="40Gi")
+        )
+    )
+    assert objs["Job"]["spec"]["backoffLimit"] == 1
+    assert objs["Job"]["spec"]["ttlSecondsAfterFinished"] == 3600
+    assert _container(objs)["resources"]["limits"]["ephemeral-storage"] == "50Gi"
+
+
+def test_ray_stays_on_loopback(case):
+    """Each pod's ranks attach to their own pod's Ray runtime, and only on loopback (RAY_NODE_IP unset)
+    does Ray bind its ports to one address rather than every interface (launchers/ray_runtime.sh)."""
+    job, objs = case
+    for index in range(job.nodes):
+        assert "RAY_NODE_IP" not in _pod_view(objs["Job"], index)[1]
+
+
+def test_checkpoint_key_secret_is_mounted_read_only_as_a_file(no_network):
+    from kubernetes_validate import utils
+
+    objs = _by_kind(render(_job(2, 8, checkpoint_key_secret="retrain-ckpt-key")))
+    c, volumes = _container(objs), {v["name"]: v for v in _pod_spec(objs)["volumes"]}
+    secret = volumes["checkpoint-key"]["secret"]
+    assert secret["secretName"] == "retrain-ckpt-key"
+    (item,) = secret["items"]
+    mount = next(m for m in c["volumeMounts"] if m["name"] == "checkpoint-key")
+    assert mount["readOnly"] is True
+    _, env = _pod_view(objs["Job"], 0)
+    assert env[k8s.CHECKPOINT_KEY_FILE_ENV] == f"{mount['mountPath']}/{item['path']}"
+    assert "retrain-ckpt-key" not in yaml.safe_dump(objs["ConfigMap"])
+    for obj in objs.values():
+        assert utils.validate(obj, "1.29", strict=True)
+    plain = _by_kind(render(_job(2, 8)))
+    assert k8s.CHECKPOINT_KEY_FILE_ENV not in _pod_view(plain["Job"], 0)[1]
+    assert "checkpoint-key" not in {v["name"] for v in _pod_spec(plain)["volumes"]}
 
 
 # --- config, volumes, security -------------------------------------------------------------------------
@@ -313,6 +467,22 @@ def test_liveness_script_on_real_processes():
         (dict(command=("train", "--model", "cstwa", "--set", "train.run_dir=/scratch/x")), "runs volume"),
         (dict(command=("train", "--model", "cstwa", "--run-dir", "out/x")), "runs volume"),
         (dict(command=("train", "--model", "cstwa", "--set", "data.dataset=../x")), "could not read"),
+        (
+            dict(command=("train", "--model", "cstwa", "--set", "train.checkpoint_dir=/scratch/ckpt")),
+            r"train\.checkpoint_dir = '/scratch/ckpt'.*outside the runs volume",
+        ),
+        (
+            dict(command=("train", "--model", "cstwa", "--set", "train.checkpoint_dir=data/ckpt")),
+            r"train\.checkpoint_dir.*outside the runs volume",
+        ),
+        (dict(command=("train", "--model", "cstwa", "--resume", "/scratch/step-10")), r"--resume.*could not"),
+        (
+            dict(command=("train", "--model", "cstwa", "--set", "train.resume=../old/step-10")),
+            r"train\.resume.*could not read",
+        ),
+        (dict(ephemeral_storage="10Gi"), "at least --tmp-size"),
+        (dict(backoff_limit=-1), ">= 0"),
+        (dict(checkpoint_key_secret="Bad_Name"), "not a Secret name"),
         (dict(memory="8Gi", shm_size="8Gi"), "below --memory"),
         (dict(name="Retrain"), "DNS label"),
         (dict(name="r" * 60), "too long"),
@@ -336,7 +506,7 @@ def test_cpu_only_rendering_uses_cpu_ranks():
     assert {o["metadata"]["namespace"] for o in objs.values()} == {"ml"}
 
 
-def test_cli_writes_three_manifests_or_one_stream(tmp_path, capsys, monkeypatch):
+def test_cli_writes_four_manifests_or_one_stream(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
     argv = [
         "--name",
@@ -381,7 +551,7 @@ def test_the_launcher_is_one_command_and_imports_no_torch_or_ray(tmp_path):
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env=env)
-    assert len(list(tmp_path.glob("*.yaml"))) == 3
+    assert len(list(tmp_path.glob("*.yaml"))) == len(k8s.FILE_NAMES)
 
 
 # --- the committed examples ------------------------------------------------------------------------------

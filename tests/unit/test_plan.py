@@ -25,6 +25,7 @@ from cstwa_dist.planner.structure import (
     mining_structure_estimate,
     train_structure_estimate,
 )
+from cstwa_dist.planner.verdict import NoPlan, Verdict, judge, smallest_fitting_world_size
 from cstwa_dist.registry import load_config, with_overrides
 from cstwa_dist.structure.ivf import auto_nlist, knn_memory, resolve_cells, ring_madds
 from cstwa_dist.structure.memory import total_bytes
@@ -345,6 +346,9 @@ def test_cli_plan_rejects_a_topology_that_does_not_divide(monkeypatch, caplog):
     argv += ["--spec", "synth:demo"]
     assert _run_cli(argv, monkeypatch, caplog) == 2
     assert any("multiple of --gpus-per-node" in r.getMessage() for r in caplog.records)
+    argv = ["plan", "--config", str(DEMO), "--world-size", "2", "--hbm-gb", "0.5", "--spec", "synth:demo"]
+    assert _run_cli(argv, monkeypatch, caplog) == 2  # CPU ranks: the HBM cap would be ignored
+    assert any("--hbm-gb 0.5 applies to GPU ranks" in r.getMessage() for r in caplog.records)
 
 
 def test_recomputed_reading_plans_no_optimizer_state_for_p():
@@ -359,3 +363,90 @@ def test_recomputed_reading_plans_no_optimizer_state_for_p():
         t = by_name[name]
         assert t.bytes == t.rows * t.dim * 4  # fp32 weights, nothing else
         assert free[name].bytes == t.bytes + t.rows * 4  # reading (a): row-wise Adagrad's fp32 per row
+
+
+def test_smallest_fitting_world_size_doubles_then_bisects():
+    tried: list[int] = []
+
+    def from_37(w: int) -> bool:
+        tried.append(w)
+        return w >= 37
+
+    assert smallest_fitting_world_size(from_37, 1, 1, limit=4096) == 37
+    assert len(tried) <= 2 * math.ceil(math.log2(64)) and max(tried) == 64  # doubling stopped at 64
+    assert smallest_fitting_world_size(lambda w: w >= 100, 8, 8) == 104  # multiples of the GPUs per node
+    assert smallest_fitting_world_size(lambda w: False, 8, 8, limit=100) is None
+    assert smallest_fitting_world_size(lambda w: w >= 96, 8, 8, limit=100) == 96  # the bound, aligned
+
+
+def _verdict_at(world_size: int, limit: int = 64, **topology: float) -> tuple[DryRun | NoPlan, Verdict]:
+    cfg, spec = load_config(DEMO), synth_spec("demo")
+    try:
+        result: DryRun | NoPlan = dry_run(cfg, spec, world_size=world_size, **topology)
+    except NoPlan as e:
+        result = e
+    return result, judge(result, lambda w: dry_run(cfg, spec, world_size=w, **topology), limit=limit)
+
+
+def test_verdict_fits_within_the_caps():
+    _, v = _verdict_at(2)
+    assert v.fits and v.smallest_world_size is None and not v.over_host
+    assert v.line.startswith("verdict: fits 2 CPU ranks; every rank within its caps")
+
+
+def test_verdict_names_the_ranks_and_tables_over_the_cap_and_the_world_size_that_fits():
+    """1 CPU rank with 5 MiB: the planner places every table, but the rank's total (tables, dense state
+    and the structure step) is over the cap; 2 ranks fit."""
+    result, v = _verdict_at(1, ddr_gb=0.005)
+    assert isinstance(result, DryRun) and not v.fits
+    assert v.over_host == [0] and v.tables[0] == "sm__user" and v.smallest_world_size == 2
+    assert v.line.startswith(
+        "verdict: does NOT fit 1 CPU rank: 1 of 1 rank over the host cap (largest: rank 0"
+    )
+    assert "largest tables on those ranks: sm__user" in v.line
+    assert v.line.endswith("smallest world size that fits: 2 CPU ranks")
+
+
+def test_verdict_explains_a_plan_torchrec_refused():
+    """No plan at all (TorchRec's PlannerError): the verdict says which table no rank can hold; a
+    table-wise one fits at no world size, so nothing is searched."""
+    result, v = _verdict_at(2, ddr_gb=0.0001)
+    assert isinstance(result, NoPlan) and "\n" not in str(result)
+    assert not v.fits and "ctr__user_id" in v.tables and v.searched_up_to == 0
+    assert "TorchRec finds no plan (insufficient storage): sm__user (row_wise" in v.line
+    assert v.line.endswith("no world size fits: ctr__user_id is table-wise (one rank holds all 175.8 KiB)")
+    # GPUs with a small HBM: the row-wise tables spread over more ranks, and 2 nodes of 2 fit
+    result, v = _verdict_at(2, gpus_per_node=2, hbm_gb=0.006)
+    assert isinstance(result, NoPlan) and not v.fits
+    assert v.line.endswith("smallest world size that fits: 4 ranks (2 nodes x 2 GPUs)")
+    _, v = _verdict_at(2, limit=16, gpus_per_node=2, hbm_gb=0.004)
+    assert v.line.endswith("no world size up to 16 fits (raise the caps or shrink the tables)")
+    _, v = _verdict_at(2, limit=2, gpus_per_node=2, hbm_gb=0.006)
+    assert v.line.endswith("larger world sizes not searched (--search-up-to is not above 2)")
+
+
+def test_cli_plan_ends_with_the_verdict_and_fails_when_nothing_fits(tmp_path, capsys, monkeypatch, caplog):
+    out = tmp_path / "plan.json"
+    argv = [
+        "plan",
+        "--config",
+        str(DEMO),
+        "--world-size",
+        "2",
+        "--spec",
+        "synth:demo",
+        "--gpus-per-node",
+        "2",
+    ]
+    argv += ["--hbm-gb", "0.006", "--search-up-to", "16", "--json", str(out)]
+    assert _run_cli(argv, monkeypatch, caplog) == 1
+    text = capsys.readouterr().out
+    assert "sharding dry run: no plan (insufficient storage)" in text and "Traceback" not in text
+    last = text.splitlines()[-1]
+    assert last.startswith("verdict: does NOT fit 2 ranks (1 node x 2 GPUs): TorchRec finds no plan")
+    assert not any(r.levelname == "ERROR" and r.name.startswith("cstwa_dist") for r in caplog.records)
+    report = json.loads(out.read_text())
+    assert report["verdict"]["fits"] is False and report["verdict"]["smallest_world_size"] == 4
+    argv = ["plan", "--config", str(DEMO), "--world-size", "2", "--spec", "synth:demo"]
+    assert _run_cli(argv, monkeypatch, caplog) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("verdict: fits 2 CPU ranks")

@@ -7,6 +7,10 @@ Input (``docs/method.md §6``), four files without header in ``raw``:
 * ``common_features_{train,test}.csv``: ``key,feature_count,feature_list`` — features shared by many
   impressions (the user profile of a request), joined to samples by ``common_feature_key``.
 
+Each may also be ``<name>.gz`` (the release is distributed compressed; gzip is found by its magic bytes,
+and decompressed on the fly in every pass, :mod:`.chunks`); a UTF-8 byte-order mark before a file's first
+line is skipped.
+
 The package is cut along the import's seams, each module saying why it is the way it is:
 
 * :mod:`.fields` — which fields are kept (:data:`DEFAULT_FIELDS`) and their sides;
@@ -15,6 +19,7 @@ The package is cut along the import's seams, each module saying why it is the wa
 * :mod:`.join` — the in-memory common-features table and the join by key;
 * :mod:`.split` — the validation split (:func:`val_mask`), a hash of the line number;
 * :mod:`.vocab` — id counts on train, the ``min_count`` filter and the dense :func:`remap`;
+* :mod:`.release` — what is known of the official files, and the warnings for a file that looks cut;
 * :mod:`.tasks` — the pure chunk functions; :mod:`.executor` — runs them in process or as Ray tasks;
 * :mod:`.passes` — the driver's consumption of each pass; :mod:`.importer` — :func:`import_aliccp`.
 
@@ -46,18 +51,23 @@ this order naming a line: ``wrong_column_count``; ``bad_label`` (click/purchase 
 non-negative decimal integer; ids of fields that are not kept are checked for syntax only);
 ``repeated_field`` (a kept field more than once on a line, or both on the sample and in its common
 features); ``unknown_common_key``; ``common_features_quarantined`` (the key's common line was itself
-quarantined). Common-feature lines: ``wrong_column_count``, ``bad_key`` (empty key),
-``bad_feature_list``, ``non_integer_id``, ``repeated_field``, ``duplicate_common_key`` (a key seen on an
-earlier line, which is the one kept). Bad sample lines go to the quarantine of the split their line number
-is assigned to; bad common lines to that of the file's split (train or test). Per file,
-``input_lines = written + quarantined`` (for a common file, ``written`` = keys kept), asserted at the end
-and recorded under ``extra.input_files``; each split also records its own share (``input_lines``,
-``written``, ``quarantined``, ``quarantine``).
+quarantined). In either file, a last line without a final newline that fails a check is
+``truncated_line`` instead (the file was cut mid-line), and the import logs a loud warning naming the
+file (:mod:`.release`, which also compares the files' line counts with the release's known figures).
+Common-feature lines: ``wrong_column_count``, ``bad_key`` (empty key), ``bad_feature_list``,
+``non_integer_id``, ``repeated_field``, ``duplicate_common_key`` (a key seen on an earlier line, which is
+the one kept). Bad sample lines go to the quarantine of the split their line number is assigned to; bad
+common lines to that of the file's split (train or test). Per file, ``input_lines = written +
+quarantined`` (for a common file, ``written`` = keys kept), asserted at the end and recorded under
+``extra.input_files``; each split also records its own share (``input_lines``, ``written``,
+``quarantined``, ``quarantine``).
 
-Bad input stops early, with one error line and nothing at ``out`` (:func:`import_aliccp`): an empty raw
-file, a field id not in :data:`DEFAULT_FIELDS` or :data:`MULTI_VALUED_FIELDS`, a kept field on no train
-line, an empty split, and more than ``max_quarantine_fraction`` of any file or split quarantined
-(checked after each file's pass; the bad lines are then kept in ``<out>.quarantine/``).
+Bad input stops early, with one error line and nothing at ``out`` (:func:`import_aliccp`): a missing raw
+file (under neither name), a folder or another archive format in its place, an empty raw file, a gzip
+file that cannot be read to its end, a field id not in :data:`DEFAULT_FIELDS` or
+:data:`MULTI_VALUED_FIELDS`, a kept field on no train line, an empty split, and more than
+``max_quarantine_fraction`` of any file or split quarantined (checked after each file's pass; the bad
+lines are then kept in ``<out>.quarantine/``).
 """
 
 from cstwa_dist.data.aliccp.fields import (

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from cstwa_dist.data.aliccp.chunks import Chunk
@@ -54,7 +54,9 @@ class ChunkExecutor(contextlib.AbstractContextManager["ChunkExecutor"]):
     def __exit__(self, *exc: object) -> None:
         self._stack.close()
 
-    def map(self, mode: str, chunks: list[Chunk], ctx: Any) -> Iterator[dict[str, Any]]:
+    def map(self, mode: str, chunks: Iterable[Chunk], ctx: Any) -> Iterator[dict[str, Any]]:
+        """Results of ``fn(mode, chunk, ctx)`` in chunk order; ``chunks`` is consumed lazily (a gzip
+        file's chunks carry their bytes, so only the window's are in memory)."""
         if not self.parallel:
             for c in chunks:
                 yield self.fn(mode, c, ctx)

@@ -10,17 +10,22 @@ from __future__ import annotations
 
 import logging
 import time
+import zlib
 from pathlib import Path
 
 from cstwa_dist.data.aliccp.executor import ChunkExecutor
 from cstwa_dist.data.aliccp.fields import FILES, resolve_fields
 from cstwa_dist.data.aliccp.passes import build_common, count_pass, number_chunks, write_pass
+from cstwa_dist.data.aliccp.release import check_release, warn_unterminated
 from cstwa_dist.data.aliccp.tasks import Context, run_chunk
 from cstwa_dist.data.aliccp.vocab import build_vocab
 from cstwa_dist.data.quarantine import (
     DEFAULT_MAX_QUARANTINE_FRACTION,
     ImportRun,
     check_fraction,
+    check_text_input,
+    damaged_gzip,
+    open_input,
     staged_import,
 )
 from cstwa_dist.data.spec import SPLITS, DatasetSpec, SplitStats
@@ -71,18 +76,7 @@ def import_aliccp(
     if int(chunk_bytes) < 1:
         raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
     max_quarantine_fraction = check_fraction(max_quarantine_fraction)
-    paths = {role: raw / name for role, name in FILES.items()}
-    missing = [str(p) for p in paths.values() if not p.is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"Ali-CCP raw files not found: {missing}; download and unpack the Tianchi data set (id 408)"
-        )
-    empty = [str(p) for p in paths.values() if p.stat().st_size == 0]
-    if empty:  # every Ali-CCP file has lines; an empty one is a failed download or unpack
-        raise DataError(
-            f"Ali-CCP raw files are empty (0 bytes, no line): {empty}; every one of the four must hold "
-            "data: unpack sample_train.tar.gz and sample_test.tar.gz (Tianchi data set 408) again"
-        )
+    paths = resolve_raw_files(raw)
     total = sum(p.stat().st_size for p in paths.values())
     if parallel is None:
         parallel = total > PARALLEL_THRESHOLD_BYTES
@@ -131,6 +125,49 @@ def import_aliccp(
     return stats
 
 
+def resolve_raw_files(raw: Path) -> dict[str, Path]:
+    """The four raw files, each as ``<name>`` or ``<name>.gz`` (gzip is read on the fly, found by its
+    magic bytes), checked before any pass: present, a file (not a folder nor another archive format),
+    and not empty once decompressed. Where both spellings exist the plain one is read (faster)."""
+    if raw.exists() and not raw.is_dir():
+        raise DataError(f"--raw {raw} is a file, expected the folder holding the four Ali-CCP files")
+    paths: dict[str, Path] = {}
+    missing = []
+    for role, name in FILES.items():
+        plain, packed = raw / name, raw / f"{name}.gz"
+        path = plain if plain.exists() or not packed.exists() else packed
+        if not path.exists():
+            missing.append(str(plain))
+            continue
+        check_text_input(path, f"the Ali-CCP file {name}")
+        if path == plain and packed.exists():
+            logger.info("%s and %s both exist: reading %s", plain, packed.name, plain.name)
+        paths[role] = path
+    if missing:
+        raise FileNotFoundError(
+            f"Ali-CCP raw files not found: {missing} (nor as .gz); download and unpack the Tianchi data "
+            "set (id 408)"
+        )
+    empty = [str(p) for p in paths.values() if _is_empty(p)]
+    if empty:  # every Ali-CCP file has lines; an empty one is a failed download or unpack
+        raise DataError(
+            f"Ali-CCP raw files are empty (0 bytes, no line): {empty}; every one of the four must hold "
+            "data: unpack sample_train.tar.gz and sample_test.tar.gz (Tianchi data set 408) again"
+        )
+    return paths
+
+
+def _is_empty(path: Path) -> bool:
+    """No byte (a gzip file: no decompressed byte)."""
+    if path.stat().st_size == 0:
+        return True
+    try:
+        with open_input(path) as f:
+            return f.read(1) == b""
+    except (EOFError, OSError, zlib.error) as e:
+        raise damaged_gzip(path, e) from e
+
+
 def _import(
     ex: ChunkExecutor,
     paths: dict[str, Path],
@@ -148,7 +185,8 @@ def _import(
     skel = paths["skeleton_train"]
     table, acc = build_common(ex, paths["common_train"], "train", fields, chunk_bytes, quarantine, progress)
     run.add_file(paths["common_train"].name, str(paths["common_train"]), acc)
-    chunks, n_train_lines = number_chunks(ex, skel, chunk_bytes)
+    chunks, n_train_lines, ends_with_newline = number_chunks(ex, skel, chunk_bytes)
+    check_release(skel, n_train_lines)
     ctx = Context(fields, seed, val_fraction, table=table)
     counts, rows = count_pass(ex, chunks, n_train_lines, ctx, skel, quarantine, progress)
     vocab, spec, vocab_info = build_vocab(fields, counts, min_count)
@@ -182,6 +220,7 @@ def _import(
         progress,
         "pass 2 (write)",
     )
+    warn_unterminated(skel, n_train_lines, ends_with_newline, quarantine)
     run.add_file(skel.name, str(skel), acc)
     if share["val"] == 0 and n_train_lines and not run.allow_empty_splits:
         raise DataError(
@@ -195,7 +234,8 @@ def _import(
     skel_t = paths["skeleton_test"]
     table, acc = build_common(ex, paths["common_test"], "test", fields, chunk_bytes, quarantine, progress)
     run.add_file(paths["common_test"].name, str(paths["common_test"]), acc)
-    chunks, n_test_lines = number_chunks(ex, skel_t, chunk_bytes)
+    chunks, n_test_lines, ends_with_newline = number_chunks(ex, skel_t, chunk_bytes)
+    check_release(skel_t, n_test_lines)
     writers["test"] = SplitAccumulator(
         run.directory / "test", spec, default_rows_per_file(max(n_test_lines, 1)), zero_is_unknown=True
     )
@@ -203,6 +243,7 @@ def _import(
     share_t, acc = write_pass(
         ex, chunks, n_test_lines, ctx, skel_t, ("test", "test"), writers, quarantine, progress, "(write test)"
     )
+    warn_unterminated(skel_t, n_test_lines, ends_with_newline, quarantine)
     run.add_file(skel_t.name, str(skel_t), acc)
     del table, ctx
     stats["test"] = writers["test"].close()

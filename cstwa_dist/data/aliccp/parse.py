@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from cstwa_dist.data.aliccp.chunks import strip_bom
 from cstwa_dist.data.aliccp.fields import MISSING
 from cstwa_dist.data.quarantine import (
     BAD_FEATURE_LIST,
@@ -25,6 +26,7 @@ from cstwa_dist.data.quarantine import (
     NON_INTEGER_ID,
     PURCHASE_WITHOUT_CLICK,
     REPEATED_FIELD,
+    TRUNCATED_LINE,
     WRONG_COLUMN_COUNT,
 )
 
@@ -60,6 +62,18 @@ class Samples:
 def bytes_array(values: list[bytes]) -> np.ndarray:
     """Fixed-width bytes array of ``values`` (an empty list gives an empty ``S1`` array, not ``S0``)."""
     return np.asarray(values, dtype=np.bytes_) if values else np.zeros(0, dtype="S1")
+
+
+def mark_truncated(bad: list[Bad], last_line: int, data: bytes) -> list[Bad]:
+    """``bad`` (in line order) with the last line re-labelled :data:`TRUNCATED_LINE` when ``data`` (the
+    file's last chunk) ends without a newline and that line failed a check: a file cut mid-line, whose
+    parser reason alone (a wrong column count, a bad feature list) would hide that the file is cut."""
+    if data and not data.endswith(b"\n") and bad and bad[-1].line == last_line:
+        b = bad[-1]
+        bad[-1] = Bad(
+            b.line, TRUNCATED_LINE, b.raw, f"no newline at the end of the file; {b.reason}: {b.detail}"
+        )
+    return bad
 
 
 def check_feature_list(count: str, flist: str) -> str | None:
@@ -161,6 +175,7 @@ def parse_common(data: bytes, start: int, first_line: int, fields: tuple[str, ..
     offsets: list[int] = []
     bad: list[Bad] = []
     bad_keys: list[bytes] = []
+    data, start = strip_bom(data, start)
     offset = start
     raw_lines = data.split(b"\n")
     if data.endswith(b"\n") or not data:
@@ -195,6 +210,7 @@ def parse_common(data: bytes, start: int, first_line: int, fields: tuple[str, ..
         flat.extend(row)
         good_lines.append(no)
         offsets.append(line_start)
+    bad = mark_truncated(bad, first_line + len(raw_lines) - 1, data)
     return {
         "keys": bytes_array(keys),
         "values": np.asarray(flat, dtype=np.int64).reshape(len(keys), kept.width),

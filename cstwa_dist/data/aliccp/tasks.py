@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from cstwa_dist.data.aliccp.chunks import Chunk, lines_in, read_chunk, split_lines
+from cstwa_dist.data.aliccp.chunks import Chunk, lines_in, read_chunk, split_lines, strip_bom
 from cstwa_dist.data.aliccp.join import CommonTable, join
-from cstwa_dist.data.aliccp.parse import Bad, Samples, parse_common, parse_samples
+from cstwa_dist.data.aliccp.parse import Bad, Samples, mark_truncated, parse_common, parse_samples
 from cstwa_dist.data.aliccp.split import line_splits
 from cstwa_dist.data.aliccp.vocab import chunk_counts, remap
 from cstwa_dist.data.progress import peak_rss_mb
@@ -51,11 +51,14 @@ def task_common(chunk: Chunk, ctx: Context) -> dict[str, Any]:
 
 def good_samples(chunk: Chunk, ctx: Context) -> tuple[Samples, np.ndarray, list[Bad], int]:
     """Parse + join of a skeleton chunk: good samples, the mask of good rows, bad lines (in line order)."""
-    lines = split_lines(read_chunk(chunk))
+    data, _ = strip_bom(read_chunk(chunk), chunk.start)
+    lines = split_lines(data)
     samples, bad = parse_samples(lines, chunk.first_line, ctx.fields)
     assert ctx.table is not None
     good, join_bad = join(samples, ctx.table, lines, chunk.first_line, ctx.fields)
-    bad = sorted(bad + join_bad, key=lambda b: b.line)
+    bad = mark_truncated(
+        sorted(bad + join_bad, key=lambda b: b.line), chunk.first_line + len(lines) - 1, data
+    )
     return samples, good, bad, len(lines)
 
 
