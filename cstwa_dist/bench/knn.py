@@ -46,7 +46,9 @@ RANKS_TIMEOUT_S = 3600.0
 
 def _rows(spec: dict[str, Any], lo: int, hi: int) -> np.ndarray:
     if spec.get("representations"):
-        return np.ascontiguousarray(np.load(spec["representations"], mmap_mode="r")[lo:hi], dtype=np.float32)
+        return np.ascontiguousarray(
+            np.load(spec["representations"], mmap_mode="r", allow_pickle=False)[lo:hi], dtype=np.float32
+        )
     return clustered_rows(
         lo, hi, spec["dim"], clusters=spec["clusters"], spread=spec["spread"], seed=spec["seed"]
     )
@@ -253,7 +255,7 @@ def _exact_rank(rank: int, world: int, spec: dict[str, Any], queries: int, threa
 
 def representation_dims(path: str | Path) -> tuple[int, int]:
     """``(rows, width)`` of a ``.npy`` representation file without reading it."""
-    arr = np.load(path, mmap_mode="r")
+    arr = np.load(path, mmap_mode="r", allow_pickle=False)
     if arr.ndim != 2:
         raise ValueError(f"{path}: expected a 2-D array [N, d], got shape {arr.shape}")
     return int(arr.shape[0]), int(arr.shape[1])

@@ -148,7 +148,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "--raw",
         required=True,
         type=Path,
-        help="folder with sample_skeleton_{train,test}.csv and common_features_{train,test}.csv",
+        help="folder with sample_skeleton_{train,test}.csv and common_features_{train,test}.csv "
+        "(or .csv.gz, read as they are)",
     )
     p.add_argument(
         "--out", required=True, type=Path, help="dataset folder to create (must not exist or be empty)"

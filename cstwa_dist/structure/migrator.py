@@ -284,7 +284,7 @@ def pretrained_rows(cfg: StructureConfig, side: str, n: int, lo: int, hi: int, w
             "`cstwa-dist pretrain` with structure.save_representations=true (the default) and the same "
             "structure.graph_dir, or use structure.sm_init=fields"
         )
-    mm = np.load(path, mmap_mode="r")
+    mm = np.load(path, mmap_mode="r", allow_pickle=False)
     if mm.ndim != 2 or mm.shape[0] != n:
         raise ValueError(f"{path} has shape {mm.shape}; the dataset has {n} {side}s: mined from other data")
     if mm.shape[1] != width:
@@ -326,7 +326,7 @@ def _save_representations(path: Path, block: np.ndarray, lo: int, n: int, env: D
 
 def _write_rows(name: str, block: np.ndarray, lo: int) -> None:
     if block.shape[0]:
-        mm = np.load(name, mmap_mode="r+")
+        mm = np.load(name, mmap_mode="r+", allow_pickle=False)
         mm[lo : lo + block.shape[0]] = block
         mm.flush()
         del mm

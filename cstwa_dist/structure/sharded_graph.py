@@ -526,10 +526,10 @@ def load_graph_rows(graph_dir: str | Path, side: str, lo: int, hi: int) -> Graph
     """Rows ``[lo, hi)`` of the sharded graph, from whichever parts overlap them (written at any world
     size). Not collective.
 
-    Part files are memory-mapped (``np.load(mmap_mode="r")``), so only the needed slices are read:
-    two ``crow`` entries per part to find the slice, then the slice itself. Checks the manifest
-    (format, ``n_total``, parts covering ``[0, n_total)``) and each file read (dtype, length, offsets
-    consistent, columns in range); every error is one line naming the file.
+    Part files are memory-mapped (``np.load(mmap_mode="r", allow_pickle=False)``), so only the needed
+    slices are read: two ``crow`` entries per part to find the slice, then the slice itself. Checks
+    the manifest (format, ``n_total``, parts covering ``[0, n_total)``) and each file read (dtype,
+    length, offsets consistent, columns in range); every error is one line naming the file.
 
     Per-rank memory: the returned shard only (``8·(hi − lo + 1) + 12·nnz`` B), plus page cache.
     """

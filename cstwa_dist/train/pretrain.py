@@ -65,7 +65,11 @@ def structure_mismatch(graph_dir: str | Path, cfg: RunConfig) -> str | None:
     or None when it may. A directory written before the settings were recorded is accepted with a
     warning naming it.
     """
-    report = json.loads((Path(graph_dir) / "structure.json").read_text())
+    path = Path(graph_dir) / "structure.json"
+    try:
+        report = json.loads(path.read_text())
+    except ValueError as e:  # JSON only: a planted pickle or a damaged file is refused by name
+        raise ValueError(f"{path}: not the JSON `pretrain` writes ({e}); mine the structure again") from None
     recorded = report.get("settings")
     if recorded is None:
         logger.warning(
