@@ -1,14 +1,25 @@
 #!/usr/bin/env bash
+# usage: launchers/torchrun.sh NPROC COMMAND [ARGS...]   e.g. launchers/torchrun.sh 2 train --model cstwa
+#        launchers/torchrun.sh --help                     this text; starts nothing
 # Runs a cstwa-dist command on this node under torchrun, with one Ray runtime for the node.
-#   launchers/torchrun.sh NPROC COMMAND [ARGS...]      e.g. launchers/torchrun.sh 2 train --model cstwa
-# One node: nothing to set (a private rendezvous on a free port).
+# One node: nothing to set (a private rendezvous on a free port; gloo on loopback).
 # Multi-node, static: set NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT on every node.
 # Multi-node, c10d rendezvous (the k8s/ manifests): set NNODES, RDZV_ENDPOINT (host:port), JOB_ID,
 # NODE_RANK (0 hosts the rendezvous store). Both: MAX_RESTARTS (default 0) restarts of a failed group.
-# The node's Ray runtime comes from launchers/ray_runtime.sh (reused if RAY_ADDRESS is set).
+# VENV (default .venv): the virtual environment whose bin/ goes first on PATH.
+# The node's Ray runtime comes from launchers/ray_runtime.sh (reused if RAY_ADDRESS is set; its own
+# settings: bash launchers/ray_runtime.sh --help).
+# Listening sockets: the Ray runtime's all on RAY_NODE_IP (loopback by default). torch 2.13's c10d
+# TCPStore (torchrun's rendezvous store, and rank 0's store) takes no bind address: it listens on all
+# interfaces, on a free port, for the job's lifetime, without authentication (README, "One Ray
+# runtime per node"). GLOO_SOCKET_IFNAME=lo (the default on one node) keeps gloo's sockets on loopback.
 set -euo pipefail
+usage() { sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; }
+case "${1:-}" in
+  -h | --help) usage; exit 0 ;;
+esac
+[ $# -ge 2 ] || { usage >&2; exit 2; }
 cd "$(dirname "$0")/.."
-[ $# -ge 2 ] || { sed -n 2,7p "$0"; exit 2; }
 nproc=$1; shift
 venv=${VENV:-.venv}
 export PATH="$PWD/$venv/bin:$PATH"
@@ -35,6 +46,9 @@ elif [ "${NNODES:-1}" = 1 ] && [ -z "${MASTER_ADDR:-}" ]; then
   # one node: a private c10d rendezvous on a free port (no clash with another job's port)
   rdzv=(--standalone)
   export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+  # gloo's sockets on loopback: by default gloo takes the address the host name resolves to (often an
+  # outward interface, e.g. a pod's IP), though every peer is on this node
+  export GLOO_SOCKET_IFNAME="${GLOO_SOCKET_IFNAME:-lo}"
 else
   rdzv=(--node_rank="${NODE_RANK:-0}" --master_addr="${MASTER_ADDR:-127.0.0.1}"
         --master_port="${MASTER_PORT:-29511}")
