@@ -250,13 +250,12 @@ def ray_runtime():
         yield rt
 
 
-def test_parallel_equals_single_process(generated, ray_runtime, tmp_path: Path) -> None:
-    raw, fx, single, single_stats = generated
-    par = tmp_path / "par"
-    # small chunks: ~20 chunks per file, so boundaries, ordering and the merge are all exercised
-    par_stats = import_aliccp(
+def _import_parallel(raw: Path, out: Path) -> dict:
+    """The fixture's import through Ray tasks, in small chunks (~20 a file), so that chunk boundaries,
+    ordering and the merge are all exercised."""
+    return import_aliccp(
         raw,
-        par,
+        out,
         min_count=3,
         seed=5,
         parallel=True,
@@ -264,6 +263,12 @@ def test_parallel_equals_single_process(generated, ray_runtime, tmp_path: Path) 
         progress=False,
         max_quarantine_fraction=FIXTURE_QUARANTINE,
     )
+
+
+def test_parallel_equals_single_process(generated, ray_runtime, tmp_path: Path) -> None:
+    raw, fx, single, single_stats = generated
+    par = tmp_path / "par"
+    par_stats = _import_parallel(raw, par)
     assert par_stats["train"].extra["parallel"] is True
     for split in SPLITS:
         assert _table(par, split).equals(_table(single, split)), split
@@ -288,16 +293,7 @@ def test_parallel_gzip_equals_single_process_plain(generated, ray_runtime, tmp_p
     for name in FILES.values():
         (packed / f"{name}.gz").write_bytes(gzip.compress((raw / name).read_bytes()))
     par = tmp_path / "par_gz"
-    par_stats = import_aliccp(
-        packed,
-        par,
-        min_count=3,
-        seed=5,
-        parallel=True,
-        chunk_bytes=1 << 15,
-        progress=False,
-        max_quarantine_fraction=FIXTURE_QUARANTINE,
-    )
+    par_stats = _import_parallel(packed, par)
     for split in SPLITS:
         for a, b in zip(split_files(par, split), split_files(single, split), strict=True):
             assert a.read_bytes() == b.read_bytes()
