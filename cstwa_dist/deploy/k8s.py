@@ -404,6 +404,13 @@ def _env(job: K8sJob) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [{"name": k, "value": str(v)} for k, v in plain.items()]
     node_rank = {"fieldRef": {"fieldPath": f"metadata.annotations['{INDEX_ANNOTATION}']"}}
     env.insert(1, {"name": "NODE_RANK", "valueFrom": node_rank})
+    # Every listening socket of the job on the pod's own address, not on every interface: the
+    # rendezvous store of pod 0 (RDZV_BIND_ADDR, cstwa_dist/distributed/rendezvous.py) and each pod's
+    # rank-0 store (LOCAL_ADDR → torchrun's --local_addr → MASTER_ADDR of the ranks). The pod IP comes
+    # from the downward API, so neither waits for the headless Service's DNS record.
+    env.append({"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}})
+    env.append({"name": "RDZV_BIND_ADDR", "value": "$(POD_IP)"})
+    env.append({"name": "LOCAL_ADDR", "value": "$(POD_IP)"})
     return env
 
 

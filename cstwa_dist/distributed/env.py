@@ -7,8 +7,10 @@ path trains at every world size; there is no separate "local" model path to drif
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import os
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -41,6 +43,10 @@ def init_distributed(backend: str | None = None, timeout_s: float | None = None)
     timeout). ``timeout_s`` bounds how long any collective waits for a peer (``train.
     collective_timeout_s``; the backend's own default when ``None``).
 
+    Every port the group opens is bound to the address the launcher names, none to all interfaces:
+    the rendezvous store that rank 0 hosts listens on ``MASTER_ADDR`` only (:func:`_bound_store`),
+    and gloo's sockets are on loopback when every peer is on this node (:func:`_gloo_on_loopback`).
+
     Under torchrun's agent store the group's keys live under one prefix per restart attempt
     (:func:`_attempt_store`): without it a worker group restarted by ``--max-restarts`` reads the
     killed group's gloo addresses and hangs or fails while connecting (README, "Checkpoints, restarts
@@ -51,13 +57,14 @@ def init_distributed(backend: str | None = None, timeout_s: float | None = None)
     if not dist.is_initialized():
         kw = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+            rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+            _gloo_on_loopback(_is_loopback(os.environ.get("MASTER_ADDR", "")))
             store = _attempt_store(timeout_s)
             if store is None:
-                dist.init_process_group(backend=backend, **kw)
-            else:
-                rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-                dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world, **kw)
+                store = _bound_store(rank, world, timeout_s)
+            dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world, **kw)
         else:
+            _gloo_on_loopback(True)
             dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, **kw)
     rank, world = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -97,6 +104,78 @@ def _attempt_store(timeout_s: float | None) -> dist.Store | None:
     return dist.PrefixStore(f"/worker/attempt_{attempt}", agent)
 
 
+def _bound_store(rank: int, world: int, timeout_s: float | None) -> dist.Store:
+    """The group's TCP store at ``MASTER_ADDR:MASTER_PORT``; rank 0 hosts it, listening there only.
+
+    What ``init_process_group``'s ``env://`` rendezvous does, except for where the server listens:
+    torch 2.13's ``TCPStore`` takes no bind address and listens on every interface (``::``), open,
+    without authentication, to anyone who can reach the node. It does take a listening socket
+    (``master_listen_fd``, honoured by both the libuv and the classic backend, which take the socket
+    over and close it with the store), so rank 0 binds one to ``MASTER_ADDR`` itself: loopback for
+    the ranks :func:`~cstwa_dist.distributed.spawn.spawn_ranks` starts, the address torchrun's
+    rendezvous publishes for a worker group (``--local-addr``, else the host's FQDN). The keys are
+    prefixed as ``env://`` prefixes them; ``USE_LIBUV=0`` picks the classic backend, as there.
+    """
+    addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    timeout = timedelta(seconds=timeout_s) if timeout_s is not None else dist.constants.default_pg_timeout
+    use_libuv = os.environ.get("USE_LIBUV", "1") == "1"
+    if rank == 0:
+        fd = _listen(addr, port).detach()  # the store owns the socket from here on
+        store = dist.TCPStore(
+            addr,
+            port,
+            world,
+            is_master=True,
+            timeout=timeout,
+            multi_tenant=True,
+            master_listen_fd=fd,
+            use_libuv=use_libuv,
+        )
+    else:
+        store = dist.TCPStore(addr, port, world, is_master=False, timeout=timeout, use_libuv=use_libuv)
+    return dist.PrefixStore("default_pg", store)
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A TCP socket listening on ``host:port`` (the first of ``host``'s addresses that binds)."""
+    errors = []
+    for family, kind, proto, _, sockaddr in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+        sock = socket.socket(family, kind, proto)
+        try:
+            # as torch's own server: a port a previous group left in TIME_WAIT can be bound again
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(sockaddr)
+            sock.listen(socket.SOMAXCONN)
+        except OSError as e:
+            sock.close()
+            errors.append(f"{sockaddr[0]}: {e}")
+            continue
+        return sock
+    raise RuntimeError(f"cannot listen on MASTER_ADDR={host} port {port}: {'; '.join(errors)}")
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether ``host`` resolves to loopback addresses only (then every rank runs on this node)."""
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        return False
+    return bool(infos) and all(ipaddress.ip_address(i[4][0].split("%")[0]).is_loopback for i in infos)
+
+
+def _gloo_on_loopback(local_only: bool) -> None:
+    """``GLOO_SOCKET_IFNAME=lo`` unless already set, when every peer of the group is on this node.
+
+    Without it gloo listens on the address the host name resolves to, often an outward interface
+    (a pod's IP), even for a 1-process group or ranks that only talk over loopback. A group whose
+    store is on a loopback ``MASTER_ADDR`` can only have ranks on this node. Set for the process (gloo
+    reads it whenever it creates a group, subgroups included); a value already set is left alone.
+    """
+    interfaces = {name for _, name in socket.if_nameindex()}
+    if local_only and "GLOO_SOCKET_IFNAME" not in os.environ and "lo" in interfaces:
+        os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+
+
 def shutdown_distributed(barrier: bool = True) -> None:
     """Barrier before destroy: without it gloo occasionally aborts at exit (docs/platform-notes.md).
 
@@ -110,8 +189,6 @@ def shutdown_distributed(barrier: bool = True) -> None:
 
 def free_port() -> int:
     """A free TCP port on the loopback interface (for a rendezvous this process starts)."""
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])

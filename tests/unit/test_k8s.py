@@ -81,6 +81,8 @@ def _pod_view(job_obj: dict[str, Any], index: int) -> tuple[str, dict[str, str]]
             for k, v in env.items():  # kubelet expands $(VAR) from variables defined earlier
                 value = value.replace(f"$({k})", v)
             env[var["name"]] = value
+        elif var["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP":
+            env[var["name"]] = f"10.0.0.{index + 10}"  # each pod its own address
         else:
             path = var["valueFrom"]["fieldRef"]["fieldPath"]
             prefix = "metadata.annotations['"
@@ -144,6 +146,9 @@ def test_every_pod_sees_the_same_endpoint_and_ranks_agree(case):
     # the endpoint is pod 0 (NODE_RANK 0, which hosts the store) through the headless Service
     pod_spec = _pod_spec(objs)
     assert env0["MASTER_ADDR"] == f"{hostnames[0]}.{pod_spec['subdomain']}"
+    # every pod binds its stores to its own pod IP, never to all interfaces
+    for i, e in enumerate(envs):
+        assert e["RDZV_BIND_ADDR"] == e["LOCAL_ADDR"] == e["POD_IP"] == f"10.0.0.{i + 10}"
 
 
 def test_the_headless_service_makes_pod_zero_resolvable(case):
