@@ -1,16 +1,16 @@
 """``cstwa-dist <command>``: one entry point whose subcommands follow the data flow of a retrain.
 
 data (``synth``, ``import-aliccp``, ``import-csv``; ``entities`` completes an older data set) →
-structure (``pretrain``) → models (``train``, ``experiment``) → results (``report``); docs/method.md,
-"Pipeline at a glance", maps each step to the method. Run any training command as one process or under
-``torchrun --nproc_per_node=N``; the same code path runs either way. ``synth``, the importers,
-``entities`` and ``report`` are single-process tools.
+structure (``pretrain``) → models (``train``, ``experiment``) → results (``report``) → shipping
+(``export``, ``score``); docs/method.md, "Pipeline at a glance", maps each step to the method. Run any
+training command as one process or under ``torchrun --nproc_per_node=N``; the same code path runs
+either way. ``synth``, the importers, ``entities``, ``report`` and ``export`` are single-process tools.
 
 One module per command group registers its commands (``add_parsers``) with their handlers:
-``data``, ``training`` (with ``report``), ``experiments`` (with ``experiment-summary`` and
-``oracles``), ``bench`` and ``deploy`` (``plan``); ``common`` holds the options and output helpers
-more than one group uses, ``tables`` the ``report`` tables. A new command goes into its group's module
-and nowhere else.
+``data``, ``training`` (with ``report``), ``model`` (``export``), ``scoring`` (``score``),
+``experiments`` (with ``experiment-summary`` and ``oracles``), ``bench`` and ``deploy`` (``plan``);
+``common`` holds the options and output helpers more than one group uses, ``tables`` the ``report``
+tables. A new command goes into its group's module and nowhere else.
 
 Only light modules are imported at the top (the registry names its builders as strings), so that
 ``--help``, the importers and ``report`` never pay for importing torch and TorchRec; each handler
@@ -26,12 +26,12 @@ import sys
 import warnings
 
 from cstwa_dist import __version__
-from cstwa_dist.cli import bench, data, deploy, experiments, training
+from cstwa_dist.cli import bench, data, deploy, experiments, model, scoring, training
 
 logger = logging.getLogger("cstwa_dist")
 
 # In the order ``--help`` lists them: the data flow of a retrain, then the tools around it.
-GROUPS = (data, training, experiments, bench, deploy)
+GROUPS = (data, training, model, scoring, experiments, bench, deploy)
 
 
 def setup_logging(verbose: bool = False) -> None:

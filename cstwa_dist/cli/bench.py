@@ -1,4 +1,5 @@
-"""Benchmark commands: ``bench train``, ``bench knn`` and ``bench propagate``, each writing one JSON file.
+"""Benchmark commands: ``bench train``, ``bench knn``, ``bench propagate`` and ``bench score``, each
+writing one JSON file.
 
 Every report carries the command line and, where the machine may be shared, its load average, so a
 figure can be re-run and judged. ``bench knn`` and ``bench propagate`` pose the same kind of problem
@@ -200,6 +201,26 @@ def cmd_bench_propagate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_score(args: argparse.Namespace) -> int:
+    from cstwa_dist.bench.score import run_bench
+    from cstwa_dist.export.score import ScoreOptions
+
+    require_positive(batch_size=args.batch_size, repeats=args.repeats)
+    options = ScoreOptions(split=args.split, ids=args.ids, actors=args.actors, batch_size=args.batch_size)
+    report = run_bench(args.model, args.input, options, repeats=args.repeats, e2e_repeats=args.score_repeats)
+    report["command"] = command_line()
+    summary = {
+        "model": report["model"],
+        "rows": report["rows"],
+        "forward_only_rows_per_s": report["forward_only"]["rows_per_s"],
+        "score_rows_per_s_steady": report["end_to_end"]["rows_per_s_steady"],
+        "score_rows_per_s_whole": report["end_to_end"]["rows_per_s_whole"],
+        "verdict": report["verdict"],
+    }
+    _write_report(args.out, report, summary)
+    return 0
+
+
 def _add_two_phase_args(
     p: argparse.ArgumentParser,
     *,
@@ -237,7 +258,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Registers ``bench`` and its ``BENCHMARK`` subcommands on the top-level ``COMMAND`` subparsers."""
     p = sub.add_parser(
         "bench",
-        help="throughput benchmarks writing JSON (bench train)",
+        help="throughput benchmarks writing JSON (bench train, bench score)",
         description="Benchmarks that write JSON; `bench train --help` for the training step.",
     )
     bench_sub = p.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
@@ -351,3 +372,29 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     _add_repeats_and_out(p, default=3, timed="timed calls")
     p.set_defaults(func=cmd_bench_propagate)
+
+    p = bench_sub.add_parser(
+        "score",
+        help="batch-scoring rate (cstwa-dist score) against the exported model's forward-only bound",
+        description="Times the exported model's forward alone in one process (the input's rows mapped and "
+        "held in memory as id tensors, batches of --batch-size; fastest of --repeats passes) against "
+        "`cstwa-dist score` on the same rows (Parquet read, id mapping, --actors actors, Parquet write; "
+        "fastest of --score-repeats runs); writes --out JSON with both rates, their ratio, the cores and a "
+        "verdict against the 0.8 target (docs/scoring.md).",
+    )
+    p.add_argument("--model", required=True, help="exported model folder (`cstwa-dist export`)")
+    p.add_argument("--input", required=True, help="a data set folder (its --split) or Parquet files (a glob)")
+    p.add_argument(
+        "--split", default="test", choices=["train", "val", "test"], help="data set split (default test)"
+    )
+    p.add_argument(
+        "--ids", choices=["rows", "raw"], default=None, help="as for `score` (default: as score's)"
+    )
+    p.add_argument("--actors", type=int, default=None, help="scoring actors (default: as score's)")
+    p.add_argument(
+        "--batch-size", type=int, default=16384, help="rows per batch, both phases (default 16384)"
+    )
+    p.add_argument("--repeats", type=int, default=3, help="forward-only passes; the fastest is reported")
+    p.add_argument("--score-repeats", type=int, default=2, help="scoring runs; the fastest is reported")
+    add_json_out(p)
+    p.set_defaults(func=cmd_bench_score)

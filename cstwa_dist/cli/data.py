@@ -43,7 +43,17 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
     preset = preset_with(args.preset, conflict=args.conflict, profile_leakage=args.profile_leakage)
     _log_stats(
-        generate(preset, args.scale, args.seed, args.out, rows_per_file=args.rows_per_file, name=args.preset)
+        generate(
+            preset,
+            args.scale,
+            args.seed,
+            args.out,
+            rows_per_file=args.rows_per_file,
+            name=args.preset,
+            day=args.day,
+            growth=args.growth,
+            drift=args.drift,
+        )
     )
     return 0
 
@@ -62,6 +72,7 @@ def cmd_import_aliccp(args: argparse.Namespace) -> int:
         strict=args.strict,
         max_quarantine_fraction=args.max_quarantine_fraction,
         parallel=args.parallel,
+        vocab_from=args.vocab_from,
     )
     _log_stats(stats)
     return 0
@@ -78,6 +89,7 @@ def cmd_import_csv(args: argparse.Namespace) -> int:
         args.out,
         strict=args.strict,
         max_quarantine_fraction=args.max_quarantine_fraction,
+        vocab_from=args.vocab_from,
     )
     _log_stats(stats)
     return 0
@@ -133,6 +145,26 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="generator seed (same seed = same files)")
     p.add_argument("--out", required=True, help="output dataset directory (must not exist or be empty)")
     p.add_argument("--rows-per-file", type=int, default=None, help="rows per parquet file (default: auto)")
+    p.add_argument(
+        "--day",
+        type=int,
+        default=1,
+        help="which day of the (preset, scale, seed) world to write (default 1: the historical output); "
+        "a later day keeps every earlier id as the same entity, appends new users and items and draws "
+        "new impressions, so its identity vocabulary extends the day before's",
+    )
+    p.add_argument(
+        "--growth",
+        type=float,
+        default=0.1,
+        help="users and items grow by (1 + growth)^(day - 1) over day 1 (default 0.1)",
+    )
+    p.add_argument(
+        "--drift",
+        type=float,
+        default=0.05,
+        help="size of each day's random-walk step of every user's and item's taste vector (default 0.05)",
+    )
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser(
@@ -175,6 +207,15 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         help="process chunks as Ray tasks (default: automatic above 512 MiB of raw input); the "
         "output is identical either way",
     )
+    p.add_argument(
+        "--vocab-from",
+        type=Path,
+        default=None,
+        metavar="PREV_DATASET",
+        help="an earlier import-aliccp data set (e.g. yesterday's): its raw ids keep their rows, ids new "
+        "here (--min-count applies to them only) are appended after them in raw-id order, so a model "
+        "trained on it can be warm-started; refused (exit 2) without its vocab/ or with other fields",
+    )
     p.set_defaults(func=cmd_import_aliccp)
 
     p = sub.add_parser(
@@ -190,6 +231,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "--spec", required=True, type=Path, help="spec.yaml: fields, sides, vocab sizes, id fields"
     )
     p.add_argument("--out", required=True, type=Path, help="dataset folder to create")
+    p.add_argument(
+        "--vocab-from",
+        type=Path,
+        default=None,
+        metavar="PREV_DATASET",
+        help="an earlier data set of the same fields: refused (exit 2) unless every vocab size of --spec is "
+        "at least that data set's (ids are rows here, so rows stay comparable across days)",
+    )
     _add_quarantine_args(p, "row")
     p.set_defaults(func=cmd_import_csv)
 

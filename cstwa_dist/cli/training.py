@@ -27,17 +27,24 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     # before the process group, Ray and the pre-training: a missing file fails in a second, not after
     check_dataset(cfg.data.dataset, entities_for=PRETRAIN_READS_ENTITIES)
     from cstwa_dist.distributed.env import command_runtime
-    from cstwa_dist.train.pretrain import pretrain_structure
+    from cstwa_dist.train.pretrain import pretrain_run, pretrain_structure
+    from cstwa_dist.train.warmstart import resolve_source
 
+    if args.init_from:  # a missing or unusable source fails now, not after the runtime starts
+        resolve_source(pretrain_run(args.init_from))
     with command_runtime(cfg.data.ray_num_cpus, cfg.train.collective_timeout_s):
-        pretrain_structure(cfg)
+        pretrain_structure(cfg, init_from=args.init_from)
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from cstwa_dist.data.preflight import check_dataset, entity_tables_reader
 
-    overrides = [*args.overrides, *([f"train.resume={args.resume}"] if args.resume else [])]
+    overrides = [
+        *args.overrides,
+        *([f"train.resume={args.resume}"] if args.resume else []),
+        *([f"train.init_from={args.init_from}"] if args.init_from else []),
+    ]
     cfg = load_config(args.config, overrides)
     # entity tables only for a model that reads them (ESMM and the other baselines do not)
     mspec = get_model_spec(args.model)
@@ -45,7 +52,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     check_dataset(cfg.data.dataset, entities_for=entity_tables_reader(args.model, migrates, cfg.structure))
     from cstwa_dist.distributed.env import command_runtime
     from cstwa_dist.train.trainer import train
+    from cstwa_dist.train.warmstart import resolve_source
 
+    if cfg.train.init_from:  # a missing or unusable source fails now, not after the runtime starts
+        resolve_source(cfg.train.init_from)
     with command_runtime(cfg.data.ray_num_cpus, cfg.train.collective_timeout_s):
         train(cfg, args.model, run_dir=args.run_dir)
     return 0
@@ -99,6 +109,16 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "against exact search in structure.json.",
     )
     add_config_args(p)
+    p.add_argument(
+        "--init-from",
+        default=None,
+        metavar="PREV",
+        help="warm start (docs/retrain.md): the CTR MLP starts from a previous pre-training: its "
+        "structure.graph_dir (the pretrain/ run in it), that run folder or one of its checkpoints. Rows "
+        "of ids known there are copied exactly (the data set's vocabulary must extend that run's: "
+        "import the new day with --vocab-from), new rows and the optimizer state start fresh; the "
+        "graphs are mined for the new data as always",
+    )
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser(
@@ -124,6 +144,17 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         metavar="auto|never|DIR",
         help="continue from a checkpoint: auto = the newest complete one under train.checkpoint_dir "
         "(default <run dir>/checkpoints), or a checkpoint folder (same as --set train.resume=...)",
+    )
+    p.add_argument(
+        "--init-from",
+        default=None,
+        metavar="RUN_DIR_OR_CHECKPOINT",
+        help="warm start a fresh run (docs/retrain.md) from a previous run of the same model: its run "
+        "folder, one of its checkpoints, or an exported model folder whose source checkpoint still "
+        "exists. Embedding rows of ids known there and the dense layers are copied exactly (the data "
+        "set's vocabulary must extend that run's: import the new day with --vocab-from); new rows and "
+        "the optimizer state start fresh. A resume from this run's own checkpoint takes precedence "
+        "(same as --set train.init_from=...)",
     )
     p.set_defaults(func=cmd_train)
 

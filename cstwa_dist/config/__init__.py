@@ -213,8 +213,17 @@ class TrainConfig:
     # "never": start fresh; "auto": continue from the newest complete checkpoint if there is one;
     # any other value: the checkpoint folder to continue from
     resume: str = "never"
+    # Warm start (docs/retrain.md): a previous run folder, one of its checkpoints, or an exported model
+    # folder whose source checkpoint exists. A fresh run copies its tables' rows that existed there
+    # (the data set's vocabulary must extend that run's) and its dense layers; new rows and the
+    # optimizer state start fresh. A resume from this run's own checkpoint takes precedence.
+    init_from: str | None = None
     # TensorBoard scalars under <run dir>/tb on rank 0 (docs: README, "Watching a run")
     tensorboard: bool = True
+    # At every test pass, each rank writes its rows' ids, labels and predictions to
+    # <run dir>/predictions/<split>/part-rank-NNNNN.parquet and rank 0 a manifest.json (docs/export.md):
+    # what an exported model must reproduce, and the scores an offline analysis reads.
+    write_predictions: bool = False
     # How long a collective may wait for a peer before the job fails. Set above the longest work one
     # rank does while the others wait (IVF quantizer training on rank 0: ~10 min projected at 30M
     # users on a CPU rank, docs/structure-scaling.md; a checkpoint write), and well below "forever":

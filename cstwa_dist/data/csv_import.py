@@ -4,7 +4,8 @@ Why this importer exists: most public CVR benchmarks circulate already preproces
 categorical field (already integer ids) plus ``click`` and ``purchase``. Only the field-to-side mapping and
 the vocabulary sizes are missing, so they come from a spec file (:meth:`DatasetSpec.load`); the importer
 only validates and re-encodes into ``<out>/{train,val,test}/part-NNNNN.parquet`` + ``spec.yaml`` +
-``stats.json``.
+``stats.json`` + an identity ``vocab/`` (the ids are rows; ``--vocab-from`` checks that no vocabulary
+shrank since an earlier data set, ``docs/data-days.md``).
 
 Streaming: each file is read with ``pyarrow.csv.open_csv`` (an incremental reader, a real CSV parser:
 quoted cells and a quoted header such as R's ``write.csv`` default read as plain values), one record
@@ -76,6 +77,7 @@ from cstwa_dist.data.quarantine import (
 )
 from cstwa_dist.data.spec import LABELS, DatasetSpec, SplitStats
 from cstwa_dist.data.validate import DataError
+from cstwa_dist.data.vocab import VOCAB_DIR, VocabError, Vocabulary
 from cstwa_dist.data.writer import SplitAccumulator, default_rows_per_file
 
 logger = logging.getLogger(__name__)
@@ -343,6 +345,7 @@ def import_csv(
     max_quarantine_fraction: float = DEFAULT_MAX_QUARANTINE_FRACTION,
     allow_empty_splits: bool = False,
     progress: bool = True,
+    vocab_from: Path | None = None,
 ) -> dict[str, SplitStats]:
     """Imports three preprocessed CSV files (header = spec field names + ``click`` + ``purchase``).
 
@@ -350,10 +353,17 @@ def import_csv(
     must already be integers in ``[0, vocab_size)`` (0 is a normal id here). Returns the per-split
     statistics, also written to ``<out>/stats.json``. See the module docstring for validation; the spec
     and all three headers are checked before anything is written.
+
+    The ids are rows, so the data set's vocabulary (``<out>/vocab/``) is identity over the spec's sizes.
+    ``vocab_from`` (an earlier data set of the same fields, e.g. yesterday's import): refused unless every
+    field's vocabulary size is at least that data set's (ids never shrink away), so rows stay comparable.
     """
     train, val, test, out = Path(train), Path(val), Path(test), Path(out)
     max_quarantine_fraction = check_fraction(max_quarantine_fraction)
     dataset_spec = DatasetSpec.load(spec)
+    vocabulary = Vocabulary.identity(dataset_spec)
+    if vocab_from is not None:
+        check_grows(vocabulary, Vocabulary.load(vocab_from), str(vocab_from))
     sources = {"train": train, "val": val, "test": test}
     headers = {
         split: read_header(path, dataset_spec, allow_empty=allow_empty_splits)
@@ -370,5 +380,21 @@ def import_csv(
             split: _import_csv_file(path, split, dataset_spec, headers[split], run, progress)
             for split, path in sources.items()
         }
+        vocabulary.save(run.directory / VOCAB_DIR)
         run.finish(dataset_spec, stats, progress=progress)
     return stats
+
+
+def check_grows(vocabulary: Vocabulary, previous: Vocabulary, source: str) -> None:
+    """Refuses a ``--vocab-from`` data set that this import's identity vocabulary does not extend."""
+    if set(previous.fields) != set(vocabulary.fields):
+        raise VocabError(
+            f"--vocab-from {source}: its fields {sorted(previous.fields)} differ from the spec's "
+            f"{sorted(vocabulary.fields)}"
+        )
+    try:
+        vocabulary.check_extends(previous)
+    except VocabError as e:
+        raise VocabError(
+            f"--vocab-from {source}: {e}; give the spec vocabulary sizes at least as large"
+        ) from None

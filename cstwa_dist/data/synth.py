@@ -45,6 +45,26 @@ Generative model (``SynthPreset`` holds every knob named here; values are at ``s
    field (age, gender, city, category, brand) takes its cluster's value with exactly that probability
    instead: the knob for how much the profiles alone give the clusters away.
 9. Vocabulary: ``user_id`` in ``[0, num_users)``, ``item_id`` in ``[0, num_items)``; 0 is a normal id.
+   Every field is identity (raw id == row), written as ``vocab/vocab.json`` (:mod:`cstwa_dist.data.vocab`).
+
+Days (``day``, ``growth``, ``drift``; the CLI's ``--day/--growth/--drift``): the same (preset, scale, seed)
+world seen on a later day, for retraining with stable ids. Day 1 is the world above, unchanged (same
+files). Day ``D > 1``:
+
+* ``num_users`` and ``num_items`` are day 1's times ``(1 + growth)^(D-1)``, rounded. Ids below day 1's
+  counts are the same entities (cluster, profile fields, bait, necessity, propensity, latent noise: the
+  day-1 world is built first, with its own RNG draws); each id above is drawn from the same distributions
+  from seeded hashes of its id (salts ``new_*``), so an id added on day 2 is the same entity on day 3.
+  Popularity: old ids keep their relative order, each new id is slotted in at a per-id uniform position.
+  Row counts do not grow.
+* Tastes drift: every user's and item's latent gets ``drift · Σ_{d=2..D} ε_{d,id}``, ``ε ~ N(0, I /
+  latent_dim)`` from a hash of (day, id): a cumulative random walk (day ``D`` continues day ``D-1``'s),
+  recomputed per row for users (``O(D)`` hashing, no state) and stored in the item latents.
+* The pilot sample and every chunk's RNG stream also take the day as a seed word, so the impressions of
+  each day differ; the biases are calibrated for the day as on day 1.
+
+Per-entity state is what day 1 holds, at the day's counts. ``synth.json`` records ``day``, ``growth``
+and ``drift``; the identity vocabulary's sizes grow, so day ``D``'s extends day ``D-1``'s.
 
 Output layout (``spec.py``): ``<out>/{train,val,test}/part-NNNNN.parquet`` (int64 feature columns,
 int8 ``click`` / ``purchase``), ``spec.yaml``, ``stats.json``, the entity tables ``entities/`` (one scan of
@@ -74,6 +94,7 @@ import numpy as np
 
 from cstwa_dist.data.progress import Progress
 from cstwa_dist.data.spec import SPLITS, DatasetSpec, FieldSpec, SplitStats
+from cstwa_dist.data.vocab import VOCAB_DIR, Vocabulary
 from cstwa_dist.data.writer import SplitAccumulator, default_rows_per_file, write_metadata
 from cstwa_dist.fs import atomic_write_json, staged_directory
 
@@ -103,7 +124,24 @@ _SALT = {
     "profile_pick": 10,
     "profile_value": 20,
     "cluster_value": 30,
+    # entities added on later days (ids >= the day-1 count): drawn per id, so the same on every day
+    "new_user_cluster": 50,
+    "new_user_popularity": 51,
+    "new_item_cluster": 52,
+    "new_item_noise": 53,
+    "new_item_bait": 54,
+    "new_item_necessity": 55,
+    "new_item_popularity": 56,
+    "new_item_category_pick": 57,
+    "new_item_category": 58,
+    "new_item_brand_pick": 59,
+    "new_item_brand": 60,
+    "new_item_price": 61,
 }
+# Drift of day d (>= 2): salt _DRIFT_SALT + 2 d (users) / 2 d + 1 (items); far from every salt above.
+_DRIFT_SALT = 1_000_000
+DEFAULT_GROWTH = 0.1
+DEFAULT_DRIFT = 0.05
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -322,13 +360,25 @@ class SynthWorld:
     """Per-entity ground truth of one (preset, scale, seed): clusters, latents, item factors.
 
     Public so tests and benchmarks can check what a model or the kNN step recovers against the truth
-    (e.g. kNN recall of same-cluster neighbours); ``build_world`` rebuilds it without the data.
+    (e.g. kNN recall of same-cluster neighbours); ``build_world`` rebuilds it without the data. ``day`` > 1
+    builds day 1's world first, then grows it (:meth:`_grow`, module docstring "Days").
     """
 
-    def __init__(self, preset: SynthPreset, scale: float, seed: int) -> None:
+    def __init__(
+        self,
+        preset: SynthPreset,
+        scale: float,
+        seed: int,
+        *,
+        day: int = 1,
+        growth: float = DEFAULT_GROWTH,
+        drift: float = DEFAULT_DRIFT,
+    ) -> None:
+        check_day(day, growth, drift)
         self.preset = preset
         self.scale = float(scale)
         self.seed = int(seed)
+        self.day, self.growth, self.drift = int(day), float(growth), float(drift)
         self.sizes = preset.sizes(scale)
         self.num_users = self.sizes["num_users"]
         self.num_items = self.sizes["num_items"]
@@ -385,14 +435,103 @@ class SynthWorld:
         nec_z = self.item_necessity / max(p.necessity_std, 1e-12)
         self.item_price = _decile(0.6 * nec_z + 0.8 * rng.standard_normal(self.num_items))
         self.device_effect = _DEVICE_EFFECT * p.context_strength
+        self.cluster_p = cluster_p
+        if self.day > 1:
+            self._grow(pref_cat, pref_brand)
+
+    # --- later days (module docstring, "Days") ----------------------------------------------------
+    def _grow(self, pref_cat: np.ndarray, pref_brand: np.ndarray) -> None:
+        """Turns the day-1 world into day ``self.day``'s: appended entities, merged popularity, drift."""
+        p, c, d = self.preset, self.preset.num_clusters, self.preset.latent_dim
+        factor = (1.0 + self.growth) ** (self.day - 1)
+        n_u1, n_i1 = self.num_users, self.num_items
+        n_u, n_i = round(n_u1 * factor), round(n_i1 * factor)
+        self.sizes = {**self.sizes, "num_users": n_u, "num_items": n_i}
+        self.num_users, self.num_items = n_u, n_i
+        cdf = np.cumsum(self.cluster_p)
+
+        def uniform(salt: str, ids: np.ndarray) -> np.ndarray:
+            return _hash_uniform(_hash(self.key, _SALT[salt], ids))
+
+        def normal(salt: str, ids: np.ndarray) -> np.ndarray:
+            return _hash_normal(_hash(self.key, _SALT[salt], ids))
+
+        def cluster_of(salt: str, ids: np.ndarray) -> np.ndarray:
+            return np.minimum(np.searchsorted(cdf, uniform(salt, ids)), c - 1).astype(np.int16)
+
+        def popularity(rank_to_id: np.ndarray, n1: int, n: int, salt: str) -> np.ndarray:
+            # old ids keep their relative order; new ids are slotted in at per-id uniform positions
+            key = np.empty(n, dtype=np.float64)
+            key[rank_to_id] = (np.arange(n1) + 0.5) / n1
+            key[n1:] = uniform(salt, np.arange(n1, n))
+            return np.argsort(key, kind="stable").astype(np.int32)
+
+        new_u = np.arange(n_u1, n_u)
+        self.user_cluster = np.concatenate([self.user_cluster, cluster_of("new_user_cluster", new_u)])
+        self.user_rank_to_id = popularity(self.user_rank_to_id, n_u1, n_u, "new_user_popularity")
+
+        new_i = np.arange(n_i1, n_i)
+        icl_new = cluster_of("new_item_cluster", new_i)
+        cells = new_i.astype(np.uint64)[:, None] * np.uint64(d) + np.arange(d, dtype=np.uint64)[None, :]
+        noise = normal("new_item_noise", cells) * (p.latent_noise / math.sqrt(d))
+        latent_new = (self.centres[icl_new] + noise).astype(np.float32)
+        bait_new = (normal("new_item_bait", new_i) * p.bait_std).astype(np.float32)
+        nec_new = (normal("new_item_necessity", new_i) * p.necessity_std).astype(np.float32)
+        corr, leak = p.profile_cluster_corr, p.profile_leakage
+        ncat, nbrand = ITEM_PROFILE_VOCAB["item_category"], ITEM_PROFILE_VOCAB["item_brand"]
+        cat_new = np.where(
+            uniform("new_item_category_pick", new_i) < (max(corr, 0.8) if leak is None else leak),
+            pref_cat[icl_new],
+            _hash(self.key, _SALT["new_item_category"], new_i) % np.uint64(ncat),
+        ).astype(np.int64)
+        brand_new = np.where(
+            uniform("new_item_brand_pick", new_i) < (corr * 0.5 if leak is None else leak),
+            pref_brand[icl_new],
+            _hash(self.key, _SALT["new_item_brand"], new_i) % np.uint64(nbrand),
+        ).astype(np.int64)
+        nec_z = nec_new / max(p.necessity_std, 1e-12)
+        price_new = _decile(0.6 * nec_z + 0.8 * normal("new_item_price", new_i))
+
+        self.item_cluster = np.concatenate([self.item_cluster, icl_new])
+        self.item_latent = np.concatenate([self.item_latent, latent_new])
+        self.item_bait = np.concatenate([self.item_bait, bait_new])
+        self.item_necessity = np.concatenate([self.item_necessity, nec_new])
+        self.item_category = np.concatenate([self.item_category, cat_new])
+        self.item_brand = np.concatenate([self.item_brand, brand_new])
+        self.item_price = np.concatenate([self.item_price, price_new])
+        self.item_rank_to_id = popularity(self.item_rank_to_id, n_i1, n_i, "new_item_popularity")
+        self.item_latent = self.item_latent + self._drift(np.arange(n_i), item=True)
+        self.item_centre_dot = (self.item_latent @ self.centres.T).astype(np.float32)
+        item_rank = np.empty(n_i, dtype=np.int64)
+        item_rank[self.item_rank_to_id] = np.arange(n_i)
+        icl = self.item_cluster.astype(np.int64)
+        self.cluster_items = np.lexsort((item_rank, icl)).astype(np.int32)
+        self.cluster_count = np.bincount(icl, minlength=c).astype(np.int64)
+        self.cluster_start = np.concatenate([[0], np.cumsum(self.cluster_count)[:-1]]).astype(np.int64)
+
+    def _drift(self, ids: np.ndarray, *, item: bool) -> np.ndarray:
+        """[n, latent_dim] cumulative taste drift up to ``self.day``: the sum over days ``2..day`` of a
+        per-(day, id) ``N(0, (drift^2 / latent_dim) I)`` step (a random walk; 0 on day 1)."""
+        d = self.preset.latent_dim
+        out = np.zeros((ids.size, d), dtype=np.float64)
+        if self.day <= 1 or self.drift == 0.0:
+            return out.astype(np.float32)
+        cells = ids.astype(np.uint64)[:, None] * np.uint64(d) + np.arange(d, dtype=np.uint64)[None, :]
+        for day in range(2, self.day + 1):
+            out += _hash_normal(_hash(self.key, _DRIFT_SALT + 2 * day + int(item), cells))
+        return (out * (self.drift / math.sqrt(d))).astype(np.float32)
 
     # Per-user quantities derived from the id (no per-user storage beyond the cluster).
     def user_noise(self, uid: np.ndarray) -> np.ndarray:
-        """[n, latent_dim] float32 noise of each user's latent vector."""
+        """[n, latent_dim] float32 offset of each user's latent from its cluster centre (noise, plus the
+        drift so far on a later day)."""
         d = self.preset.latent_dim
         cells = uid.astype(np.uint64)[:, None] * np.uint64(d) + np.arange(d, dtype=np.uint64)[None, :]
         z = _hash_normal(_hash(self.key, _SALT["user_noise"], cells))
-        return (z * (self.preset.latent_noise / math.sqrt(d))).astype(np.float32)
+        noise = (z * (self.preset.latent_noise / math.sqrt(d))).astype(np.float32)
+        if self.day > 1:  # later days: the taste drift so far, added to the noise (recomputed, not stored)
+            noise = noise + self._drift(uid, item=False)
+        return noise
 
     def user_latent(self, uid: np.ndarray) -> np.ndarray:
         """[n, latent_dim] latent vectors (cluster centre + noise) of the given users."""
@@ -461,9 +600,26 @@ class SynthWorld:
         return out
 
 
-def build_world(preset: str | SynthPreset, scale: float, seed: int) -> SynthWorld:
+def check_day(day: int, growth: float, drift: float) -> None:
+    """Refuses a day before 1 and a negative or non-finite growth or drift."""
+    if isinstance(day, bool) or int(day) != day or day < 1:
+        raise ValueError(f"synth day must be an integer >= 1, got {day}")
+    for name, v in (("growth", growth), ("drift", drift)):
+        if not (math.isfinite(v) and v >= 0.0):
+            raise ValueError(f"synth {name} must be finite and >= 0, got {v}")
+
+
+def build_world(
+    preset: str | SynthPreset,
+    scale: float,
+    seed: int,
+    *,
+    day: int = 1,
+    growth: float = DEFAULT_GROWTH,
+    drift: float = DEFAULT_DRIFT,
+) -> SynthWorld:
     """The ground truth behind ``generate(preset, scale, seed, ...)``, without writing any data."""
-    return SynthWorld(_resolve(preset), scale, seed)
+    return SynthWorld(_resolve(preset), scale, seed, day=day, growth=growth, drift=drift)
 
 
 def world_of(dataset: str | Path) -> tuple[SynthWorld, dict]:
@@ -475,7 +631,14 @@ def world_of(dataset: str | Path) -> tuple[SynthWorld, dict]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not a synthetic data set (no ground truth to compare with)")
     meta = json.loads(path.read_text())
-    world = SynthWorld(SynthPreset(**meta["preset"]), meta["scale"], meta["seed"])
+    world = SynthWorld(
+        SynthPreset(**meta["preset"]),
+        meta["scale"],
+        meta["seed"],
+        day=meta.get("day", 1),  # written before days existed: day 1
+        growth=meta.get("growth", DEFAULT_GROWTH),
+        drift=meta.get("drift", DEFAULT_DRIFT),
+    )
     return world, meta
 
 
@@ -550,7 +713,7 @@ def calibrate(world: SynthWorld) -> dict[str, float]:
     Done on a pilot sample from the same distribution as the splits (its own RNG stream), because the
     rates depend on the whole mix of users, items and contexts, which has no closed form.
     """
-    rng = np.random.default_rng(np.random.SeedSequence([world.seed, 2_000_003]))
+    rng = np.random.default_rng(np.random.SeedSequence([world.seed, 2_000_003, *_day_key(world)]))
     _, click_logit, buy_logit = _sample_impressions(world, rng, PILOT_ROWS)
     cl = click_logit.astype(np.float64)
     bl = buy_logit.astype(np.float64)
@@ -566,14 +729,21 @@ def calibrate(world: SynthWorld) -> dict[str, float]:
     }
 
 
+def _day_key(world: SynthWorld) -> list[int]:
+    """Extra RNG seed words of a day: none on day 1 (its streams are the historical ones), else the day."""
+    return [] if world.day == 1 else [1_000_000 + world.day]
+
+
 def _chunks(
     world: SynthWorld, biases: dict[str, float], split: str, rows: int
 ) -> Iterator[dict[str, np.ndarray]]:
-    """The split's rows in fixed chunks, each from its own RNG stream keyed by (seed, split, chunk)."""
+    """The split's rows in fixed chunks, each from its own RNG stream keyed by (seed, split, chunk, day)."""
     split_idx = SPLITS.index(split)
     for chunk_idx, start in enumerate(range(0, rows, CHUNK_ROWS)):
         n = min(CHUNK_ROWS, rows - start)
-        rng = np.random.default_rng(np.random.SeedSequence([world.seed, split_idx, chunk_idx]))
+        rng = np.random.default_rng(
+            np.random.SeedSequence([world.seed, split_idx, chunk_idx, *_day_key(world)])
+        )
         cols, click_logit, buy_logit = _sample_impressions(world, rng, n)
         p_click = _sigmoid(click_logit + np.float32(biases["bias_ctr"]))
         p_buy = _sigmoid(buy_logit + np.float32(biases["bias_cvr"]))
@@ -593,30 +763,37 @@ def generate(
     rows_per_file: int | None = None,
     progress: bool = True,
     name: str | None = None,
+    day: int = 1,
+    growth: float = DEFAULT_GROWTH,
+    drift: float = DEFAULT_DRIFT,
 ) -> dict[str, SplitStats]:
     """Write a synthetic data set to ``out`` and return the per-split statistics (also in stats.json).
 
     ``rows_per_file`` overrides ``default_rows_per_file`` for every split; it changes only how rows
     are cut into files, never the rows themselves. Raises FileExistsError if ``out`` exists and is not
     an empty directory. ``name`` is the preset name recorded in ``synth.json`` (for a preset changed
-    by :func:`preset_with`; the changed knobs are recorded with the whole preset).
+    by :func:`preset_with`; the changed knobs are recorded with the whole preset). ``day``, ``growth`` and
+    ``drift``: the world on a later day (module docstring, "Days"); day 1 is the same whatever the other
+    two are.
     """
     p = _resolve(preset)
     preset_name = name or (preset if isinstance(preset, str) else "custom")
     if rows_per_file is not None and int(rows_per_file) < 1:
         raise ValueError(f"rows_per_file must be >= 1, got {rows_per_file}")
+    check_day(day, growth, drift)
     out = Path(out)
     with staged_directory(out, "data set") as tmp:  # refuses an existing data set before any work
         t0 = time.perf_counter()
-        world = SynthWorld(p, scale, seed)
+        world = SynthWorld(p, scale, seed, day=day, growth=growth, drift=drift)
         biases = calibrate(world)
         spec = dataset_spec(world)
         logger.info(
-            "synth %s scale=%g seed=%d: users=%d items=%d rows train/val/test=%d/%d/%d; "
+            "synth %s scale=%g seed=%d day=%d: users=%d items=%d rows train/val/test=%d/%d/%d; "
             "calibrated b_ctr=%.3f b_cvr=%.3f (setup %.1fs)",
             preset_name,
             scale,
             seed,
+            world.day,
             world.num_users,
             world.num_items,
             world.sizes["train"],
@@ -631,11 +808,15 @@ def generate(
             for split in SPLITS
         }
         write_metadata(tmp, spec, stats, progress=progress)
+        Vocabulary.identity(spec).save(tmp / VOCAB_DIR)
         meta = {
             "preset_name": preset_name,
             "preset": asdict(p),
             "scale": float(scale),
             "seed": int(seed),
+            "day": world.day,
+            "growth": world.growth,
+            "drift": world.drift,
             "sizes": world.sizes,
             "chunk_rows": CHUNK_ROWS,
             **biases,

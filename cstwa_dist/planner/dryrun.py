@@ -49,6 +49,7 @@ from cstwa_dist.distributed.sharding import (
     embedding_optimizer_name,
     prepare_tables,
 )
+from cstwa_dist.export.weight import export_weights
 from cstwa_dist.planner.render import GIB, render_dry_run
 from cstwa_dist.planner.specs import resolve_spec, synth_spec
 from cstwa_dist.planner.structure import (
@@ -132,6 +133,7 @@ class DryRun:
     exact_knn_madds_per_rank: int  # the exact search through the same ring, for comparison
     plan_seconds: float
     plan_text: str
+    export_line: str = ""  # what `export` would write (cstwa_dist/export/weight.py)
 
     @property
     def total_embedding_bytes(self) -> int:
@@ -373,4 +375,5 @@ def dry_run(
         exact_knn_madds_per_rank=exact_madds,
         plan_seconds=seconds,
         plan_text=str(plan),
+        export_line=export_weights(model_name, cfg, spec).line(),
     )

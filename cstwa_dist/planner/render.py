@@ -140,6 +140,9 @@ def render_dry_run(d: DryRun) -> str:
             f"  kNN per rank (largest side, ring over {d.world_size} ranks): {d.knn_madds_per_rank:.2e} "
             f"multiply-adds; exact search through the ring N·n_r·w = {d.exact_knn_madds_per_rank:.2e}"
         )
+    # what `cstwa-dist export` writes and a serving replica loads (cstwa_dist/export/weight.py)
+    if d.export_line:
+        lines += ["", d.export_line]
     return "\n".join(lines) + "\n"
 
 

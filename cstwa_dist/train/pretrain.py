@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,8 @@ from cstwa_dist.structure.migrator import mine_structure
 from cstwa_dist.train.trainer import train
 
 logger = logging.getLogger(__name__)
+
+PRETRAIN_RUN = "pretrain"  # the CTR MLP's run folder inside a structure directory
 
 
 # Every setting the mined structure depends on: the pre-training run (data, the CTR MLP's model and
@@ -86,19 +89,33 @@ def structure_mismatch(graph_dir: str | Path, cfg: RunConfig) -> str | None:
     )
 
 
-def pretrain_structure(cfg: RunConfig) -> dict[str, Any]:
+def pretrain_run(path: str | Path) -> Path:
+    """The CTR MLP run a warm-started pre-training starts from: ``path`` is a previous structure
+    directory (its ``pretrain/`` run is used), that run folder, or one of its checkpoints."""
+    p = Path(path)
+    return p / PRETRAIN_RUN if (p / PRETRAIN_RUN).is_dir() else p
+
+
+def pretrain_structure(cfg: RunConfig, init_from: str | Path | None = None) -> dict[str, Any]:
     """Writes ``Â_U``, ``Â_I`` and ``structure.json`` to ``cfg.structure.graph_dir``; returns the report.
+
+    ``init_from`` (``pretrain --init-from``, docs/retrain.md): the CTR MLP starts from a previous
+    pre-training's weights (:func:`pretrain_run`; carried rows exact, new rows and optimizer state
+    fresh, ``train/warmstart.py``); the graphs are mined for this data set as always. The config's
+    ``train.init_from`` names the *trained* model's source and never applies here.
 
     Must run inside a Ray runtime and a process group (all ranks call it: the read-out is collective).
     """
     env = init_distributed()
+    previous = None if init_from is None else str(pretrain_run(init_from))
+    cfg = replace(cfg, train=replace(cfg.train, init_from=previous))
     source = get_model_spec(PRETRAIN_MODEL).representation_source
     if source is None:
         raise ValueError(f"registry entry {PRETRAIN_MODEL!r} declares no representation source")
     res = train(
         cfg,
         PRETRAIN_MODEL,
-        run_dir=Path(cfg.structure.graph_dir) / "pretrain",
+        run_dir=Path(cfg.structure.graph_dir) / PRETRAIN_RUN,
         epochs=cfg.structure.pretrain_epochs,
     )
     graphs = mine_structure(

@@ -14,6 +14,7 @@ only at logging steps.
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import os
 import random
@@ -33,6 +34,7 @@ from cstwa_dist.config import RunConfig
 from cstwa_dist.data.batch import Batch
 from cstwa_dist.data.reader import SplitReader
 from cstwa_dist.data.spec import DatasetSpec
+from cstwa_dist.data.vocab import VOCAB_FILE, Vocabulary
 from cstwa_dist.distributed.collectives import (
     all_gather_cat,
     all_reduce_sum,
@@ -54,9 +56,12 @@ from cstwa_dist.train.metrics import (
     select_record,
 )
 from cstwa_dist.train.monitor import RunMonitor
+from cstwa_dist.train.warmstart import warm_start
 from cstwa_dist.train.wrapper import ModelTrain, StepOutput
 
 logger = logging.getLogger(__name__)
+
+INIT_FROM_FILE = "init_from.json"  # a warm-started run's record of its source (train/warmstart.py)
 
 
 def seed_everything(seed: int) -> None:
@@ -89,7 +94,9 @@ def build_sharded(cfg: RunConfig, model_name: str, env: DistEnv, spec: DatasetSp
 
 
 @torch.no_grad()
-def predict(dmp: DistributedModelParallel, reader: SplitReader, env: DistEnv) -> dict[str, np.ndarray]:
+def predict(
+    dmp: DistributedModelParallel, reader: SplitReader, env: DistEnv, write_to: Path | None = None
+) -> dict[str, np.ndarray]:
     """Predictions for every real row of the split, gathered on rank 0 (rank order); ``{}`` elsewhere.
 
     Columns: ``click``/``purchase`` labels and ``p_click``/``p_purchase`` probabilities (float32),
@@ -97,6 +104,10 @@ def predict(dmp: DistributedModelParallel, reader: SplitReader, env: DistEnv) ->
     user's rows may sit on several ranks, so GAUC too needs the gathered columns. Exact AUC needs all
     rows in one place, but only in one: rank 0 holds ``24·R`` bytes for ``R`` evaluated rows, every
     other rank only its own rows (``Trainer.evaluate`` broadcasts the metrics).
+
+    ``write_to``: each rank also writes its own rows — every spec field's id, the labels and the
+    probabilities — to ``write_to/part-rank-NNNNN.parquet`` (:func:`write_prediction_part`; no
+    gather: a rank holds ``8·F`` more bytes per row of its share, for ``F`` fields).
     """
     dmp.eval()
     user_key = reader.spec.user_id
@@ -107,6 +118,7 @@ def predict(dmp: DistributedModelParallel, reader: SplitReader, env: DistEnv) ->
         "p_purchase": [],
         "user": [],
     }
+    ids: dict[str, list[torch.Tensor]] = {k: [] for k in reader.spec.names} if write_to is not None else {}
     for batch in reader.epoch(0):
         batch = batch.to(env.device)
         _, step = dmp(batch)
@@ -117,7 +129,11 @@ def predict(dmp: DistributedModelParallel, reader: SplitReader, env: DistEnv) ->
         cols["p_click"].append(torch.sigmoid(step.click_logit)[m])
         if step.purchase_logit is not None:
             cols["p_purchase"].append(torch.sigmoid(step.purchase_logit)[m])
+        for k, parts in ids.items():
+            parts.append(batch.features[k].values()[m])  # one id per row and field
     dmp.train()
+    if write_to is not None:
+        write_prediction_part(write_to, env.rank, cols, ids)
     out: dict[str, np.ndarray] = {}
     for k, parts in cols.items():
         if not parts:
@@ -128,6 +144,37 @@ def predict(dmp: DistributedModelParallel, reader: SplitReader, env: DistEnv) ->
         if gathered is not None:
             out[k] = gathered.cpu().numpy()
     return out
+
+
+PREDICTIONS_DIR = "predictions"  # <run dir>/predictions/<split>/ (train.write_predictions)
+
+
+def write_prediction_part(
+    folder: Path, rank: int, cols: dict[str, list[torch.Tensor]], ids: dict[str, list[torch.Tensor]]
+) -> Path:
+    """This rank's rows as ``folder/part-rank-NNNNN.parquet``, written atomically: every spec field
+    (int64 rows), ``click``/``purchase`` (int8), ``p_ctr`` and, for a two-task model, ``p_ctcvr``
+    (float32). The rank's rows in reading order; a row is identified by its ids, not its position."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cstwa_dist.fs import atomic_path
+
+    def cat(parts: list[torch.Tensor], dtype: torch.dtype) -> np.ndarray:
+        if not parts:
+            return np.zeros(0, dtype=torch.empty(0, dtype=dtype).numpy().dtype)
+        return torch.cat(parts).to(dtype).cpu().numpy()
+
+    table: dict[str, np.ndarray] = {k: cat(parts, torch.int64) for k, parts in ids.items()}
+    table["click"] = cat(cols["click"], torch.int8)
+    table["purchase"] = cat(cols["purchase"], torch.int8)
+    table["p_ctr"] = cat(cols["p_click"], torch.float32)
+    if cols["p_purchase"]:
+        table["p_ctcvr"] = cat(cols["p_purchase"], torch.float32)
+    path = Path(folder) / f"part-rank-{rank:05d}.parquet"
+    with atomic_path(path) as tmp:
+        pq.write_table(pa.table(table), tmp)
+    return path
 
 
 def auc_report(pred: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -162,6 +209,10 @@ class Trainer:
         self.epochs = epochs or cfg.train.epochs
         self.run_dir = Path(run_dir or Path(cfg.train.run_dir) / model_name)
         self.t_start = time.perf_counter()
+        # which raw id each row holds (docs/retrain.md): a later warm start from this run checks it
+        self.vocab = Vocabulary.load(cfg.data.dataset, self.spec)
+        if self.env.is_main:
+            atomic_write_json(self.run_dir / VOCAB_FILE, self.vocab.to_json(), sort_keys=False)
         self.sharded = build_sharded(cfg, model_name, self.env, self.spec)
         self.dmp, self.optimizer = self.sharded.dmp, self.sharded.optimizer
         logger.info(
@@ -219,11 +270,39 @@ class Trainer:
             desc=model_name,
             tensorboard=cfg.train.tensorboard,
         )
+        self.init_from: dict[str, Any] | None = None  # the warm start's record (metrics.json)
         path = self.checkpointer.find(cfg.train.resume)
         if path is not None:
             self._restore(self.checkpointer.load(self.dmp, self.optimizer, path))
-        elif cfg.train.resume == "auto":
-            logger.info("no checkpoint under %s: starting from scratch", self.checkpointer.root)
+            if cfg.train.init_from:
+                logger.info(
+                    "resumed this run's own checkpoint %s: train.init_from=%s is not applied (it seeds a "
+                    "fresh run only)",
+                    path,
+                    cfg.train.init_from,
+                )
+        else:
+            if self.env.is_main:  # a record of an earlier run in this folder does not describe this one
+                (self.run_dir / INIT_FROM_FILE).unlink(missing_ok=True)
+            if cfg.train.init_from:
+                self._warm_start(cfg.train.init_from)
+            elif cfg.train.resume == "auto":
+                logger.info("no checkpoint under %s: starting from scratch", self.checkpointer.root)
+
+    def _warm_start(self, source: str) -> None:
+        """A fresh run seeded with ``source``'s weights (``train/warmstart.py``), after every fresh
+        initialisation (the Structure Migrator's included, so carried ``U``/``I`` rows replace it
+        and new rows keep it). Reading (b)'s ``P`` is then recomputed from the carried field tables.
+        Rank 0 keeps the record in ``<run_dir>/init_from.json``, so a resumed run reports it too."""
+        t0 = time.perf_counter()
+        self.init_from = warm_start(
+            self.dmp, self.model_name, self.spec, self.vocab, source, dataset=self.cfg.data.dataset
+        )
+        if self.migrator is not None and self.migrator.recomputed:
+            self.migrator.initialise()
+        self.init_from["seconds"] = time.perf_counter() - t0
+        if self.env.is_main:
+            atomic_write_json(self.run_dir / INIT_FROM_FILE, self.init_from)
 
     # --- checkpoint state ------------------------------------------------------------------------
     def _state(
@@ -254,6 +333,9 @@ class Trainer:
         self.first_step_seconds = state.first_step_seconds
         self.structure_seconds = state.structure_seconds
         self.history = list(state.history)
+        record = self.run_dir / INIT_FROM_FILE  # this run was warm-started: metrics.json keeps saying so
+        if record.is_file():
+            self.init_from = json.loads(record.read_text())
         if not state.epoch_end:
             # the global sum goes to rank 0 alone: the epoch's all-reduce adds it back once
             self._resumed_epoch = (state.epoch_loss_sum if self.env.is_main else 0.0, state.epoch_rows)
@@ -320,16 +402,41 @@ class Trainer:
             self.structure_epochs_applied = epoch
             self.monitor.scalars("structure", {"beta_update_s": seconds}, epoch)
 
-    def evaluate(self, split: str) -> dict[str, Any]:
+    def evaluate(self, split: str, epoch: int | None = None) -> dict[str, Any]:
         """Every metric of ``split`` (``auc_report``) over its impressions, on every rank.
 
         The predictions are gathered on rank 0, which computes the metrics and broadcasts them (a few
         kB); ``seconds``: the pass's wall time (prediction, gather, metrics and broadcast).
+
+        ``epoch`` (1-based) marks a test pass: with ``train.write_predictions`` every rank writes its
+        rows to ``<run dir>/predictions/<split>/`` (replacing an earlier pass's) and rank 0, once
+        every part is in place, ``manifest.json`` (``{epoch, global_step, split, rows, world_size}``).
+        The manifest is removed first, so a reader never pairs it with another pass's parts.
         """
         self._detach_pipeline()
         t0 = time.perf_counter()
-        pred = predict(self.dmp, self.eval_reader(split), self.env)
+        folder = None
+        if epoch is not None and self.cfg.train.write_predictions:
+            folder = self.run_dir / PREDICTIONS_DIR / split
+            if self.env.is_main:
+                (folder / "manifest.json").unlink(missing_ok=True)
+            broadcast_object(None)  # no rank replaces its part before the old manifest is gone
+        pred = predict(self.dmp, self.eval_reader(split), self.env, write_to=folder)
         report = broadcast_object(auc_report(pred) if self.env.is_main else None)
+        if folder is not None and self.env.is_main:
+            # every rank wrote its part before it joined predict's gather, which rank 0 has completed
+            for old in folder.glob("part-rank-*.parquet"):  # parts of an earlier, larger world
+                if int(old.stem.rsplit("-", 1)[1]) >= self.env.world_size:
+                    old.unlink()
+            manifest = {
+                "epoch": epoch,
+                "global_step": self.global_step,
+                "split": split,
+                "rows": report["rows"],
+                "world_size": self.env.world_size,
+            }
+            atomic_write_json(folder / "manifest.json", manifest)
+            logger.info("wrote %d predictions of %s to %s", report["rows"], split, folder)
         report["seconds"] = time.perf_counter() - t0
         return report
 
@@ -420,7 +527,7 @@ class Trainer:
         if not (last or (rule == "best_val_purchase_auc" and is_new_best(self.history, record))):
             return
         split = self.cfg.train.eval_split
-        record["test"] = self.evaluate(split)
+        record["test"] = self.evaluate(split, epoch=epoch + 1)
         record["test"]["split"] = split
         self.monitor.scalars("test", scalar_view(record["test"]), epoch + 1)
         _log_split(self.model_name, f"epoch {epoch + 1} {split}", record["test"])
@@ -523,6 +630,7 @@ class Trainer:
             "dense_optimizer": "adam",
             "device": str(env.device),
             "history": self.history,
+            "init_from": self.init_from,
             "config": cfg.to_dict(),
         }
 

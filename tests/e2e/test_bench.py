@@ -1,4 +1,5 @@
-"""``cstwa-dist bench train`` as a user runs it: 1 process, then 2 ranks compared with it."""
+"""``cstwa-dist bench train`` as a user runs it: 1 process, then 2 ranks compared with it; ``bench score``
+on the tiny exported model."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 from pathlib import Path
 
 from tests.e2e.test_cli import BIN, _config, _run
+from tests.e2e.test_score import model_dir  # noqa: F401  (the tiny exported model fixture)
 
 STAGES = {"data_wait", "host_to_device", "input_distribution", "forward", "backward", "optimizer"}
 
@@ -60,3 +62,18 @@ def test_bench_train_one_process_then_two_ranks(tmp_path, tiny_dataset):
     assert "ranks_over_one_process" in v
     # either as fast as one process, or the stage that grew most is named
     assert v["at_least_as_fast_as_one_process"] or v["stage_to_blame"] in STAGES
+
+
+def test_bench_score_reports_both_rates_and_a_verdict(tmp_path, tiny_dataset, model_dir):  # noqa: F811
+    out = tmp_path / "score.json"
+    _run(
+        [str(BIN / "cstwa-dist"), "bench", "score", "--model", str(model_dir), "--input", str(tiny_dataset),
+         "--actors", "1", "--batch-size", "512", "--repeats", "1", "--score-repeats", "1", "--out", str(out)]
+    )  # fmt: skip
+    r = json.loads(out.read_text())
+    rows = json.loads((tiny_dataset / "stats.json").read_text())["test"]["rows"]
+    assert r["rows"] == r["forward_only"]["rows"] == r["end_to_end"]["rows"] == rows
+    assert r["forward_only"]["rows_per_s"] > 0 and r["end_to_end"]["rows_per_s_whole"] > 0
+    assert r["end_to_end"]["actors"] == 1 and r["cpu_count"] >= 1
+    v = r["verdict"]
+    assert v["target"] == 0.8 and v["steady_over_bound"] > 0 and isinstance(v["meets_target"], bool)

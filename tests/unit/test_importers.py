@@ -11,10 +11,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from cstwa_dist import cli
 from cstwa_dist.data.aliccp import DEFAULT_FIELDS, FILES, import_aliccp, remap, val_mask
 from cstwa_dist.data.csv_import import import_csv
 from cstwa_dist.data.spec import SPLITS, DatasetSpec, FieldSpec, load_stats, split_files
 from cstwa_dist.data.validate import DataError
+from cstwa_dist.data.vocab import VocabError, Vocabulary, lineage_digest
 from tests.fixtures.aliccp_raw import common_line, feature_id, sample_line, write_raw_aliccp_fixture
 
 N_TRAIN, N_TEST = 3000, 600
@@ -417,3 +419,153 @@ def test_csv_import_strict_and_header_errors(csv_inputs: dict[str, Path], tmp_pa
     early = _csv(tmp_path / "e.csv", ["1,2,3,0,0", "1,2,99,0,0", "1,2"])
     with pytest.raises(DataError, match=r"e.csv line 3: id_out_of_range"):
         import_csv(early, *args[1:], tmp_path / "e", strict=True, progress=False)
+
+
+# --- vocabularies: vocab/ with every import, --vocab-from a previous day --------------------------------
+def test_aliccp_writes_table_vocab(hand: Path) -> None:
+    v = Vocabulary.load(hand)
+    spec = DatasetSpec.load(hand)
+    assert list(v.fields) == spec.names
+    f = v.fields["205"]
+    assert (f.kind, f.size, f.unknown_row, len(f.lineage)) == ("table", 3, 0, 1)
+    assert f.lineage[0] == (3, lineage_digest(np.array([-1, _fid("205", 20), _fid("205", 50)])))
+    ids = np.array([_fid("205", 50), _fid("205", 20), _fid("205", 90), _fid("205", 91)])
+    assert v.rows("205", ids).tolist() == [2, 1, -1, -1]  # 90 was rare, 91 never seen: not in the table
+    assert all(v.fields[n].size == spec.field(n).vocab_size for n in spec.names)
+
+
+def test_aliccp_vocab_from_keeps_rows_and_appends(hand: Path, tmp_path: Path) -> None:
+    """Day 2: items 90 (2x) and 10 (2x) are new, 20 is rare today but keeps its row, 50 is absent."""
+    raw = tmp_path / "raw2"
+    raw.mkdir()
+    (raw / FILES["common_train"]).write_text(common_line("k7", _user(7)) + "\n")
+    items = [90, 10, 90, 10, 20]
+    train = [sample_line(i + 1, 1, 0, "k7", _item(it)) for i, it in enumerate(items)]
+    (raw / FILES["skeleton_train"]).write_text("\n".join(train) + "\n")
+    (raw / FILES["common_test"]).write_text(common_line("t1", _user(7)) + "\n")
+    (raw / FILES["skeleton_test"]).write_text(
+        sample_line(1, 0, 0, "t1", _item(50)) + "\n" + sample_line(2, 1, 0, "t1", _item(10)) + "\n"
+    )
+    out = tmp_path / "day2"
+    import_aliccp(
+        raw, out, min_count=2, val_fraction=1e-12, allow_empty_splits=True, progress=False, vocab_from=hand
+    )
+    v1, v2 = Vocabulary.load(hand), Vocabulary.load(out)
+    v2.check_extends(v1)
+    # old rows: 20 -> 1, 50 -> 2; new ids in raw-id order after them: 10 -> 3, 90 -> 4
+    assert v2.by_row("205").tolist() == [-1, *(_fid("205", i) for i in (20, 50, 10, 90))]
+    assert DatasetSpec.load(out).field("205").vocab_size == 5
+    assert _table(out, "train").to_pydict()["205"] == [4, 3, 4, 3, 1]
+    assert _table(out, "test").to_pydict()["205"] == [2, 3]
+    assert len(v2.fields["205"].lineage) == 2 and v2.fields["205"].lineage[0] == v1.fields["205"].lineage[0]
+    assert v2.fields["101"].lineage == v1.fields["101"].lineage  # no new user: the same generation
+    info = load_stats(out / "stats.json")["train"].extra["vocab"]["205"]
+    assert (info["previous_vocab_size"], info["appended"], info["vocab_size"]) == (3, 2, 5)
+
+
+def test_remap_with_rows() -> None:
+    kept, rows = np.array([5, 9, 40]), np.array([3, 1, 2])
+    assert remap(np.array([9, 5, 6, 40, -1]), kept, rows).tolist() == [1, 3, 0, 2, 0]
+
+
+def _aliccp_cli(raw: Path, out: Path, *extra: str) -> int:
+    return cli.main(
+        [
+            "import-aliccp",
+            "--raw",
+            str(raw),
+            "--out",
+            str(out),
+            "--min-count",
+            "3",
+            "--no-parallel",
+            "--max-quarantine-fraction",
+            str(FIXTURE_QUARANTINE),
+            *extra,
+        ]
+    )
+
+
+def test_aliccp_day_two_through_the_cli(generated, tmp_path: Path, csv_inputs: dict[str, Path]) -> None:
+    _, _, day1, _ = generated
+    raw2 = tmp_path / "raw2"
+    write_raw_aliccp_fixture(raw2, n_train_lines=N_TRAIN, n_test_lines=N_TEST, seed=12)
+    day2 = tmp_path / "day2"
+    assert _aliccp_cli(raw2, day2, "--vocab-from", str(day1)) == 0
+    v1, v2 = Vocabulary.load(day1), Vocabulary.load(day2)
+    v2.check_extends(v1)
+    grew = 0
+    for name, f1 in v1.fields.items():
+        raw1, rows1 = v1.table(name)
+        assert np.array_equal(v2.rows(name, raw1), rows1), name  # every day-1 raw id on its row
+        by_row = v2.by_row(name)
+        new = by_row[f1.size :]
+        assert np.all(new[1:] > new[:-1]) and not np.isin(new, raw1).any(), name  # appended, raw-id order
+        grew += new.size > 0
+        assert v2.fields[name].size == DatasetSpec.load(day2).field(name).vocab_size
+    assert grew > 0
+    # without --vocab-from the rows are rebuilt in raw-id order: not an extension of day 1
+    fresh = tmp_path / "fresh"
+    assert _aliccp_cli(raw2, fresh) == 0
+    with pytest.raises(VocabError):
+        Vocabulary.load(fresh).check_extends(v1)
+
+    # a previous data set without table vocabularies (an identity CSV import) is refused before any work
+    csv_ds = tmp_path / "csv_ds"
+    import_csv(
+        *(csv_inputs[k] for k in ("train", "val", "test", "spec")),
+        csv_ds,
+        max_quarantine_fraction=1.0,
+        progress=False,
+    )
+    assert _aliccp_cli(raw2, tmp_path / "bad1", "--vocab-from", str(csv_ds)) == 2
+    # other fields than the previous day's
+    assert (
+        _aliccp_cli(raw2, tmp_path / "bad2", "--vocab-from", str(day1), "--fields", "101", "205", "301") == 2
+    )
+    assert _aliccp_cli(raw2, tmp_path / "bad3", "--vocab-from", str(tmp_path / "nowhere")) == 2
+    assert not any((tmp_path / b).exists() for b in ("bad1", "bad2", "bad3"))
+
+
+def test_csv_vocab_from_checks_sizes(csv_inputs: dict[str, Path], tmp_path: Path) -> None:
+    args = [f"--{k}={csv_inputs[k]}" for k in ("train", "val", "test", "spec")]
+    day1 = tmp_path / "day1"
+    assert cli.main(["import-csv", *args, f"--out={day1}", "--max-quarantine-fraction=1"]) == 0
+    assert Vocabulary.load(day1).to_json() == Vocabulary.identity(CSV_SPEC).to_json()
+    assert (day1 / "vocab" / "vocab.json").is_file()
+    grown = DatasetSpec(
+        fields=tuple(
+            FieldSpec(name=f.name, side=f.side, vocab_size=f.vocab_size + 5) for f in CSV_SPEC.fields
+        ),
+        user_id="uid",
+        item_id="iid",
+    )
+    grown.save(tmp_path / "grown.yaml")
+    day2 = tmp_path / "day2"
+    base = [f"--{k}={csv_inputs[k]}" for k in ("train", "val", "test")] + ["--max-quarantine-fraction=1"]
+    assert (
+        cli.main(
+            [
+                "import-csv",
+                *base,
+                f"--spec={tmp_path / 'grown.yaml'}",
+                f"--out={day2}",
+                f"--vocab-from={day1}",
+            ]
+        )
+        == 0
+    )
+    Vocabulary.load(day2).check_extends(Vocabulary.load(day1))
+    # day 3 with the day-1 spec: smaller than day 2's, refused before any work
+    day3 = tmp_path / "day3"
+    assert (
+        cli.main(
+            ["import-csv", *args, f"--out={day3}", "--max-quarantine-fraction=1", f"--vocab-from={day2}"]
+        )
+        == 2
+    )
+    assert not day3.exists()
+    with pytest.raises(VocabError, match="'uid'.*smaller"):
+        import_csv(
+            *(csv_inputs[k] for k in ("train", "val", "test", "spec")), day3, progress=False, vocab_from=day2
+        )

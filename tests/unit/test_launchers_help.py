@@ -23,7 +23,7 @@ def _copy(tmp_path: Path, name: str) -> Path:
     return script
 
 
-@pytest.mark.parametrize("name", ["run_demo.sh", "experiments_fair.sh"])
+@pytest.mark.parametrize("name", ["run_demo.sh", "experiments_fair.sh", "retrain_days.sh"])
 @pytest.mark.parametrize("flag", ["--help", "-h"])
 def test_help_prints_usage_and_starts_nothing(tmp_path: Path, name: str, flag: str) -> None:
     script = _copy(tmp_path, name)
@@ -38,6 +38,7 @@ def test_help_prints_usage_and_starts_nothing(tmp_path: Path, name: str, flag: s
     ("name", "args", "message"),
     [
         ("run_demo.sh", ["extra"], "takes no arguments"),
+        ("retrain_days.sh", ["7"], "takes no arguments"),
         ("experiments_fair.sh", ["none", "--hlep"], "unknown conflict level '--hlep'"),
     ],
 )

@@ -184,6 +184,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("registry",),
     ("structure",),
     ("train",),
+    ("export",),
     ("experiments", "planner", "bench"),
     ("cli",),
     ("deploy",),

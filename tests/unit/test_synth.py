@@ -259,3 +259,13 @@ def test_profile_leakage_sets_how_often_profiles_name_the_cluster() -> None:
     assert low < 0.3 < 0.85 < high
     with pytest.raises(ValueError, match="profile_leakage"):
         preset_with("fair", profile_leakage=1.5)
+
+
+def test_writes_identity_vocab(demo: Path) -> None:
+    from cstwa_dist.data.vocab import Vocabulary
+
+    doc = json.loads((demo / "vocab" / "vocab.json").read_text())
+    spec = DatasetSpec.load(demo)
+    assert list(doc["fields"]) == spec.names
+    assert doc["fields"]["user_id"] == {"kind": "identity", "size": spec.num_users}
+    assert Vocabulary.load(demo).to_json() == Vocabulary.identity(spec).to_json()

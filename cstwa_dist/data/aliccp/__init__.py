@@ -31,7 +31,9 @@ Protocol (AITM, which the paper follows): ids are counted on the *train* split (
 split is cut off, so no validation line shapes the vocabulary); an id seen fewer than ``min_count`` times
 becomes 0 (unknown), the others become ``1..V`` in increasing raw-id order (vocab size ``V + 1``). A field
 missing on a sample is 0. Validation is a random ``val_fraction`` of the train file; the official test
-file is the test split.
+file is the test split. The raw id -> row mapping is written as table vocabularies in ``<out>/vocab/``
+(:mod:`cstwa_dist.data.vocab`); ``vocab_from`` (``--vocab-from``) keeps an earlier import's rows and
+appends the ids new in this one (``docs/data-days.md``).
 
 Memory: the one thing held is the common-features table of the file being joined (:mod:`.join`), plus the
 per-field id counts of train and the kept-id arrays. Files are read in byte-range chunks of whole lines

@@ -18,7 +18,7 @@ from cstwa_dist.data.aliccp.fields import FILES, resolve_fields
 from cstwa_dist.data.aliccp.passes import build_common, count_pass, number_chunks, write_pass
 from cstwa_dist.data.aliccp.release import check_release, warn_unterminated
 from cstwa_dist.data.aliccp.tasks import Context, run_chunk
-from cstwa_dist.data.aliccp.vocab import build_vocab
+from cstwa_dist.data.aliccp.vocab import build_vocab, check_previous
 from cstwa_dist.data.quarantine import (
     DEFAULT_MAX_QUARANTINE_FRACTION,
     ImportRun,
@@ -30,6 +30,7 @@ from cstwa_dist.data.quarantine import (
 )
 from cstwa_dist.data.spec import SPLITS, DatasetSpec, SplitStats
 from cstwa_dist.data.validate import DataError
+from cstwa_dist.data.vocab import VOCAB_DIR, Vocabulary
 from cstwa_dist.data.writer import SplitAccumulator, default_rows_per_file
 
 logger = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ def import_aliccp(
     parallel: bool | None = None,
     progress: bool = True,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    vocab_from: Path | None = None,
 ) -> dict[str, SplitStats]:
     """Imports raw Ali-CCP from ``raw`` into ``out`` (package docstring: protocol, memory, validation).
 
@@ -66,6 +68,11 @@ def import_aliccp(
     (:class:`~cstwa_dist.data.quarantine.QuarantineLimitError`, checked after each file's pass) and a
     split with 0 rows (unless ``allow_empty_splits``, for hand-made test inputs). Nothing is written to
     ``out`` then.
+
+    ``vocab_from`` (an earlier import-aliccp data set, e.g. yesterday's): its raw ids keep their rows and
+    the ids new today are appended (:func:`~cstwa_dist.data.aliccp.vocab.build_vocab`), so a model trained
+    on it can be warm-started; a data set without table vocabularies or with other fields is refused
+    before any pass. Every import writes ``<out>/vocab/`` (:mod:`cstwa_dist.data.vocab`).
     """
     raw, out = Path(raw), Path(out)
     kept = resolve_fields(fields)
@@ -77,6 +84,10 @@ def import_aliccp(
         raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
     max_quarantine_fraction = check_fraction(max_quarantine_fraction)
     paths = resolve_raw_files(raw)
+    previous = None
+    if vocab_from is not None:
+        previous = Vocabulary.load(vocab_from)
+        check_previous(previous, kept, str(vocab_from))
     total = sum(p.stat().st_size for p in paths.values())
     if parallel is None:
         parallel = total > PARALLEL_THRESHOLD_BYTES
@@ -109,7 +120,10 @@ def import_aliccp(
                 int(seed),
                 progress,
                 int(chunk_bytes),
+                previous,
             )
+        if vocab_from is not None:
+            stats["train"].extra["vocab_from"] = str(vocab_from)
         dt = time.perf_counter() - run.t0
         lines = sum(s.extra["input_lines"] for s in stats.values())
         extra = {
@@ -178,6 +192,7 @@ def _import(
     seed: int,
     progress: bool,
     chunk_bytes: int,
+    previous: Vocabulary | None = None,
 ) -> tuple[dict[str, SplitStats], DatasetSpec]:
     quarantine = run.quarantine
 
@@ -189,8 +204,10 @@ def _import(
     check_release(skel, n_train_lines)
     ctx = Context(fields, seed, val_fraction, table=table)
     counts, rows = count_pass(ex, chunks, n_train_lines, ctx, skel, quarantine, progress)
-    vocab, spec, vocab_info = build_vocab(fields, counts, min_count)
+    vocab, spec, vocab_info, vocabulary = build_vocab(fields, counts, min_count, previous)
     del counts
+    vocabulary.save(run.directory / VOCAB_DIR)  # inside the staged folder: appears with the data set
+    del vocabulary
     absent = [f for f, d in vocab_info.items() if d["raw_distinct"] == 0]
     if absent and rows[0]:  # no good train line at all is reported after pass 2, with its reasons
         raise DataError(

@@ -30,7 +30,7 @@ class Context:
     seed: int
     val_fraction: float  # 0 for the test file: every line is a test line
     table: CommonTable | None = None
-    vocab: tuple[np.ndarray, ...] | None = None
+    vocab: tuple[tuple[np.ndarray, np.ndarray], ...] | None = None  # (sorted raw ids, rows) per field
 
     def splits(self, lines: np.ndarray) -> np.ndarray:
         """Per line: 0 = the file's own split, 1 = val."""
@@ -84,7 +84,7 @@ def task_write(chunk: Chunk, ctx: Context) -> dict[str, Any]:
     out = []
     for s in (0, 1):
         rows = good & (split == s)
-        cols = {f: remap(samples.ids[rows, j], ctx.vocab[j]) for j, f in enumerate(ctx.fields)}
+        cols = {f: remap(samples.ids[rows, j], *ctx.vocab[j]) for j, f in enumerate(ctx.fields)}
         cols["click"] = samples.click[rows]
         cols["purchase"] = samples.purchase[rows]
         out.append(cols)
