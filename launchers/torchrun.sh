@@ -27,6 +27,10 @@ case "${1:-}" in
   -h | --help) usage; exit 0 ;;
 esac
 [ $# -ge 2 ] || { usage >&2; exit 2; }
+if [ "${NNODES:-1}" != 1 ] && [ -z "${RDZV_ENDPOINT:-}" ] && [ -z "${MASTER_ADDR:-}" ]; then
+  echo "torchrun.sh: NNODES=$NNODES needs MASTER_ADDR or RDZV_ENDPOINT (node 0's address, reachable from every node); see --help" >&2
+  exit 2
+fi
 cd "$(dirname "$0")/.."
 nproc=$1; shift
 venv=${VENV:-.venv}
@@ -66,7 +70,7 @@ elif [ "${NNODES:-1}" = 1 ] && [ -z "${MASTER_ADDR:-}" ]; then
   # outward interface, e.g. a pod's IP), though every peer is on this node
   export GLOO_SOCKET_IFNAME="${GLOO_SOCKET_IFNAME:-lo}"
 else
-  rdzv=(--node_rank="${NODE_RANK:-0}" --master_addr="${MASTER_ADDR:-127.0.0.1}"
+  rdzv=(--node_rank="${NODE_RANK:-0}" --master_addr="$MASTER_ADDR"
         --master_port="${MASTER_PORT:-29511}")
 fi
 # torchrun runs in the background so that a stop signal (a pod being deleted) reaches it at once

@@ -33,8 +33,12 @@ Algorithm (docs/structure-scaling.md):
    to the lists in place, ``block_rows`` rows at a time), so graphs
    built from either path are comparable. With PQ the candidates are re-scored with exact inner
    products on the owning rank, so graph weights are exact cosines either way.
-4. **Recall@k** against exact search on a small seeded sample of queries (default 1,000), searched
-   through the same ring with a brute-force flat search per shard, is returned with the result.
+4. **Recall@k** against exact search on a small seeded sample of queries (default 1,000; drawn by
+   a seeded hash of the id, :func:`recall_sample_ids`, so the same at any W and ``O(sample)`` in
+   memory), searched through the same ring with a brute-force flat search per shard, is returned
+   with the result. The query itself is excluded from both lists (both paths force it into slot 0,
+   so it would be a free hit): recall = (exact non-self neighbours found by the approximate list) /
+   (exact non-self neighbours), i.e. over ``k − 1`` neighbours a query.
 
 ``IVFParams(exact=True)`` runs the exact search through the same ring (brute force per shard): the
 ``nprobe = nlist`` limit, used as the reference in tests and for recall.
@@ -166,7 +170,8 @@ class KnnResult:
     ``scores``/``indices`` are ``[hi − lo, k]`` (global ids, self in slot 0, descending up to the
     self rule), as :func:`~cstwa_dist.structure.knn.exact_knn` returns for those rows. ``recall`` is
     recall@k against exact search on ``recall_queries`` sampled rows (the same on every rank; ``None``
-    when no sample was asked for).
+    when no sample was asked for, or with ``k = 1``), the query itself excluded from both lists:
+    the fraction of each sampled query's ``k − 1`` exact non-self neighbours that its list holds.
     """
 
     lo: int
@@ -363,24 +368,74 @@ def auto_nlist(n: int) -> int:
     return int(max(1, min(round(4.0 * math.sqrt(n)), n // 39)))
 
 
-def recall_sample_ids(n: int, queries: int, seed: int) -> np.ndarray:
-    """Sorted global ids of the recall sample: seeded, identical on every rank and at every W."""
-    m = min(max(0, queries), n)
+#: Ids hashed per step by :func:`recall_sample_ids` (bounds its temporaries: about 40 B a row).
+_SAMPLE_CHUNK = 1 << 18
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _splitmix64(ids: np.ndarray, seed: int) -> np.ndarray:
+    """SplitMix64 of ``ids + seed·φ`` (uint64, wrapping): a bijection of ``ids`` for a fixed seed, so
+    distinct ids never tie."""
+    with np.errstate(over="ignore"):
+        z = ids.astype(np.uint64) + np.uint64(seed % (1 << 64)) * _GOLDEN
+        z = z + _GOLDEN
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def recall_sample_ids(n: int, queries: int, seed: int, *, chunk: int = _SAMPLE_CHUNK) -> np.ndarray:
+    """Sorted global ids of a seeded sample of ``min(queries, n)`` of the ids ``0..n-1``.
+
+    The sample is the ``m`` ids with the smallest seeded hash (:func:`_splitmix64`), so it is a
+    function of ``(n, queries, seed)`` alone: identical on every rank and at every world size. The
+    ids are hashed ``chunk`` at a time and only the running ``m`` smallest are kept, so memory is
+    ``O(m + chunk)`` (never an ``arange(n)`` or a permutation of ``n``), time ``O(n)`` hashes (about
+    a second at 30M rows). Used for the recall queries and for the quantizer's training rows.
+    """
+    m = min(max(0, int(queries)), int(n))
     if m == 0:
         return np.zeros(0, dtype=np.int64)
-    return np.sort(np.random.default_rng(seed).choice(n, size=m, replace=False)).astype(np.int64)
+    keep_h = np.zeros(0, dtype=np.uint64)
+    keep_i = np.zeros(0, dtype=np.int64)
+    bound: np.uint64 | None = None  # the m-th smallest hash so far, once m are kept
+    for a in range(0, n, max(1, chunk)):
+        ids = np.arange(a, min(n, a + max(1, chunk)), dtype=np.int64)
+        h = _splitmix64(ids, seed)
+        if bound is not None:
+            below = h < bound
+            ids, h = ids[below], h[below]
+        keep_h = np.concatenate([keep_h, h])
+        keep_i = np.concatenate([keep_i, ids])
+        if keep_h.size > m:
+            part = np.argpartition(keep_h, m - 1)[:m]
+            keep_h, keep_i = keep_h[part], keep_i[part]
+        if keep_h.size == m:
+            bound = keep_h.max()
+    return np.sort(keep_i)
 
 
-def recall_counts(approx: np.ndarray, exact: np.ndarray) -> tuple[int, int]:
+def recall_counts(
+    approx: np.ndarray, exact: np.ndarray, query_ids: np.ndarray | None = None
+) -> tuple[int, int]:
     """``(found, total)``: exact neighbours also in the approximate list, and exact neighbours.
 
     Counts (not a ratio) so that ranks can sum them; rows compared as sets, ``-1`` never matches.
+    With ``query_ids`` (row ``u``'s query id), the query itself is dropped from both lists: it is
+    always its own nearest neighbour (forced into slot 0 on both paths), and counting it would add
+    a free hit to every row.
     """
     approx = np.asarray(approx, dtype=np.int64)
     exact = np.asarray(exact, dtype=np.int64)
     if approx.shape[0] != exact.shape[0] or approx.ndim != 2 or exact.ndim != 2:
         raise ValueError(f"need 2-D arrays with equal row counts, got {approx.shape} and {exact.shape}")
     valid = exact >= 0
+    if query_ids is not None:
+        q = np.asarray(query_ids, dtype=np.int64).reshape(-1, 1)
+        if q.shape[0] != exact.shape[0]:
+            raise ValueError(f"need one query id per row, got {q.shape[0]} for {exact.shape[0]} rows")
+        valid &= exact != q
     hit = (exact[:, :, None] == approx[:, None, :]).any(axis=2) & valid
     return int(hit.sum()), int(valid.sum())
 
@@ -726,7 +781,8 @@ def distributed_knn(
     Every rank of the default process group (or this process alone, without one) calls it with its
     own rows ``x_local = X[lo_r:hi_r]`` and the same ``ranges``. Returns this rank's ``[hi − lo, k]``
     lists with the semantics of :func:`~cstwa_dist.structure.knn.exact_knn`, plus recall@k against
-    exact search on ``recall_queries`` sampled rows (0 skips it). ``block_rows`` bounds the foreign
+    exact search on ``recall_queries`` sampled rows (0 skips it; the query itself not counted, see
+    :class:`KnnResult`). ``block_rows`` bounds the foreign
     query block a rank holds (see the module doc for the per-rank memory). ``device`` is where
     tensors travel for collectives: CPU for gloo, the rank's GPU for NCCL (default: CPU, or the
     current CUDA device when the group is NCCL).
@@ -801,7 +857,7 @@ def distributed_knn(
             np.ascontiguousarray(xn[mine]), qcounts, flat, k, block_rows, device
         )
         es, ei = ensure_self_first(es, ei, mine + lo, self_scores[mine])
-        found, total = recall_counts(indices[mine], ei)
+        found, total = recall_counts(indices[mine], ei, mine + lo)
         found, total = all_reduce_ints([found, total], device)
         recall = found / total if total else None
         timings["recall_s"] = time.perf_counter() - t0

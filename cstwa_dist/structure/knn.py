@@ -123,18 +123,28 @@ def exact_knn(
     return scores, indices
 
 
-def knn_recall(approx_indices: np.ndarray, exact_indices: np.ndarray) -> float:
+def knn_recall(
+    approx_indices: np.ndarray, exact_indices: np.ndarray, query_ids: np.ndarray | None = None
+) -> float:
     """Fraction of exact neighbours that the approximate search also found (recall@k).
 
     Rows are compared as sets, so order within a row does not matter; the approximate lists may be
     wider or narrower than the exact ones, and ``-1`` (Faiss's "no result") never matches. Used to
     report IVF quality on the real representation vectors (docs/platform-notes.md: recall depends on how
     clustered they are). Computed in row chunks to keep the [rows, k, k'] comparison small.
+    With ``query_ids`` (row ``u``'s own id), the query is dropped from both lists, as
+    :func:`~cstwa_dist.structure.ivf.distributed_knn` reports recall: a row is always its own first
+    neighbour, and counting it would inflate the figure.
     """
     approx = np.asarray(approx_indices, dtype=np.int64)
     exact = np.asarray(exact_indices, dtype=np.int64)
     if approx.ndim != 2 or exact.ndim != 2 or approx.shape[0] != exact.shape[0]:
         raise ValueError(f"need 2-D arrays with equal row counts, got {approx.shape} and {exact.shape}")
+    if query_ids is not None:
+        q = np.asarray(query_ids, dtype=np.int64).reshape(-1, 1)
+        if q.shape[0] != exact.shape[0]:
+            raise ValueError(f"need one query id per row, got {q.shape[0]} for {exact.shape[0]} rows")
+        exact = np.where(exact == q, -1, exact)
     valid = exact >= 0
     total = int(valid.sum())
     if total == 0:

@@ -428,9 +428,34 @@ class Checkpointer:
 
     # --- finding and loading ---------------------------------------------------------------------
     def find(self, resume: str) -> Path | None:
-        """The checkpoint ``resume`` names ("auto": the newest this world size can continue exactly)."""
+        """The checkpoint ``resume`` names ("auto": the newest this world size can continue exactly).
+
+        Rank 0 alone lists and reads the folders and broadcasts its choice (or its error, raised
+        with the same type and message on every rank): ranks listing a shared volume on their own
+        could see different folders (a save renamed between two listings, a lagging network-volume
+        cache) and resume from different checkpoints.
+        """
         if resume == "never":
             return None
+        outcome: tuple[str, str | None] | None = None
+        if self.env.is_main:
+            try:
+                path = self._choose(resume)
+                outcome = ("path", None if path is None else str(path))
+            except (FileNotFoundError, ValueError, CheckpointRefused) as e:
+                outcome = (type(e).__name__, str(e))
+            except Exception as e:  # never leave the other ranks waiting for the choice
+                outcome = ("RuntimeError", f"choosing the checkpoint to resume failed on rank 0: {e!r}")
+        outcome = broadcast_object(outcome)  # type: ignore[assignment]
+        assert outcome is not None
+        kind, value = outcome
+        if kind == "path":
+            return None if value is None else Path(value)
+        error = {"FileNotFoundError": FileNotFoundError, "ValueError": ValueError}.get(kind)
+        raise (error or (CheckpointRefused if kind == "CheckpointRefused" else RuntimeError))(value)
+
+    def _choose(self, resume: str) -> Path | None:
+        """:meth:`find`'s choice on this rank's view of the files (rank 0 only)."""
         if resume != "auto":
             path = Path(resume)
             _check_named_folder(path, resume)
@@ -570,7 +595,12 @@ def _unb64(s: str) -> torch.Tensor:
 
 
 def _rng_state() -> dict[str, Any]:
-    """This process's RNG states as JSON-able values (no pickle: see the module docstring)."""
+    """This process's RNG states as JSON-able values (no pickle: see the module docstring).
+
+    ``cuda`` holds one base64 state per visible CUDA device (``torch.cuda.get_rng_state_all``; ``[]``
+    without CUDA). :func:`_set_rng_state` restores it when as many devices are visible; a file
+    without it (saved on CPU, or before it was written) restores the CPU streams only.
+    """
     _, keys, pos, has_gauss, cached = np.random.get_state()
     version, internal, gauss = random.getstate()
     cuda = [_b64(s) for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else []
@@ -597,9 +627,16 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     ):
         raise ValueError(f"not a {RNG_FORMAT} v{RNG_VERSION} object")
     torch.set_rng_state(_unb64(state["torch"]))
-    cuda = state["cuda"]
-    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all([_unb64(s) for s in cuda])
+    cuda = state.get("cuda") or []  # absent or empty: saved without CUDA; CPU streams only
+    if cuda and torch.cuda.is_available():
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all([_unb64(s) for s in cuda])
+        else:
+            logger.warning(
+                "RNG state saved for %d CUDA device(s), this process sees %d: CUDA random streams restart",
+                len(cuda),
+                torch.cuda.device_count(),
+            )
     n = state["numpy"]
     np.random.set_state(
         (

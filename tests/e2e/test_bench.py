@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 from tests.e2e.test_cli import BIN, _config, _run
-from tests.e2e.test_score import model_dir  # noqa: F401  (the tiny exported model fixture)
 
 STAGES = {"data_wait", "host_to_device", "input_distribution", "forward", "backward", "optimizer"}
 
@@ -64,7 +63,7 @@ def test_bench_train_one_process_then_two_ranks(tmp_path, tiny_dataset):
     assert v["at_least_as_fast_as_one_process"] or v["stage_to_blame"] in STAGES
 
 
-def test_bench_score_reports_both_rates_and_a_verdict(tmp_path, tiny_dataset, model_dir):  # noqa: F811
+def test_bench_score_reports_both_rates_and_a_verdict(tmp_path, tiny_dataset, model_dir):
     out = tmp_path / "score.json"
     _run(
         [str(BIN / "cstwa-dist"), "bench", "score", "--model", str(model_dir), "--input", str(tiny_dataset),

@@ -1,7 +1,8 @@
-"""``cstwa-dist score`` as a user runs it, on a tiny ESMM trained one epoch and exported once per module:
-a data set's split scores to the exported model's own predictions, row for row; raw-id Parquet with ids
-the model never saw is scored and counted (or, with ``--strict``, refused naming file, row and field);
-a data set whose vocabulary does not extend the model's is refused before anything runs.
+"""``cstwa-dist score`` as a user runs it, on a tiny ESMM trained one epoch and exported once per
+session (``tests/e2e/conftest.py``): a data set's split scores to the exported model's own
+predictions, row for row; raw-id Parquet with ids the model never saw is scored and counted (or, with
+``--strict``, refused naming file, row and field); a data set whose vocabulary does not extend the
+model's is refused before anything runs.
 """
 
 from __future__ import annotations
@@ -12,22 +13,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 
-from tests.e2e.test_cli import BIN, _config, _run
+from tests.e2e.test_cli import BIN, _run
 
 CLI = str(BIN / "cstwa-dist")
-
-
-@pytest.fixture(scope="module")
-def model_dir(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """ESMM, one epoch on the tiny data set, exported with ``cstwa-dist export``."""
-    tmp = tmp_path_factory.mktemp("score_model")
-    cfg = _config(tmp, tiny_dataset, train={"epochs": 1, "run_dir": str(tmp / "runs"), "tensorboard": False})
-    _run([CLI, "train", "--config", str(cfg), "--model", "esmm"])
-    out = tmp / "model"
-    _run([CLI, "export", "--run-dir", str(tmp / "runs" / "esmm"), "--out", str(out)])
-    return out
 
 
 def _score(model: Path, source: Path | str, out: Path, *extra: str, check: bool = True):

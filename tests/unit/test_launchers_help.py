@@ -7,6 +7,7 @@ launcher that started its job would create ``data/`` or ``runs/`` there (or hang
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -49,4 +50,21 @@ def test_a_bad_argument_fails_before_anything_starts(
     out = subprocess.run(["bash", str(script), *args], capture_output=True, text=True, timeout=10)
     assert out.returncode == 2
     assert message in out.stderr and "--help" in out.stderr and len(out.stderr.splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["launchers"]
+
+
+@pytest.mark.parametrize("env", [{"NNODES": "2"}, {"NNODES": "2", "MASTER_ADDR": "", "RDZV_ENDPOINT": ""}])
+def test_torchrun_several_nodes_without_an_address_fails_before_anything_starts(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    """NNODES > 1 with neither MASTER_ADDR nor RDZV_ENDPOINT: one line, exit 2, nothing started (the
+    copy has no ray_runtime.sh next to it, so getting past the check would fail differently)."""
+    script = _copy(tmp_path, "torchrun.sh")
+    base = {k: v for k, v in os.environ.items() if k not in ("NNODES", "MASTER_ADDR", "RDZV_ENDPOINT")}
+    out = subprocess.run(
+        ["bash", str(script), "2", "train"], capture_output=True, text=True, timeout=10, env={**base, **env}
+    )
+    assert out.returncode == 2, out.stderr
+    assert "NNODES=2 needs MASTER_ADDR or RDZV_ENDPOINT" in out.stderr and "--help" in out.stderr
+    assert len(out.stderr.splitlines()) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["launchers"]
