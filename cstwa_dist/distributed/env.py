@@ -18,6 +18,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from cstwa_dist.distributed.sockets import listen_on
 from cstwa_dist.runtime import RayRuntime
 
 logger = logging.getLogger(__name__)
@@ -120,7 +121,7 @@ def _bound_store(rank: int, world: int, timeout_s: float | None) -> dist.Store:
     timeout = timedelta(seconds=timeout_s) if timeout_s is not None else dist.constants.default_pg_timeout
     use_libuv = os.environ.get("USE_LIBUV", "1") == "1"
     if rank == 0:
-        fd = _listen(addr, port).detach()  # the store owns the socket from here on
+        fd = listen_on(addr, port, "rank 0's store").detach()  # the store owns the socket from here on
         store = dist.TCPStore(
             addr,
             port,
@@ -134,24 +135,6 @@ def _bound_store(rank: int, world: int, timeout_s: float | None) -> dist.Store:
     else:
         store = dist.TCPStore(addr, port, world, is_master=False, timeout=timeout, use_libuv=use_libuv)
     return dist.PrefixStore("default_pg", store)
-
-
-def _listen(host: str, port: int) -> socket.socket:
-    """A TCP socket listening on ``host:port`` (the first of ``host``'s addresses that binds)."""
-    errors = []
-    for family, kind, proto, _, sockaddr in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
-        sock = socket.socket(family, kind, proto)
-        try:
-            # as torch's own server: a port a previous group left in TIME_WAIT can be bound again
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(sockaddr)
-            sock.listen(socket.SOMAXCONN)
-        except OSError as e:
-            sock.close()
-            errors.append(f"{sockaddr[0]}: {e}")
-            continue
-        return sock
-    raise RuntimeError(f"cannot listen on MASTER_ADDR={host} port {port}: {'; '.join(errors)}")
 
 
 def _is_loopback(host: str) -> bool:

@@ -34,6 +34,8 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
+from cstwa_dist.distributed.sockets import listen_on
+
 logger = logging.getLogger(__name__)
 
 BACKEND = "cstwa-c10d"
@@ -149,40 +151,14 @@ def _bind_hosts(endpoint_host: str) -> str:
 
 
 def _listen_until(host: str, port: int, wait_s: float) -> socket.socket:
-    """:func:`_listen`, tried again every second for up to ``wait_s`` seconds while it fails."""
+    """:func:`~cstwa_dist.distributed.sockets.listen_on`, tried again every second for up to ``wait_s``
+    seconds while it fails (pod 0's DNS record may not be published yet)."""
     deadline = time.monotonic() + wait_s
     while True:
         try:
-            return _listen(host, port)
+            return listen_on(host, port, "the rendezvous store")
         except OSError as e:
             if time.monotonic() >= deadline:
                 raise
             logger.info("%s; trying again", e)
             time.sleep(1)
-
-
-def _listen(host: str, port: int) -> socket.socket:
-    """A TCP socket listening on ``host:port``: the first of ``host``'s addresses that binds, never a
-    wildcard address (``0.0.0.0``/``::`` would be listening everywhere again)."""
-    errors = []
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except OSError as e:
-        raise OSError(f"cannot listen on {host} port {port} for the rendezvous store: {e}") from e
-    for family, kind, proto, _, sockaddr in infos:
-        if ipaddress.ip_address(sockaddr[0].split("%")[0]).is_unspecified:
-            errors.append(f"{sockaddr[0]}: a wildcard address")
-            continue
-        sock = socket.socket(family, kind, proto)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as torch's own server
-            sock.bind(sockaddr)
-            sock.listen(socket.SOMAXCONN)
-        except OSError as e:
-            sock.close()
-            errors.append(f"{sockaddr[0]}: {e}")
-            continue
-        return sock
-    raise OSError(
-        f"cannot listen on {host} port {port} for the rendezvous store: {'; '.join(errors) or 'no address'}"
-    )
