@@ -46,6 +46,7 @@ from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 from cstwa_dist.config import OptimConfig
 from cstwa_dist.distributed.env import DistEnv
+from cstwa_dist.distributed.init import init_dense, init_tables
 
 
 class StructureTableRole(Protocol):
@@ -190,21 +191,71 @@ def build_planner(
     )
 
 
-def device_capacities(env: DistEnv) -> tuple[int | None, int]:
+#: The memory limit files of this process's cgroup, read in this order: v2 (``memory.max``), v1. In a
+#: Kubernetes pod (its own cgroup namespace) they hold the pod's / container's memory limit.
+CGROUP_MEMORY_FILES: tuple[str, ...] = (
+    "/sys/fs/cgroup/memory.max",
+    "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+)
+#: A v1 limit at or above this is "no limit" (the kernel writes ``PAGE_COUNTER_MAX`` pages, ~2^63 B).
+_NO_CGROUP_LIMIT = 1 << 60
+
+
+def cgroup_memory_limit(files: Sequence[str | os.PathLike[str]] = CGROUP_MEMORY_FILES) -> int | None:
+    """The cgroup memory limit in bytes from the first of ``files`` that can be read; ``None`` when
+    none can, or when it says there is none (``max`` in v2, a value near 2^63 in v1)."""
+    for file in files:
+        try:
+            with open(file) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        if text == "max":
+            return None
+        try:
+            value = int(text)
+        except ValueError:
+            logger.warning("%s: unexpected content %r; the cgroup memory limit is ignored", file, text[:40])
+            return None
+        return value if 0 < value < _NO_CGROUP_LIMIT else None
+    return None
+
+
+def host_memory_bytes(cgroup_files: Sequence[str | os.PathLike[str]] = CGROUP_MEMORY_FILES) -> int:
+    """The memory this process's node (or pod) can use: the physical RAM (``sysconf``), capped by the
+    cgroup's memory limit (:func:`cgroup_memory_limit`): a pod limited to 64 GiB on a 1 TiB node
+    has 64 GiB, and planning for the node's RAM gets the pod OOM-killed."""
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    limit = cgroup_memory_limit(cgroup_files)
+    return ram if limit is None else min(ram, limit)
+
+
+def device_capacities(
+    env: DistEnv, cgroup_files: Sequence[str | os.PathLike[str]] = CGROUP_MEMORY_FILES
+) -> tuple[int | None, int]:
     """This rank's real memory for the planner: the GPU's total memory (``None`` on CPU) and the
-    host memory divided among the node's ranks. TorchRec's defaults (32 GiB HBM, 128 GiB host) would
-    let it plan tables onto memory a node does not have, or refuse plans that fit."""
+    host memory (:func:`host_memory_bytes`: RAM capped by the cgroup limit) divided among the node's
+    ranks. TorchRec's defaults (32 GiB HBM, 128 GiB host) would let it plan tables onto memory a node
+    does not have, or refuse plans that fit."""
     hbm = torch.cuda.get_device_properties(env.device).total_memory if env.device.type == "cuda" else None
-    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    host = host_memory_bytes(cgroup_files)
     return hbm, host // max(1, _local_world_size(env))
 
 
 def shard_model(
-    module: nn.Module, env: DistEnv, cfg: OptimConfig, structure: Sequence[StructureTableRole] = ()
+    module: nn.Module,
+    env: DistEnv,
+    cfg: OptimConfig,
+    structure: Sequence[StructureTableRole] = (),
+    *,
+    seed: int,
 ) -> ShardedModel:
     """Applies the fused optimizer to every embedding table, plans, shards, builds the dense Adam.
 
     ``structure``: the model's structure tables (registry), sharded by rows (:func:`prepare_tables`).
+    ``seed``: the dense layers are drawn from ``(seed, "dense")`` before sharding and every table from
+    ``(seed, table, global row)`` right after it (``distributed/init.py``), the same at any world size
+    and plan, and before anything else (structure-table initialisation, warm start, resume) writes.
     """
     emb_opt = embedding_optimizer_name(cfg, env.device)
     constraints = prepare_tables(module, cfg, emb_opt, structure)
@@ -222,7 +273,10 @@ def shard_model(
     sharders = [RowWiseSharder()]
     plan = planner.collective_plan(module, sharders, dist.GroupMember.WORLD)
     sum_embedding_gradients()
+    table_params = {id(p) for _, ebc in _collections(module) for p in ebc.parameters()}
+    init_dense(module, env.device, seed, skip=table_params)
     dmp = DistributedModelParallel(module=module, device=env.device, plan=plan, sharders=sharders)
+    init_tables(dmp, seed)
     sum_dense_gradients(dmp)
     dense = KeyedOptimizerWrapper(
         dict(in_backward_optimizer_filter(dmp.named_parameters())),

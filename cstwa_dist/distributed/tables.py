@@ -7,16 +7,61 @@ in-place ``copy_`` into them updates the table that the next forward uses (docs/
   order and a live view of this rank's block. Per-rank memory: nothing beyond the shard itself.
 * :func:`read_full_table` / :func:`write_full_table` move a whole table (every rank gets all of it,
   ``rows × width`` floats): for tests and small tables only, never on the training path.
+* :func:`table_keys`, :func:`table_configs` and :func:`local_blocks` are the walk over every table of
+  a whole model that the warm start (``train/warmstart.py``) and the seeded initialisation
+  (``distributed/init.py``) share: each table's ``state_dict`` key, its config, and the blocks of it
+  this rank holds with their global offsets. Per-rank memory: none (views).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
 from cstwa_dist.distributed.collectives import all_reduce_sum
 from cstwa_dist.distributed.exchange import world as _world
+
+#: what marks a table's weight in a model's ``state_dict`` key: ``<collection>.embedding_bags.<table>.weight``
+_TABLE_MARK = ".embedding_bags."
+
+
+def table_keys(state: Mapping[str, object]) -> dict[str, str]:
+    """Table name → its weight's key in ``state`` (a whole model's ``state_dict``, sharded or not)."""
+    return {
+        k.split(_TABLE_MARK, 1)[1].rsplit(".weight", 1)[0]: k
+        for k in state
+        if _TABLE_MARK in k and k.endswith(".weight")
+    }
+
+
+def table_configs(model: nn.Module) -> dict[str, EmbeddingBagConfig]:
+    """Table name → its ``EmbeddingBagConfig`` (global rows, width, init bounds), for every embedding
+    collection of ``model``, sharded (the sharded collection keeps the configs it was built from) or
+    not."""
+    out: dict[str, EmbeddingBagConfig] = {}
+    for _, m in model.named_modules():
+        configs = getattr(m, "_embedding_bag_configs", None)
+        if configs is None and hasattr(m, "embedding_bag_configs"):
+            configs = m.embedding_bag_configs()
+        for c in configs or ():
+            out[c.name] = c
+    return out
+
+
+def local_blocks(t: torch.Tensor) -> list[tuple[int, int, torch.Tensor]]:
+    """``(row offset, column offset, live view)`` of every block of a table this rank holds: each local
+    shard of a ``ShardedTensor`` (writes into the view change the table), or the whole tensor of an
+    unsharded or replicated table."""
+    if isinstance(t, ShardedTensor):
+        return [
+            (int(s.metadata.shard_offsets[0]), int(s.metadata.shard_offsets[1]), s.tensor)
+            for s in t.local_shards()
+        ]
+    return [(0, 0, t)]
 
 
 def _table_state(ebc: nn.Module, table: str) -> torch.Tensor:

@@ -43,6 +43,7 @@ from cstwa_dist.distributed.collectives import (
     summed,
 )
 from cstwa_dist.distributed.env import DistEnv, init_distributed
+from cstwa_dist.distributed.init import step_seed
 from cstwa_dist.distributed.sharding import ShardedModel, shard_model
 from cstwa_dist.fs import atomic_write_json
 from cstwa_dist.losses.common import Collectives
@@ -90,7 +91,7 @@ def build_sharded(cfg: RunConfig, model_name: str, env: DistEnv, spec: DatasetSp
     loss = mspec.build_loss(cfg.loss, cfg.model, comm, settings=own)
     # the row-sharded structure step
     structure = mspec.structure_tables(cfg.model, cfg.structure, settings=own)
-    return shard_model(ModelTrain(model, loss, comm), env, cfg.optim, structure)
+    return shard_model(ModelTrain(model, loss, comm), env, cfg.optim, structure, seed=cfg.train.seed)
 
 
 @torch.no_grad()
@@ -459,6 +460,9 @@ class Trainer:
             next(batches)
         every = cfg.train.checkpoint_every
         for step in itertools.count(start_step):
+            # dropout masks: this rank's own stream, a function of (seed, epoch, rank, step) alone, so a
+            # resumed epoch draws what the uninterrupted one drew (data order has its own generators)
+            torch.manual_seed(step_seed(cfg.train.seed, epoch, self.env.rank, step))
             try:
                 out = self.train_step(batches)
             except StopIteration:

@@ -46,7 +46,8 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 
 from cstwa_dist.data.spec import DatasetSpec
 from cstwa_dist.data.vocab import VOCAB_FILE, VocabError, Vocabulary
-from cstwa_dist.train.sources import TABLE_MARK, CheckpointTensors, resolve_checkpoint
+from cstwa_dist.distributed.tables import local_blocks, table_configs, table_keys
+from cstwa_dist.train.sources import CheckpointTensors, resolve_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -134,32 +135,16 @@ def _table_features(model: nn.Module) -> dict[str, str]:
     """Table name → the (one) feature that looks it up, for every embedding collection of ``model``
     (sharded or not)."""
     out: dict[str, str] = {}
-    for _, m in model.named_modules():
-        configs = getattr(m, "_embedding_bag_configs", None)
-        if configs is None and hasattr(m, "embedding_bag_configs"):
-            configs = m.embedding_bag_configs()
-        for c in configs or ():
-            if len(c.feature_names) != 1:
-                raise WarmStartError(
-                    f"table {c.name!r} is looked up by {c.feature_names}; expected one feature"
-                )
-            out[c.name] = c.feature_names[0]
+    for c in table_configs(model).values():
+        if len(c.feature_names) != 1:
+            raise WarmStartError(f"table {c.name!r} is looked up by {c.feature_names}; expected one feature")
+        out[c.name] = c.feature_names[0]
     return out
 
 
 def _shape(t: torch.Tensor) -> tuple[int, ...]:
     """A live tensor's global shape (a ShardedTensor's from its metadata)."""
     return tuple(int(n) for n in (t.metadata().size if isinstance(t, ShardedTensor) else t.shape))
-
-
-def _local_blocks(t: torch.Tensor) -> list[tuple[int, int, torch.Tensor]]:
-    """``(row offset, column offset, live tensor)`` of every block of a table this rank holds."""
-    if isinstance(t, ShardedTensor):
-        return [
-            (int(s.metadata.shard_offsets[0]), int(s.metadata.shard_offsets[1]), s.tensor)
-            for s in t.local_shards()
-        ]
-    return [(0, 0, t)]  # unsharded or replicated: the whole table is here
 
 
 def _previous_vocab(source: WarmStartSource, spec: DatasetSpec, old_rows: dict[str, int]) -> Vocabulary:
@@ -204,11 +189,7 @@ def warm_start(
     model: nn.Module = dmp.module.model  # type: ignore[assignment]
     features = _table_features(model)
     live = {k.removeprefix(LIVE_PREFIX): v for k, v in dmp.state_dict().items() if k.startswith(LIVE_PREFIX)}
-    live_tables = {
-        n.split(TABLE_MARK, 1)[1].rsplit(".weight", 1)[0]: n
-        for n in live
-        if TABLE_MARK in n and n.endswith(".weight")
-    }
+    live_tables = table_keys(live)
     old_tables = ct.tables()
     where = f"{init_from} ({ct.path})"
 
@@ -286,7 +267,7 @@ def warm_start(
     for table in sorted(old_tables):
         name, n_old = live_tables[table], old_tables[table].shape[0]
         n_new = _shape(live[name])[0]
-        for row0, col0, block in _local_blocks(live[name]):
+        for row0, col0, block in local_blocks(live[name]):
             h, w = int(block.shape[0]), int(block.shape[1])
             for start in range(row0, min(row0 + h, n_old), CHUNK_ROWS):
                 count = min(CHUNK_ROWS, n_old - start, row0 + h - start)
