@@ -9,6 +9,7 @@ name that carries the writer's pid, and only then rename into place.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -37,6 +38,19 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+HASH_CHUNK = 1 << 20  # bytes read at a time while hashing a file
+
+
+def sha256_file(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes, read :data:`HASH_CHUNK` at a time (memory: one chunk), for the
+    digests checkpoints are signed over and exported model folders list in their manifests."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

@@ -29,13 +29,16 @@ from cstwa_dist.distributed.exchange import world as _world
 _TABLE_MARK = ".embedding_bags."
 
 
+def table_name(key: str) -> str | None:
+    """The table a ``state_dict`` key is the weight of (``shared__user_id``), or None for any other key."""
+    if _TABLE_MARK not in key or not key.endswith(".weight"):
+        return None
+    return key.split(_TABLE_MARK, 1)[1].rsplit(".weight", 1)[0]
+
+
 def table_keys(state: Mapping[str, object]) -> dict[str, str]:
     """Table name → its weight's key in ``state`` (a whole model's ``state_dict``, sharded or not)."""
-    return {
-        k.split(_TABLE_MARK, 1)[1].rsplit(".weight", 1)[0]: k
-        for k in state
-        if _TABLE_MARK in k and k.endswith(".weight")
-    }
+    return {name: k for k in state if (name := table_name(k)) is not None}
 
 
 def table_configs(model: nn.Module) -> dict[str, EmbeddingBagConfig]:

@@ -17,7 +17,6 @@ while hashing.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import re
@@ -25,6 +24,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from cstwa_dist.fs import sha256_file
 
 if TYPE_CHECKING:
     import torch
@@ -38,7 +39,6 @@ PROGRAM = "program.pt2"
 SPEC_FILE = "spec.yaml"
 VOCAB_DIR = "vocab"
 
-_HASH_CHUNK = 1 << 20
 # what torch.export.save writes for one plain program (paths under the archive's root folder)
 _MEMBERS = (
     r"\.data/version",
@@ -89,14 +89,6 @@ class ExportedModel:
             return torch.zeros(0, len(self.outputs), dtype=torch.float32)
         with torch.no_grad():
             return self.module(ids.to(torch.int64))
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_manifest(model_dir: str | Path) -> dict[str, Any]:

@@ -39,7 +39,6 @@ from cstwa_dist.export.artifact import (
     SPEC_FILE,
     VOCAB_DIR,
     ExportError,
-    sha256_file,
 )
 
 logger = logging.getLogger(__name__)
@@ -97,7 +96,7 @@ def export_model(
 
     from cstwa_dist.data.spec import DatasetSpec
     from cstwa_dist.export.module import ScoringModule
-    from cstwa_dist.fs import atomic_write_json, check_fresh_output, staged_directory
+    from cstwa_dist.fs import atomic_write_json, check_fresh_output, sha256_file, staged_directory
     from cstwa_dist.registry import get_model_spec
     from cstwa_dist.train.sources import CheckpointTensors
 

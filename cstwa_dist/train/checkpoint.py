@@ -37,8 +37,8 @@ seconds later, are not caught.
 
 Per-rank memory: what ``state_dict`` views already hold (no copies of the tables), plus the RNG
 states; DCP streams each rank's shards to its own files. Signing and verifying run on rank 0 only and
-hold one read buffer (:data:`_HASH_CHUNK`) at a time, whatever the checkpoint's size; they read every
-file of the checkpoint once.
+hold one read buffer (:data:`cstwa_dist.fs.HASH_CHUNK`) at a time, whatever the checkpoint's size;
+they read every file of the checkpoint once.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ from torch.distributed.checkpoint.planner import ReadItem
 
 from cstwa_dist.distributed.collectives import broadcast_object
 from cstwa_dist.distributed.env import DistEnv
-from cstwa_dist.fs import atomic_write_json
+from cstwa_dist.fs import atomic_write_json, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +92,6 @@ KEY_FILE_ENV = "CSTWA_CHECKPOINT_KEY_FILE"
 SIGNATURE = "signature"
 _SIGNATURE_FORMAT = "cstwa-checkpoint-hmac-sha256"
 _SIGNATURE_VERSION = 1
-_HASH_CHUNK = 1 << 20  # bytes read at a time while hashing
 _warned_unsigned = False
 
 
@@ -192,7 +191,7 @@ def signing_key() -> bytes | None:
 
 def _file_digests(folder: Path) -> dict[str, str]:
     """SHA-256 of every file under ``folder`` but ``meta.json``, by relative POSIX path, sorted.
-    Reads one :data:`_HASH_CHUNK` at a time; a symlink or other non-regular entry is an error (a
+    Reads one :data:`~cstwa_dist.fs.HASH_CHUNK` at a time; a symlink or other non-regular entry is an error (a
     signed checkpoint holds regular files only)."""
     digests: dict[str, str] = {}
     for p in sorted(folder.rglob("*")):
@@ -201,11 +200,7 @@ def _file_digests(folder: Path) -> dict[str, str]:
             raise CheckpointRefused(f"{p}: not a regular file (a symlink or device)")
         if p.is_dir() or rel == META:
             continue
-        h = hashlib.sha256()
-        with open(p, "rb") as f:
-            while chunk := f.read(_HASH_CHUNK):
-                h.update(chunk)
-        digests[rel] = h.hexdigest()
+        digests[rel] = sha256_file(p)
     return digests
 
 

@@ -29,6 +29,7 @@ from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata
 from torch.distributed.checkpoint.planner import LoadPlan
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
+from cstwa_dist.distributed.tables import table_name
 from cstwa_dist.train.checkpoint import (
     META,
     CheckpointRefused,
@@ -44,8 +45,6 @@ from cstwa_dist.train.checkpoint import (
 logger = logging.getLogger(__name__)
 
 MODEL_PREFIX = "model.model."  # DMP(ModelTrain).state_dict(): ModelTrain.model is the RecModel
-# an EmbeddingBagCollection table's weight is <ebc>.embedding_bags.<table>.weight
-TABLE_MARK = ".embedding_bags."
 
 
 @dataclass(frozen=True)
@@ -57,15 +56,13 @@ class TensorInfo:
     dtype: torch.dtype
 
     @property
-    def is_table(self) -> bool:
-        return TABLE_MARK in self.name and self.name.endswith(".weight") and len(self.shape) == 2
-
-    @property
     def table(self) -> str | None:
         """The table's name (``shared__user_id``) for an embedding table, else None."""
-        if not self.is_table:
-            return None
-        return self.name.split(TABLE_MARK, 1)[1].rsplit(".weight", 1)[0]
+        return table_name(self.name) if len(self.shape) == 2 else None
+
+    @property
+    def is_table(self) -> bool:
+        return self.table is not None
 
 
 class _RowRangePlanner(SafeLoadPlanner):

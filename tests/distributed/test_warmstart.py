@@ -57,17 +57,17 @@ def _full_tables(dmp) -> dict[str, object]:
     import torch
 
     from cstwa_dist.distributed.sharding import submodule
-    from cstwa_dist.distributed.tables import read_full_table
-    from cstwa_dist.train.sources import TABLE_MARK
+    from cstwa_dist.distributed.tables import read_full_table, table_name
 
     out = {}
     for key in sorted(dmp.state_dict()):
         name = key.removeprefix("model.")
-        if TABLE_MARK in name:
-            path, table = name.removesuffix(".weight").split(TABLE_MARK)
+        table = table_name(name)
+        if table is not None:
+            path = name.removesuffix(f".embedding_bags.{table}.weight")
             out[name] = read_full_table(submodule(dmp, path), table, torch.device("cpu"))
     for name, p in dmp.module.model.named_parameters():
-        if TABLE_MARK not in name:
+        if table_name(name) is None:
             out[name] = p.detach().cpu().clone()
     return out
 

@@ -19,7 +19,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from cstwa_dist.export.artifact import MANIFEST, PROGRAM, ExportError, load_model, sha256_file
+from cstwa_dist.export.artifact import MANIFEST, PROGRAM, ExportError, load_model
+from cstwa_dist.fs import sha256_file
 from cstwa_dist.registry import MODELS, PRETRAIN_MODEL
 
 ROOT = Path(__file__).resolve().parents[2]
