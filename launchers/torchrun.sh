@@ -8,7 +8,10 @@
 # NODE_RANK (0 hosts the rendezvous store), optionally LOCAL_ADDR (this node's address, e.g. the pod
 # IP, where its ranks' store listens; default: what the host's FQDN resolves to), optionally
 # RDZV_BIND_ADDR (NODE_RANK 0: where the rendezvous store listens; default: RDZV_ENDPOINT's host).
-# Both: MAX_RESTARTS (default 0) restarts of a failed group.
+# Both: MAX_RESTARTS (default 0) restarts of a failed group. c10d: a node other than NODE_RANK 0 started
+# again with the same NNODES, RDZV_ENDPOINT and JOB_ID (a replaced pod) rejoins the job, where the
+# other nodes have a restart left: they wait for it in the rendezvous, then every rank resumes from
+# the newest checkpoint with `--resume auto` (README, "Several nodes, rehearsed on one machine").
 # VENV (default .venv): the virtual environment whose bin/ goes first on PATH.
 # The node's Ray runtime comes from launchers/ray_runtime.sh (reused if RAY_ADDRESS is set; its own
 # settings: bash launchers/ray_runtime.sh --help).

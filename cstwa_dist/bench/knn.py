@@ -44,8 +44,27 @@ logger = logging.getLogger(__name__)
 RANKS_TIMEOUT_S = 3600.0
 
 
+def _parts_folder(path: str | Path) -> tuple[Path, str] | None:
+    """``(graph_dir, side)`` when ``path`` is a ``<graph_dir>/<side>_representations/`` parts folder
+    (what ``pretrain`` writes), None for a single ``.npy`` file."""
+    p = Path(path)
+    if not p.is_dir():
+        return None
+    side = p.name.removesuffix("_representations")
+    if side == p.name:
+        raise ValueError(
+            f"{p}: a representations folder is named <side>_representations (e.g. user_representations)"
+        )
+    return p.parent, side
+
+
 def _rows(spec: dict[str, Any], lo: int, hi: int) -> np.ndarray:
     if spec.get("representations"):
+        parts = _parts_folder(spec["representations"])
+        if parts is not None:  # only the parts overlapping [lo, hi) are read (structure/migrator.py)
+            from cstwa_dist.structure.representations import representation_rows
+
+            return np.ascontiguousarray(representation_rows(parts[0], parts[1], lo, hi), dtype=np.float32)
         return np.ascontiguousarray(
             np.load(spec["representations"], mmap_mode="r", allow_pickle=False)[lo:hi], dtype=np.float32
         )
@@ -206,7 +225,14 @@ def run_bench(
 
     With ``repeats > 1`` each phase runs that many times and the fastest run is reported (the others'
     totals are listed): on a shared machine the minimum is the least disturbed measurement.
+    IVF settings this machine's index cannot run (``ivf.check_ivf_supported``: e.g. an HNSW
+    quantizer or some PQ code sizes on a GPU) are refused before any rows are made.
     """
+    from cstwa_dist.structure.ivf import IVFParams, check_ivf_supported, faiss_device
+
+    check_ivf_supported(
+        IVFParams(**ivf["params"]), faiss_device(), d=spec["dim"], k=min(spec["k"], spec["users"])
+    )
     report: dict[str, Any] = {"data": dict(spec), "load_avg_1_5_15_at_start": list(os.getloadavg())}
     if spec.get("representations"):
         report["data"]["kind"] = f"real representations from {spec['representations']}"
@@ -254,7 +280,13 @@ def _exact_rank(rank: int, world: int, spec: dict[str, Any], queries: int, threa
 
 
 def representation_dims(path: str | Path) -> tuple[int, int]:
-    """``(rows, width)`` of a ``.npy`` representation file without reading it."""
+    """``(rows, width)`` of a ``.npy`` representation file, or of a ``pretrain`` parts folder
+    (``<graph_dir>/<side>_representations/``, from its manifest), without reading the rows."""
+    parts = _parts_folder(path)
+    if parts is not None:
+        from cstwa_dist.structure.representations import representation_shape
+
+        return representation_shape(parts[0], parts[1])
     arr = np.load(path, mmap_mode="r", allow_pickle=False)
     if arr.ndim != 2:
         raise ValueError(f"{path}: expected a 2-D array [N, d], got shape {arr.shape}")

@@ -8,7 +8,8 @@ either way. ``synth``, the importers, ``entities``, ``report`` and ``export`` ar
 
 One module per command group registers its commands (``add_parsers``) with their handlers:
 ``data``, ``training`` (with ``report``), ``model`` (``export``), ``scoring`` (``score``),
-``experiments`` (with ``experiment-summary`` and ``oracles``), ``bench`` and ``deploy`` (``plan``);
+``experiments`` (with ``experiment-summary`` and ``oracles``), ``bench``, ``deploy`` (``plan``) and
+``doctor`` (the GPU node check);
 ``common`` holds the options and output helpers more than one group uses, ``tables`` the ``report``
 tables. A new command goes into its group's module and nowhere else.
 
@@ -26,12 +27,12 @@ import sys
 import warnings
 
 from cstwa_dist import __version__
-from cstwa_dist.cli import bench, data, deploy, experiments, model, scoring, training
+from cstwa_dist.cli import bench, data, deploy, doctor, experiments, model, scoring, training
 
 logger = logging.getLogger("cstwa_dist")
 
 # In the order ``--help`` lists them: the data flow of a retrain, then the tools around it.
-GROUPS = (data, training, model, scoring, experiments, bench, deploy)
+GROUPS = (data, training, model, scoring, experiments, bench, deploy, doctor)
 
 
 def setup_logging(verbose: bool = False) -> None:

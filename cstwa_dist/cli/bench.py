@@ -316,7 +316,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--pq-m", type=int, default=0, help="PQ bytes per row (default 0: IVF-Flat)")
     p.add_argument(
-        "--representations", default=None, metavar="FILE.npy", help="real [N, d] vectors instead of generated"
+        "--representations",
+        default=None,
+        metavar="FILE.npy|DIR",
+        help="real [N, d] vectors instead of generated: a .npy file or a pretrain parts folder "
+        "(<graph_dir>/<side>_representations/)",
     )
     p.add_argument("--clusters", type=int, default=256, help="Gaussian-mixture clusters (default 256)")
     p.add_argument(

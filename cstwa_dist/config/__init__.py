@@ -46,11 +46,17 @@ class DataConfig:
     prefetch_batches: int = 2
     shuffle: bool = True
     ray_num_cpus: int | None = None  # for a private local Ray runtime; None = Ray's default
+    # Row shares the training split is cut into (data/reader.py, "Shares"); 0 = one per rank. A step's
+    # global batch is every share's next batch, so runs at any world size dividing `shares` (with the
+    # same global batch size) train on the same global batches and the same dropout masks.
+    shares: int = 0
 
     def __post_init__(self) -> None:
         _positive(self, "batch_size", "eval_batch_size")
         if self.prefetch_batches < 0:
             raise ConfigError("data.prefetch_batches must be >= 0")
+        if self.shares < 0:
+            raise ConfigError("data.shares must be >= 0 (0 = one share per rank)")
 
 
 @dataclass(kw_only=True)
@@ -140,7 +146,7 @@ class StructureConfig:
     nprobe: int = 16  # cells searched per query (recall@8 0.987 at 1M × 45 measured)
     pq_m: int = 0  # > 0: PQ codes of pq_m bytes instead of float rows (memory), candidates re-scored
     recall_queries: int = 1000  # recall@k against exact on this many sampled queries, written with the graph
-    save_representations: bool = True  # <side>_representations.npy next to the graphs (bench knn input)
+    save_representations: bool = True  # <side>_representations/ parts + manifest next to the graphs
     # The two readings of the Structure Migrator (docs/method.md §2): "free" (the default, reading a):
     # U/I are trainable per-entity rows, started by Eq. 8 and smoothed by Eq. 10 between epochs;
     # "recomputed" (reading b): the CVR field tables keep training, and P = Â^L R of the live tables
@@ -149,7 +155,7 @@ class StructureConfig:
     sm_reading: Literal["free", "recomputed"] = "free"
     # How reading (a) starts U/I: "fields" (Eq. 8, the default: id slot keeps its own random start,
     # the other side fields from the CVR side embeddings) or "pretrained" (the pre-trained r_u/r_i the
-    # graph was mined from, <graph_dir>/<side>_representations.npy; needs save_representations).
+    # graph was mined from, <graph_dir>/<side>_representations/; needs save_representations).
     sm_init: Literal["fields", "pretrained"] = "fields"
 
     def __post_init__(self) -> None:
@@ -170,21 +176,37 @@ class StructureConfig:
 class OptimConfig:
     """Adam for dense parameters (paper); a fused FBGEMM optimizer for the embedding tables.
 
-    ``embedding`` = ``auto`` picks fused Adam where the kernel supports it (GPU) and exact row-wise
-    Adagrad on CPU, where FBGEMM has no fused Adam (docs/platform-notes.md; docs/method.md §4).
+    ``embedding`` = ``auto`` is exact row-wise Adagrad at ``embedding_lr`` on every device: FBGEMM
+    has that kernel on CPU and GPU alike, so a GPU run trains the model every CPU measurement
+    describes (docs/method.md §4). ``adam`` (FBGEMM's fused Adam) is an explicit choice, GPU only
+    (FBGEMM has no fused Adam on CPU, docs/platform-notes.md), and needs its own ``embedding_adam_lr``:
+    no learning rate for it was ever measured here, and Adagrad's 0.1 would be far too large for it.
+    ``embedding_eps`` goes to either kernel (1e-8, FBGEMM's default, which every earlier run used).
     """
 
     lr: float = 1e-3
     weight_decay: float = 1e-6  # the paper's L2
     embedding: Literal["auto", "adam", "rowwise_adagrad"] = "auto"
-    # for row-wise Adagrad (fused Adam uses ``lr``); 0.1 measured best on validation next to 0.02 and
-    # 0.3 (docs/experiments/README.md, "Learning what the data holds"); configs/paper.yaml keeps 0.02
+    # row-wise Adagrad's learning rate; 0.1 measured best on validation next to 0.02 and 0.3
+    # (docs/experiments/README.md, "Learning what the data holds"); configs/paper.yaml keeps 0.02
     embedding_lr: float = 0.1
+    # fused Adam's learning rate (optim.embedding=adam only, where it must be given)
+    embedding_adam_lr: float | None = None
+    embedding_eps: float = 1e-8
 
     def __post_init__(self) -> None:
         check_choices(self, "optim")
         if self.lr <= 0 or self.embedding_lr <= 0 or self.weight_decay < 0:
             raise ConfigError("optim learning rates must be > 0 and weight_decay >= 0")
+        if not self.embedding_eps > 0:
+            raise ConfigError(f"optim.embedding_eps must be > 0, got {self.embedding_eps}")
+        if self.embedding_adam_lr is not None and not self.embedding_adam_lr > 0:
+            raise ConfigError(f"optim.embedding_adam_lr must be > 0, got {self.embedding_adam_lr}")
+        if self.embedding == "adam" and self.embedding_adam_lr is None:
+            raise ConfigError(
+                "optim.embedding=adam needs optim.embedding_adam_lr (fused Adam's learning rate; none was "
+                "measured here, and optim.embedding_lr is row-wise Adagrad's)"
+            )
 
 
 @dataclass(kw_only=True)

@@ -30,6 +30,9 @@ class Batch(Pipelineable):
     # Real rows of this step summed over all ranks, from the reader's plan (no collective needed);
     # None when the batch was not made by a reader.
     global_rows: int | None = None
+    # One key per equal chunk of rows (the reader's shares, in order): the dropout masks of a chunk's
+    # rows are drawn from its key (models/blocks.KeyedDropout); None = the torch stream's draws.
+    dropout_keys: tuple[int, ...] | None = None
 
     @property
     def size(self) -> int:
@@ -42,6 +45,7 @@ class Batch(Pipelineable):
             purchase=self.purchase.to(device=device, non_blocking=non_blocking),
             mask=self.mask.to(device=device, non_blocking=non_blocking),
             global_rows=self.global_rows,
+            dropout_keys=self.dropout_keys,
         )
 
     def record_stream(self, stream: torch.Stream) -> None:
@@ -57,6 +61,7 @@ class Batch(Pipelineable):
             purchase=self.purchase.pin_memory(),
             mask=self.mask.pin_memory(),
             global_rows=self.global_rows,
+            dropout_keys=self.dropout_keys,
         )
 
 
@@ -71,18 +76,25 @@ def make_kjt(columns: dict[str, torch.Tensor], keys: list[str]) -> KeyedJaggedTe
 def batch_from_columns(
     cols: Mapping[str, np.ndarray],
     keys: Sequence[str],
-    n_real: int,
+    real: int | np.ndarray,
     *,
     global_rows: int | None = None,
     pin: bool = False,
+    dropout_keys: tuple[int, ...] | None = None,
 ) -> Batch:
-    """A :class:`Batch` from numpy columns (ids in ``keys``, labels ``click``/``purchase``); rows
-    ``>= n_real`` are padding. Runs on the reader's producer thread, so the training thread receives a
+    """A :class:`Batch` from numpy columns (ids in ``keys``, labels ``click``/``purchase``); ``real``:
+    the number of leading real rows (the rest is padding), or a bool array marking the real rows.
+    Runs on the reader's producer thread, so the training thread receives a
     finished KJT (in pinned memory with ``pin``, ready for a non-blocking copy to the GPU)."""
     b = len(cols["click"])
     values = torch.from_numpy(np.concatenate([np.asarray(cols[k], dtype=np.int64) for k in keys]))
-    mask = torch.zeros(b, dtype=torch.bool)
-    mask[:n_real] = True
+    if isinstance(real, np.ndarray):
+        if real.shape != (b,):
+            raise ValueError(f"mask of shape {real.shape} for a batch of {b} rows")
+        mask = torch.from_numpy(real.astype(bool))
+    else:
+        mask = torch.zeros(b, dtype=torch.bool)
+        mask[:real] = True
     batch = Batch(
         features=KeyedJaggedTensor(
             keys=list(keys), values=values, lengths=torch.ones(len(keys) * b, dtype=torch.int32), stride=b
@@ -91,5 +103,6 @@ def batch_from_columns(
         purchase=torch.from_numpy(np.asarray(cols["purchase"], dtype=np.float32)),
         mask=mask,
         global_rows=global_rows,
+        dropout_keys=dropout_keys,
     )
     return batch.pin_memory() if pin else batch

@@ -23,6 +23,16 @@ Why it looks like this (docs/platform-notes.md, "Ray Data inside a torchrun job"
   see :mod:`cstwa_dist.data.stream`). Blocks come back in plan order (``preserve_order``), so the same
   (seed, epoch) gives the same batches on every run. ``shuffle=False`` (validation, test) reads the split
   in file order, rank ``r`` the ``r``-th contiguous range: gathered in rank order, rows are in file order.
+* **Shares: the same global batches at any world size** (``data.shares``). By default the split is cut
+  into one share per rank, so the rows of a global batch depend on the world size. With ``shares = V``
+  (a multiple of ``W``) the split is cut into ``V`` shares whatever ``W`` is; every share is read, shuffled
+  (its buffer seeded by ``(seed, epoch, share)``) and padded on its own, in batches of ``B/k`` rows
+  (``k = V/W`` shares per rank, ``B`` the rank's batch size), and a rank's batch of step ``i`` is its
+  shares' ``i``-th batches in share order. So a step's global batch is every share's ``i``-th batch, the
+  same rows in the same order for every ``W`` that divides ``V`` at the same global batch size ``W·B``,
+  and each share's rows carry a dropout key hashed from ``(seed, epoch, step, share)``
+  (``Batch.dropout_keys``; ``models/blocks.KeyedDropout``), so the masks follow the rows too. Steps per
+  epoch are ``ceil(ceil(T/V) / (B/k))``. Cost: ``k`` Ray Data iterations and ``k`` shuffle buffers per rank.
 * **A persistent, prefetching stream** (:mod:`cstwa_dist.data.stream`): a daemon producer thread per epoch
   runs the Ray Data iteration (a custom datasource over the plan's slices: ~0.1 s to the first block,
   where ``read_parquet`` planned the files again in 1–5 s every epoch) and builds finished batches (KJT,
@@ -36,7 +46,8 @@ Why it looks like this (docs/platform-notes.md, "Ray Data inside a torchrun job"
   or clamped.
 
 Memory per rank: O(row groups of the split) for the plan, one epoch's slice list, and per stream the
-shuffle buffer, ``prefetch_batches`` batches (plus the buffer's tail at the end of an epoch), at most two
+shuffle buffer of each of the rank's ``k`` shares (``k · shuffle_buffer_rows`` rows),
+``prefetch_batches`` batches (plus the buffer's tail at the end of an epoch), at most two
 streams (current and look-ahead); nothing O(rows of the split).
 """
 
@@ -56,7 +67,7 @@ import pyarrow.parquet as pq
 import torch
 
 from cstwa_dist.data.batch import Batch, batch_from_columns
-from cstwa_dist.data.shares import Slice, SplitPlan, local_rng, step_rows, steps_per_epoch
+from cstwa_dist.data.shares import Slice, SplitPlan, dropout_key, local_rng, step_rows, steps_per_epoch
 from cstwa_dist.data.spec import LABELS, DatasetSpec, split_files
 from cstwa_dist.data.stream import END, EpochStream, LocalShuffle, Prefetcher, Rebatcher, iter_blocks
 from cstwa_dist.data.validate import DataError, check_batch, first_error_in
@@ -87,6 +98,24 @@ def plan_shares(
     return [plan.slices(order, b[r], b[r + 1]) for r in range(world_size)]
 
 
+def check_shares(shares: int | None, world_size: int, batch_size: int) -> int:
+    """The number of shares a split is cut into: ``world_size`` when None (one share per rank), else
+    ``shares``, which must be a multiple of ``world_size`` whose per-rank count divides ``batch_size``."""
+    if shares is None or shares == 0:
+        return world_size
+    if shares < 0 or shares % world_size:
+        raise ValueError(
+            f"data.shares={shares} must be a positive multiple of the world size {world_size} (every rank "
+            "reads the same number of shares)"
+        )
+    if batch_size % (shares // world_size):
+        raise ValueError(
+            f"data.batch_size={batch_size} must be a multiple of the {shares // world_size} shares each rank "
+            f"reads (data.shares={shares} over {world_size} ranks): every share contributes an equal part"
+        )
+    return shares
+
+
 def locate_in_slices(paths: list[Path], slices: list[Slice], spec: DatasetSpec) -> DataError | None:
     """Scans ``slices`` in order with pyarrow; a DataError naming the first bad (file, row, field)."""
     columns = [*spec.names, *LABELS]
@@ -112,7 +141,12 @@ def _numpy_columns(table: Any, columns: list[str]) -> dict[str, np.ndarray]:
 @dataclass(frozen=True)
 class _EpochSource:
     """Everything a producer thread needs for one rank's epochs, and nothing that refers to the reader
-    (so a reader that is dropped can be finalised while its threads still hold this)."""
+    (so a reader that is dropped can be finalised while its threads still hold this).
+
+    The rank reads the shares ``[rank·k, (rank+1)·k)`` of ``shares`` (``k = shares / world_size``), each
+    in batches of ``batch_size / k`` rows; its batch of a step is those ``k`` share batches in share
+    order (module docstring, "Shares").
+    """
 
     plan: SplitPlan
     spec: DatasetSpec
@@ -125,39 +159,49 @@ class _EpochSource:
     shuffle_buffer_rows: int
     prefetch_blocks: int
     pin: bool
+    shares: int
 
     @property
     def columns(self) -> list[str]:
         return [*self.spec.names, *LABELS]
 
     @property
+    def per_rank(self) -> int:
+        return self.shares // self.world_size
+
+    @property
+    def share_batch(self) -> int:
+        return self.batch_size // self.per_rank
+
+    @property
+    def own_shares(self) -> range:
+        return range(self.rank * self.per_rank, (self.rank + 1) * self.per_rank)
+
+    @property
     def rows(self) -> int:
-        return self.plan.rank_rows(self.rank, self.world_size)
+        return sum(self.plan.rank_rows(s, self.shares) for s in self.own_shares)
 
     @property
     def steps(self) -> int:
-        return steps_per_epoch(self.plan.total_rows, self.world_size, self.batch_size)
+        return steps_per_epoch(self.plan.total_rows, self.shares, self.share_batch)
 
     def slices(self, epoch: int) -> list[Slice]:
-        return self.plan.rank_slices(
-            self.rank, self.world_size, seed=self.seed, epoch=epoch, shuffle=self.shuffle
-        )
+        return [sl for s in self.own_shares for sl in self.share_slices(epoch, s)]
+
+    def share_slices(self, epoch: int, share: int) -> list[Slice]:
+        return self.plan.rank_slices(share, self.shares, seed=self.seed, epoch=epoch, shuffle=self.shuffle)
 
     def producer(self, epoch: Hashable) -> Callable[[Callable[[], None]], Iterator[Batch]]:
         assert isinstance(epoch, int)
         return lambda source_done: self.produce(epoch, source_done)
 
-    def _batch(self, cols: dict[str, np.ndarray], n_real: int, step: int) -> Batch:
-        g = step_rows(self.plan.total_rows, self.world_size, self.batch_size, step)
-        return batch_from_columns(cols, self.spec.names, n_real, global_rows=g, pin=self.pin)
-
     def _padded(self, cols: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
-        """Fills ``n`` real rows up to batch_size by cycling over them (copies, not new data)."""
-        idx = np.arange(self.batch_size) % n
+        """Fills ``n`` real rows up to the share batch by cycling over them (copies, not new data)."""
+        idx = np.arange(self.share_batch) % n
         return {k: v[idx] for k, v in cols.items()}
 
-    def _rows_stream(self, epoch: int, slices: list[Slice]) -> Iterator[dict[str, np.ndarray]]:
-        """The rank's validated rows of the epoch, in plan order, as numpy column chunks."""
+    def _rows_stream(self, epoch: int, share: int, slices: list[Slice]) -> Iterator[dict[str, np.ndarray]]:
+        """One share's validated rows of the epoch, in plan order, as numpy column chunks."""
         paths = self.plan.files
         seen = 0
         for table in iter_blocks(
@@ -173,50 +217,95 @@ class _EpochSource:
                 raise err or DataError(f"{self.split} rank {self.rank} epoch {epoch}: {reason}")
             seen += table.num_rows
             yield cols
-        if seen != self.rows:
+        expected = sum(s.rows for s in slices)
+        if seen != expected:
             raise DataError(
-                f"{self.split} rank {self.rank} epoch {epoch}: read {seen} rows but the Parquet metadata "
-                f"of its slices says {self.rows}"
+                f"{self.split} rank {self.rank} share {share} epoch {epoch}: read {seen} rows but the "
+                f"Parquet metadata of its slices says {expected}"
             )
 
-    def produce(self, epoch: int, source_done: Callable[[], None]) -> Iterator[Batch]:
-        """Exactly ``steps`` batches of exactly ``batch_size`` rows (runs on the producer thread)."""
+    def share_batches(
+        self, epoch: int, share: int, source_done: Callable[[], None]
+    ) -> Iterator[tuple[dict[str, np.ndarray], int]]:
+        """Exactly ``steps`` ``(columns, real rows)`` batches of ``share_batch`` rows of one share.
+
+        The share's rows pass its own shuffle buffer, seeded by a hash of ``(seed, epoch, share)``; the
+        last partial batch is padded with copies of its own real rows, a share with no rows with zeros.
+        """
         steps = 0
         template: dict[str, np.ndarray] | None = None
-        if self.rows > 0:
-            rng = local_rng(self.seed, epoch, self.rank) if self.shuffle else None
+        slices = self.share_slices(epoch, share)
+        if slices:
+            rng = local_rng(self.seed, epoch, share) if self.shuffle else None
             shuffle = LocalShuffle(self.shuffle_buffer_rows, rng)
-            cut = Rebatcher(self.batch_size)
-            slices = self.slices(epoch)
-            for cols in self._rows_stream(epoch, slices):
+            cut = Rebatcher(self.share_batch)
+            for cols in self._rows_stream(epoch, share, slices):
                 for mixed in shuffle.push(cols):
                     for b in cut.push(mixed):
                         template = _own(b) if template is None else template
-                        yield self._batch(b, self.batch_size, steps)
+                        yield b, self.share_batch
                         steps += 1
             source_done()  # the rest is in memory: the queue stops bounding this producer
             for mixed in shuffle.finish():
                 for b in cut.push(mixed):
                     template = _own(b) if template is None else template
-                    yield self._batch(b, self.batch_size, steps)
+                    yield b, self.share_batch
                     steps += 1
             for b in cut.finish():
                 n = len(b["click"])
                 b = self._padded(b, n)
                 template = _own(b) if template is None else template
-                yield self._batch(b, n, steps)
+                yield b, n
                 steps += 1
         else:
             source_done()
         pad = template if template is not None else self._zeros()
         while steps < self.steps:  # at most one all-padding step (shares differ by <= 1 row)
-            yield self._batch(pad, 0, steps)
+            yield pad, 0
             steps += 1
         if steps != self.steps:
-            raise RuntimeError(f"rank {self.rank} produced {steps} batches, expected {self.steps}")
+            raise RuntimeError(
+                f"rank {self.rank} share {share} produced {steps} batches, expected {self.steps}"
+            )
+
+    def produce(self, epoch: int, source_done: Callable[[], None]) -> Iterator[Batch]:
+        """Exactly ``steps`` batches of exactly ``batch_size`` rows (runs on the producer thread): step
+        ``i`` of each own share, concatenated in share order."""
+        shares = list(self.own_shares)
+        pending = set(shares)
+
+        def done(share: int) -> None:
+            pending.discard(share)
+            if not pending:
+                source_done()
+
+        streams = [self.share_batches(epoch, s, functools.partial(done, s)) for s in shares]
+        try:
+            for step, parts in enumerate(zip(*streams, strict=True)):
+                cols = _concat_columns([c for c, _ in parts])
+                mask = np.zeros(self.batch_size, dtype=bool)
+                for j, (_, n) in enumerate(parts):
+                    mask[j * self.share_batch : j * self.share_batch + n] = True
+                yield batch_from_columns(
+                    cols,
+                    self.spec.names,
+                    mask,
+                    global_rows=step_rows(self.plan.total_rows, self.shares, self.share_batch, step),
+                    pin=self.pin,
+                    dropout_keys=tuple(dropout_key(self.seed, epoch, step, s) for s in shares),
+                )
+        finally:
+            for it in streams:
+                it.close()  # closes each share's Ray iteration if the consumer stopped early
 
     def _zeros(self) -> dict[str, np.ndarray]:
-        return {k: np.zeros(self.batch_size, dtype=np.int64) for k in self.columns}
+        return {k: np.zeros(self.share_batch, dtype=np.int64) for k in self.columns}
+
+
+def _concat_columns(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    if len(parts) == 1:
+        return parts[0]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
 def _next_key(shuffle: bool, epochs: int | None, key: Hashable) -> Hashable | None:
@@ -264,11 +353,13 @@ class SplitReader:
         lookahead: bool | None = None,
         epochs: int | None = None,
         pin_memory: bool | None = None,
+        shares: int | None = None,
     ):
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank} world_size={world_size}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        shares = check_shares(shares, world_size, batch_size)
         self.dataset = Path(dataset)
         self.split = split
         self.spec = spec
@@ -287,8 +378,7 @@ class SplitReader:
                 "empty): nothing to read; regenerate or re-import the data set"
             )
         self.total_rows = self.plan.total_rows
-        self.rows = self.plan.rank_rows(rank, world_size)
-        self.steps_per_epoch = steps_per_epoch(self.total_rows, world_size, batch_size)
+        self.shares = shares
         self._source = _EpochSource(
             plan=self.plan,
             spec=spec,
@@ -301,7 +391,10 @@ class SplitReader:
             shuffle_buffer_rows=self.shuffle_buffer_rows,
             prefetch_blocks=max(1, prefetch_batches),
             pin=torch.cuda.is_available() if pin_memory is None else pin_memory,
+            shares=shares,
         )
+        self.rows = self._source.rows
+        self.steps_per_epoch = self._source.steps
         self._streams = Prefetcher(
             self._source.producer,
             max(1, prefetch_batches),
@@ -351,7 +444,7 @@ class SplitReader:
         """
         if not 0 <= step < self.steps_per_epoch:
             raise IndexError(f"step {step} outside [0, {self.steps_per_epoch})")
-        return step_rows(self.total_rows, self.world_size, self.batch_size, step)
+        return step_rows(self.total_rows, self.shares, self._source.share_batch, step)
 
     # --- streams ---------------------------------------------------------------------------------
     def prefetch(self, epoch: int) -> None:

@@ -43,6 +43,7 @@ from cstwa_dist.data.validate import check_schema
 __all__ = [
     "Slice",
     "SplitPlan",
+    "dropout_key",
     "local_rng",
     "order_rng",
     "read_slices",
@@ -53,6 +54,7 @@ __all__ = [
 # spawn_key tags: the two generators of one (seed, epoch) are independent streams of one hash.
 _ORDER_STREAM = 0
 _LOCAL_STREAM = 1
+_DROPOUT_STREAM = 2
 
 
 def _entropy(seed: int) -> int:
@@ -69,6 +71,15 @@ def local_rng(seed: int, epoch: int, rank: int) -> np.random.Generator:
     return np.random.default_rng(
         np.random.SeedSequence(_entropy(seed), spawn_key=(_LOCAL_STREAM, epoch, rank))
     )
+
+
+def dropout_key(seed: int, epoch: int, step: int, share: int) -> int:
+    """The 63-bit key of one share's rows in training step ``step`` of ``epoch``: a hash of
+    ``(seed, epoch, step, share)``. The model's dropout draws those rows' masks from it
+    (:class:`cstwa_dist.models.blocks.KeyedDropout`), so a row gets the same mask whichever rank
+    holds its share, and a resumed epoch draws what the uninterrupted one drew."""
+    seq = np.random.SeedSequence(_entropy(seed), spawn_key=(_DROPOUT_STREAM, epoch, step, share))
+    return int(seq.generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
 def steps_per_epoch(total_rows: int, world_size: int, batch_size: int) -> int:

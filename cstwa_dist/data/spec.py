@@ -250,3 +250,13 @@ def split_files(dataset: str | Path, split: str) -> list[Path]:
     if not files:
         raise FileNotFoundError(f"no parquet files in {d}")
     return files
+
+
+def dataset_split_rows(spec: DatasetSpec, dataset: str | Path) -> dict[str, int] | None:
+    """Rows of each split from ``<dataset>/stats.json`` when that folder's ``spec.yaml`` is ``spec``
+    (the data set a job will read), else None. Reads two small files, never the data."""
+    folder = Path(dataset)
+    stats, spec_file = folder / "stats.json", folder / "spec.yaml"
+    if stats.is_file() and spec_file.is_file() and DatasetSpec.load(spec_file) == spec:
+        return {split: s.rows for split, s in load_stats(stats).items()}
+    return None

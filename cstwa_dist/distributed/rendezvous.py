@@ -20,6 +20,14 @@ connects to the address it bound. torchrun finds the backend through the ``torch
 ``torchrun --rdzv_backend=cstwa-c10d``, as ``launchers/torchrun.sh`` runs the multi-node rendezvous.
 The module imports nothing heavy at import time: torch imports it while importing the rendezvous
 package.
+
+One departure in the handler: the hosting node's agent keeps the store up at the end until the other
+nodes' agents have shut the rendezvous down too (:data:`SHUTDOWN_WAIT_S` at most). With torch's
+handler every agent shuts down right after the exit barrier, and the hosting one, often first,
+exits with the store while the others are still closing: every other node of a successful job then
+logs ``recvVector failed ... Did the remote server shutdown or crash?`` with a C++ stack and "has
+failed to shutdown the rendezvous" (seen on the non-hosting node of every two-node run in
+``tests/e2e/test_two_node_kill.py`` before this), which reads like a failure that never happened.
 """
 
 from __future__ import annotations
@@ -41,6 +49,10 @@ logger = logging.getLogger(__name__)
 BACKEND = "cstwa-c10d"
 BIND_ADDR_ENV = "RDZV_BIND_ADDR"
 DEFAULT_PORT = 29400  # torch's c10d backend's default
+# How long the hosting agent keeps the store up for the other agents' shutdown. After a success they
+# all leave the exit barrier together and shut down within a second; after a failure a node killed by
+# a signal never shuts down, and this bounds what that costs the hosting node's exit.
+SHUTDOWN_WAIT_S = 10.0
 
 
 def handler() -> Callable[[Any], Any]:
@@ -52,25 +64,81 @@ def create_handler(params: Any) -> Any:
     """A dynamic rendezvous handler over :func:`create_backend` (as torch's ``c10d`` makes one)."""
     from torch.distributed.elastic.rendezvous.dynamic_rendezvous import create_handler as dynamic
 
-    backend, store = create_backend(params)
-    return dynamic(store, backend, params)
+    backend, store, hosted = _create_backend(params)
+    handler = dynamic(store, backend, params)  # torch reads every rdzv_conf option as it always does
+    if params.get("store_type", "tcp").strip().lower() == "tcp":
+        handler.__class__ = _handler_class()  # the same handler, with the shutdown the module describes
+        handler.cstwa_store, handler.cstwa_hosted, handler.cstwa_nodes = store, hosted, 0
+    return handler
 
 
 def create_backend(params: Any) -> tuple[Any, Any]:
     """torch's ``c10d_rendezvous_backend.create_backend``, the TCP store bound as the module says."""
+    backend, store, _ = _create_backend(params)
+    return backend, store
+
+
+def _create_backend(params: Any) -> tuple[Any, Any, bool]:
+    """:func:`create_backend`, and whether this process hosts the store."""
     from torch.distributed.elastic.rendezvous import c10d_rendezvous_backend as c10d
 
     if params.get("store_type", "tcp").strip().lower() != "tcp":
-        return c10d.create_backend(params)  # a file store opens no port
+        return (*c10d.create_backend(params), False)  # a file store opens no port
     try:
-        store = _tcp_store(params)
+        store, hosted = _tcp_store(params)
         backend = _backend_class()(store, params.run_id)
     except Exception as e:
         c10d.construct_and_record_rdzv_event(
             message=f"{type(e).__name__}: {e}", run_id=params.run_id, node_state=c10d.NodeState.FAILED
         )
         raise
-    return backend, store
+    return backend, store, hosted
+
+
+@functools.cache
+def _handler_class() -> type:
+    """torch's :class:`DynamicRendezvousHandler` whose hosting node outlasts the others' shutdown.
+
+    Every agent counts its finished shutdown in the store (one ``add``); the hosting agent, after its
+    own, waits until the other nodes of the last round have counted theirs or
+    :data:`SHUTDOWN_WAIT_S` has passed, and only then lets its process (and the store) end. Memory:
+    one integer key in the store for the whole job; the agents only, no rank takes part.
+    """
+    from torch.distributed.elastic.rendezvous.dynamic_rendezvous import DynamicRendezvousHandler
+
+    class LingeringHostHandler(DynamicRendezvousHandler):
+        cstwa_store: Any
+        cstwa_hosted: bool
+        cstwa_nodes: int  # nodes of the last completed round
+
+        def next_rendezvous(self) -> Any:
+            info = super().next_rendezvous()
+            self.cstwa_nodes = info.world_size
+            return info
+
+        def shutdown(self) -> bool:
+            closed = super().shutdown()
+            key = f"cstwa.rendezvous.{self.get_run_id()}.shut_down"
+            try:
+                if not self.cstwa_hosted:
+                    self.cstwa_store.add(key, 1)
+                    return closed
+                others, deadline = self.cstwa_nodes - 1, time.monotonic() + SHUTDOWN_WAIT_S
+                while (done := self.cstwa_store.add(key, 0)) < others and time.monotonic() < deadline:
+                    time.sleep(0.05)
+            except Exception as e:  # the store is gone (the hosting node already ended): nothing to wait for
+                logger.debug("rendezvous shutdown count: %s", e)
+                return closed
+            if done < others:
+                logger.info(
+                    "%d of %d other node(s) shut the rendezvous down within %.0fs; closing its store anyway",
+                    done,
+                    others,
+                    SHUTDOWN_WAIT_S,
+                )
+            return closed
+
+    return LingeringHostHandler
 
 
 @functools.cache
@@ -86,7 +154,8 @@ def _backend_class() -> type:
     return BoundC10dRendezvousBackend
 
 
-def _tcp_store(params: Any) -> Any:
+def _tcp_store(params: Any) -> tuple[Any, bool]:
+    """The rendezvous store (hosted here, or a client of the hosting node's) and whether it is hosted here."""
     from torch.distributed import TCPStore
     from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError
     from torch.distributed.elastic.rendezvous.utils import (
@@ -127,9 +196,9 @@ def _tcp_store(params: Any) -> Any:
                     "The connection to the C10d store has failed. See inner exception for details."
                 ) from exc
             logger.info("process %d hosts the rendezvous store on %s:%d", os.getpid(), bound, bound_port)
-            return store
+            return store, True
     try:
-        return TCPStore(host, port, is_master=False, multi_tenant=True, timeout=timeout)
+        return TCPStore(host, port, is_master=False, multi_tenant=True, timeout=timeout), False
     except (ValueError, RuntimeError, TimeoutError) as exc:
         raise RendezvousConnectionError(
             "The connection to the C10d store has failed. See inner exception for details."

@@ -16,11 +16,12 @@ sharded by the planner under explicit constraints (the planner never chooses a s
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -34,6 +35,9 @@ from torchrec.distributed.planner.storage_reservations import HeuristicalStorage
 from torchrec.distributed.planner.types import (
     KernelConfig,
     ParameterConstraints,
+    PlannerError,
+    PlannerErrorType,
+    Topology,
     TopologyFactory,
     TrainerConfig,
 )
@@ -64,20 +68,92 @@ class StructureTableRole(Protocol):
 logger = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class EmbeddingOptimizer:
+    """The fused table optimizer a run uses, resolved once from the config and the device.
+
+    Why one object: the optimizer put on the tables (:func:`prepare_tables`), the state the dry run
+    counts (``planner/dryrun.py``) and what ``metrics.json`` records must be the same choice, and a
+    run's record must say which learning rate and epsilon the kernel got, not only its name.
+    ``kwargs`` is what the kernel receives: TorchRec hands an in-backward optimizer's keyword
+    arguments to FBGEMM (``lr`` renamed ``learning_rate``); anything not given takes FBGEMM's
+    default, which is why ``eps`` is always given (the torch-side class's default differs).
+    """
+
+    name: str  # "rowwise_adagrad" | "adam"
+    kernel: str  # FBGEMM's EmbOptimType
+    lr: float
+    eps: float
+    state: str  # the optimizer state per table, in words (the dry run's report)
+    betas: tuple[float, float] | None = None  # Adam's moments' decays (FBGEMM's defaults)
+    weight_decay: float = 0.0  # the fused kernels carry no weight decay; the L2 is the dense Adam's
+
+    def kwargs(self) -> dict[str, float]:
+        return {"lr": self.lr, "eps": self.eps}
+
+    def to_dict(self) -> dict[str, object]:
+        """The ``metrics.json`` record (``embedding_optimizer_settings``)."""
+        out: dict[str, object] = {
+            "name": self.name,
+            "kernel": f"FBGEMM {self.kernel}",
+            "lr": self.lr,
+            "eps": self.eps,
+            "weight_decay": self.weight_decay,
+            "state": self.state,
+        }
+        if self.betas is not None:
+            out["betas"] = list(self.betas)
+        return out
+
+
+def resolve_embedding_optimizer(cfg: OptimConfig, device: torch.device) -> EmbeddingOptimizer:
+    """The table optimizer for ``cfg`` on ``device``: ``auto`` is exact row-wise Adagrad at
+    ``embedding_lr`` on CPU and GPU alike (FBGEMM has the kernel on both), so a GPU run trains the
+    same model as every CPU measurement; ``adam`` is GPU only, at ``embedding_adam_lr``.
+
+    Raises ``ValueError`` for ``adam`` on a device other than CUDA: FBGEMM's CPU kernels have no
+    fused Adam (docs/platform-notes.md), and silently training another optimizer would make the
+    run's record lie.
+    """
+    if cfg.embedding == "adam":
+        if device.type != "cuda":
+            raise ValueError(
+                f"optim.embedding=adam runs on GPUs only, and this run's device is {device.type}: FBGEMM's "
+                "CPU kernels have no fused Adam. Use optim.embedding=auto (exact row-wise Adagrad at "
+                "optim.embedding_lr, the optimizer of every CPU measurement)"
+            )
+        if cfg.embedding_adam_lr is None:  # OptimConfig refuses this already; kept for hand-built ones
+            raise ValueError("optim.embedding=adam needs optim.embedding_adam_lr")
+        return EmbeddingOptimizer(
+            name="adam",
+            kernel="ADAM",
+            lr=cfg.embedding_adam_lr,
+            eps=cfg.embedding_eps,
+            state="2 x weights",
+            betas=(0.9, 0.999),
+        )
+    return EmbeddingOptimizer(
+        name="rowwise_adagrad",
+        kernel="EXACT_ROWWISE_ADAGRAD",
+        lr=cfg.embedding_lr,
+        eps=cfg.embedding_eps,
+        state="one fp32 per row",
+    )
+
+
+def embedding_optimizer_name(cfg: OptimConfig, device: torch.device) -> str:
+    """The resolved optimizer's name (:func:`resolve_embedding_optimizer`)."""
+    return resolve_embedding_optimizer(cfg, device).name
+
+
 @dataclass
 class ShardedModel:
     dmp: DistributedModelParallel
     optimizer: CombinedOptimizer
     embedding_optimizer: str  # recorded in metrics.json (docs/method.md's optimizer decision)
     plan: str
-
-
-def embedding_optimizer_name(cfg: OptimConfig, device: torch.device) -> str:
-    if cfg.embedding == "auto":
-        return "adam" if device.type == "cuda" else "rowwise_adagrad"
-    if cfg.embedding == "adam" and device.type != "cuda":
-        raise ValueError("optim.embedding=adam needs a GPU: FBGEMM has no fused Adam on CPU")
-    return cfg.embedding
+    # the resolved table optimizer, recorded in metrics.json as ``embedding_optimizer_settings``
+    embedding_optimizer_settings: dict[str, object] = field(default_factory=dict)
 
 
 def _local_world_size(env: DistEnv) -> int:
@@ -105,7 +181,10 @@ class RowWiseSharder(EmbeddingBagCollectionSharder):
 
 
 def prepare_tables(
-    module: nn.Module, cfg: OptimConfig, emb_opt: str, structure: Sequence[StructureTableRole] = ()
+    module: nn.Module,
+    cfg: OptimConfig,
+    emb_opt: EmbeddingOptimizer,
+    structure: Sequence[StructureTableRole] = (),
 ) -> dict[str, ParameterConstraints]:
     """Puts the fused optimizer on every embedding table and returns every table's constraints.
 
@@ -124,10 +203,10 @@ def prepare_tables(
             weight = [ebc.embedding_bags[t.name].weight]
             if t.name in frozen:
                 apply_optimizer_in_backward(torch.optim.SGD, weight, {"lr": cfg.embedding_lr})
-            elif emb_opt == "adam":
-                apply_optimizer_in_backward(torch.optim.Adam, weight, {"lr": cfg.lr})
+            elif emb_opt.name == "adam":
+                apply_optimizer_in_backward(torch.optim.Adam, weight, emb_opt.kwargs())
             else:
-                apply_optimizer_in_backward(RowWiseAdagrad, weight, {"lr": cfg.embedding_lr})
+                apply_optimizer_in_backward(RowWiseAdagrad, weight, emb_opt.kwargs())
             if t.name in row_wise:
                 constraints[t.name] = ParameterConstraints(
                     sharding_types=[ShardingType.ROW_WISE.value],
@@ -141,6 +220,69 @@ def prepare_tables(
     return constraints
 
 
+@dataclass(frozen=True)
+class Reserve:
+    """Memory one step of the job needs on every rank besides the tables, kept from the planner.
+
+    The TorchRec planner places tables into whatever its topology offers; a step that later
+    allocates on the same device (the Structure Migrator's epoch window, graph mining's Faiss
+    index, an evaluation pass) would then find the memory taken. Each figure is the step's own
+    formula (``source`` names it; ``train/reserves.py`` asks it), per rank: ``hbm`` on the rank's
+    GPU (0 on CPU ranks), ``ddr`` host memory on every rank but rank 0, ``ddr_rank0`` on rank 0
+    (which alone trains the IVF quantizer).
+    """
+
+    name: str
+    hbm: int
+    ddr: int
+    ddr_rank0: int
+    source: str
+
+    def host(self, rank: int) -> int:
+        return self.ddr_rank0 if rank == 0 else self.ddr
+
+
+class StepReservation(HeuristicalStorageReservation):
+    """TorchRec's heuristic reservation (a share of every device, the dense state, input buffers),
+    then every :class:`Reserve` taken off each rank's device as well.
+
+    Why a reservation and not a smaller cap: the reserves are absolute bytes a step allocates, not
+    a share of the device, and the planner's own figures (``last_reserved_topology``) then say what
+    was left for the tables. A rank left with less than nothing is refused here with the reserves
+    named, instead of TorchRec's generic "insufficient storage". A subclass, so TorchRec's stats
+    and logs still find the heuristic's figures where they look for them.
+    """
+
+    def __init__(self, *, percentage: float, dense_tensor_estimate: int, reserves: Sequence[Reserve]) -> None:
+        super().__init__(percentage=percentage, dense_tensor_estimate=dense_tensor_estimate)
+        self.reserves = list(reserves)
+
+    def reserve(
+        self,
+        topology: Topology,
+        batch_size: int,
+        module: nn.Module,
+        sharders: list,  # TorchRec's ModuleSharder list
+        constraints: dict[str, ParameterConstraints] | None = None,
+    ) -> Topology:
+        out = super().reserve(topology, batch_size, module, sharders, constraints)
+        cuda = out.compute_device == "cuda"
+        for device in out.devices:
+            device.storage.hbm -= sum(r.hbm for r in self.reserves) if cuda else 0
+            device.storage.ddr -= sum(r.host(device.rank) for r in self.reserves)
+            if (device.storage.hbm if cuda else device.storage.ddr) < 0:
+                named = ", ".join(
+                    f"{r.name} {r.hbm if cuda else r.host(device.rank):,} B" for r in self.reserves
+                )
+                where = "HBM" if cuda else "host memory"
+                raise PlannerError(
+                    error_type=PlannerErrorType.INSUFFICIENT_STORAGE,
+                    message=f"rank {device.rank} has no {where} left for tables after the reserves ({named})",
+                )
+        self._last_reserved_topology = copy.deepcopy(out)
+        return out
+
+
 def build_planner(
     module: nn.Module,
     constraints: dict[str, ParameterConstraints],
@@ -151,6 +293,7 @@ def build_planner(
     hbm_cap_bytes: int | None = None,
     ddr_cap_bytes: int | None = None,
     dry_run: bool | None = None,
+    reserves: Sequence[Reserve] = (),
 ) -> EmbeddingShardingPlanner:
     """The planner ``shard_model`` uses; ``cstwa-dist plan`` builds the same one for any topology.
 
@@ -159,7 +302,8 @@ def build_planner(
     topology (``TrainerConfig.is_dry_run``); training passes the machine's real capacities with
     ``dry_run=False`` (:func:`device_capacities`). The
     storage reservation keeps 15 % of each device plus 6 x the dense parameter bytes (weights, grads,
-    Adam state, DDP buckets) out of the tables' reach.
+    Adam state, DDP buckets) out of the tables' reach, and then every one of ``reserves`` (the job's
+    steps: structure migrator, graph mining, evaluation; :class:`StepReservation`).
     """
     if dry_run is None:
         dry_run = hbm_cap_bytes is not None or ddr_cap_bytes is not None
@@ -185,7 +329,9 @@ def build_planner(
     dense_bytes = dense_parameter_bytes(module)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # its deprecation notice; the estimate below is what it asks for
-        reservation = HeuristicalStorageReservation(percentage=0.15, dense_tensor_estimate=6 * dense_bytes)
+        reservation = StepReservation(
+            percentage=0.15, dense_tensor_estimate=6 * dense_bytes, reserves=reserves
+        )
     return EmbeddingShardingPlanner(
         topology=topology, constraints=constraints, storage_reservation=reservation
     )
@@ -249,6 +395,7 @@ def shard_model(
     structure: Sequence[StructureTableRole] = (),
     *,
     seed: int,
+    reserves: Sequence[Reserve] = (),
 ) -> ShardedModel:
     """Applies the fused optimizer to every embedding table, plans, shards, builds the dense Adam.
 
@@ -256,8 +403,10 @@ def shard_model(
     ``seed``: the dense layers are drawn from ``(seed, "dense")`` before sharding and every table from
     ``(seed, table, global row)`` right after it (``distributed/init.py``), the same at any world size
     and plan, and before anything else (structure-table initialisation, warm start, resume) writes.
+    ``reserves``: what the job's steps need on every rank besides the tables
+    (``train.reserves.job_reserves``), kept from the planner (:class:`StepReservation`).
     """
-    emb_opt = embedding_optimizer_name(cfg, env.device)
+    emb_opt = resolve_embedding_optimizer(cfg, env.device)
     constraints = prepare_tables(module, cfg, emb_opt, structure)
     hbm, host = device_capacities(env)
     planner = build_planner(
@@ -269,6 +418,7 @@ def shard_model(
         hbm_cap_bytes=hbm,
         ddr_cap_bytes=host,
         dry_run=False,
+        reserves=reserves,
     )
     sharders = [RowWiseSharder()]
     plan = planner.collective_plan(module, sharders, dist.GroupMember.WORLD)
@@ -283,7 +433,13 @@ def shard_model(
         lambda params: torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay),
     )
     optimizer = CombinedOptimizer([dmp.fused_optimizer, dense])
-    return ShardedModel(dmp=dmp, optimizer=optimizer, embedding_optimizer=emb_opt, plan=str(plan))
+    return ShardedModel(
+        dmp=dmp,
+        optimizer=optimizer,
+        embedding_optimizer=emb_opt.name,
+        plan=str(plan),
+        embedding_optimizer_settings=emb_opt.to_dict(),
+    )
 
 
 def _allreduce_sum_hook(state, bucket):  # noqa: ANN001, ANN202 - DDP rejects string annotations here

@@ -7,6 +7,8 @@ and materialised by DistributedModelParallel (no process-group or rank logic in 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from contextvars import ContextVar
 from typing import get_args
 
 import torch
@@ -20,8 +22,69 @@ from cstwa_dist.config import ContextPooling
 from cstwa_dist.data.spec import DatasetSpec, FieldSpec
 
 
+class _Draws:
+    """The keys of one forward pass and how many keyed dropout layers have drawn so far."""
+
+    def __init__(self, keys: tuple[int, ...]) -> None:
+        self.keys = keys
+        self.calls = 0
+
+
+_DRAWS: ContextVar[_Draws | None] = ContextVar("cstwa_dropout_draws", default=None)
+_GOLDEN = 0x9E3779B97F4A7C15  # odd 64-bit constant: consecutive slots give well-spread seeds
+
+
+def set_dropout_keys(keys: Sequence[int] | None) -> None:
+    """The keys the next forward pass's :class:`KeyedDropout` layers draw from (None: torch's stream).
+
+    Set by the training wrapper from the batch before every forward (``train/wrapper.py``)."""
+    _DRAWS.set(None if keys is None else _Draws(tuple(int(k) for k in keys)))
+
+
+class KeyedDropout(nn.Module):
+    """Dropout whose mask for a chunk of rows is drawn from that chunk's key, not from the rank's stream.
+
+    Why: the reader cuts a training step's global batch into shares, each with a key hashed from
+    ``(seed, epoch, step, share)`` (``data/shares.dropout_key``), and a rank's batch is its shares'
+    rows in share order. Drawing each share's mask from ``(key, layer)`` gives every row the same mask
+    whichever rank holds it, so one process and N ranks train the same model with dropout on (with
+    ``torch.nn.Dropout`` every rank draws from its own stream and the masks depend on the world size).
+    The ``i``-th keyed layer called in a forward pass is its layer number; a model's call order is fixed.
+    Without keys (hand-built batches) it is ``torch.nn.functional.dropout``. Identity in eval mode.
+    """
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = float(p)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        draws = _DRAWS.get()
+        if draws is None:
+            return F.dropout(x, self.p, training=True)
+        chunks = len(draws.keys)
+        if x.shape[0] % chunks:
+            raise ValueError(f"a batch of {x.shape[0]} rows cannot be cut into {chunks} equal keyed chunks")
+        slot = draws.calls
+        draws.calls += 1
+        n = x.shape[0] // chunks
+        keep = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        for j, key in enumerate(draws.keys):
+            gen = torch.Generator(device=x.device)
+            gen.manual_seed((key * _GOLDEN + slot) % (1 << 63))
+            u = torch.rand((n, *x.shape[1:]), generator=gen, device=x.device, dtype=x.dtype)
+            keep[j * n : (j + 1) * n] = u >= self.p
+        return x * keep * (1.0 / (1.0 - self.p))
+
+
 class MLPTower(nn.Module):
-    """Linear → ReLU → Dropout per layer (the paper's towers); output is the last hidden layer."""
+    """Linear → ReLU → Dropout per layer (the paper's towers); output is the last hidden layer.
+
+    The dropout is :class:`KeyedDropout`: masks follow the rows, not the rank."""
 
     def __init__(
         self, in_dim: int, widths: list[int], dropout: list[float], device: torch.device | None = None
@@ -34,7 +97,7 @@ class MLPTower(nn.Module):
         for w, p in zip(widths, dropout, strict=True):
             layers += [nn.Linear(prev, w, device=device), nn.ReLU()]
             if p > 0:
-                layers.append(nn.Dropout(p))
+                layers.append(KeyedDropout(p))
             prev = w
         self.net = nn.Sequential(*layers)
         self.out_dim = prev

@@ -1,7 +1,8 @@
 """The sharding dry run behind ``cstwa-dist plan``: ``specs`` (the spec to plan with), ``dryrun``
-(TorchRec's plan and memory per rank), ``structure`` (the structure step's peak, assembled from the
-steps' own memory functions), ``render`` (the text report), ``verdict`` (fits or not, the tables that
-do not, the smallest world size that fits).
+(TorchRec's plan and memory per rank), ``render`` (the text report), ``verdict`` (fits or not, the
+tables that do not, the smallest world size that fits). The structure step's peak
+(``structure/estimate.py``) and the job's reserves (``train/reserves.py``) live next to the steps they
+describe, so training asks the same functions.
 
 ``dry_run`` and ``resolve_spec`` are importable from here; they are loaded on first use, so importing
 the package (the CLI's ``--help`` does) pulls in neither torch nor TorchRec.

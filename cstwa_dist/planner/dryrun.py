@@ -14,9 +14,13 @@ arithmetic, so a CPU-only machine plans for CUDA nodes), and adds what the plann
   plan's shards;
 * **dense parameters**: replicated on every rank, as weights + grads + Adam's two moments = 4 x P;
 * **the structure step's peak** per rank, for the row-sharded structure path: graph mining in
-  ``pretrain`` and the Structure Migrator in training, assembled in ``planner/structure.py`` from
+  ``pretrain`` and the Structure Migrator in training, assembled in ``structure/estimate.py`` from
   what each step states it allocates (the one source of each formula is the function next to the
   step's code, in ``structure/``).
+
+Those steps and evaluation are also **reserved** (``train/reserves.py``): the planner is given
+less capacity by their per-rank bytes, exactly as training's ``shard_model`` is, so that a plan
+never hands a step's memory to the tables.
 
 The spec comes from ``planner/specs.py`` and the report is ``planner/render.py``'s. Nothing here
 allocates a table: memory is that of the meta model and the planner (well under 1 GB at 30M users),
@@ -43,16 +47,19 @@ from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 from cstwa_dist.config import RunConfig
 from cstwa_dist.data.spec import DatasetSpec
 from cstwa_dist.distributed.sharding import (
+    Reserve,
     RowWiseSharder,
     build_planner,
     dense_parameter_bytes,
-    embedding_optimizer_name,
     prepare_tables,
+    resolve_embedding_optimizer,
 )
 from cstwa_dist.export.weight import export_weights
 from cstwa_dist.planner.render import GIB, render_dry_run
-from cstwa_dist.planner.specs import resolve_spec, synth_spec
-from cstwa_dist.planner.structure import (
+from cstwa_dist.planner.specs import resolve_spec, split_rows, synth_spec
+from cstwa_dist.planner.verdict import NoPlan, TableDemand
+from cstwa_dist.registry import get_model_spec
+from cstwa_dist.structure.estimate import (
     NO_STRUCTURE,
     StructureEstimate,
     knn_madds_per_rank,
@@ -60,8 +67,7 @@ from cstwa_dist.planner.structure import (
     structure_sides,
     train_structure_estimate,
 )
-from cstwa_dist.planner.verdict import NoPlan, TableDemand
-from cstwa_dist.registry import get_model_spec
+from cstwa_dist.train.reserves import EVAL_SOURCE, evaluation_rows, mining_device_bytes, step_reserves
 from cstwa_dist.train.wrapper import ModelTrain
 
 logger = logging.getLogger(__name__)
@@ -105,10 +111,12 @@ class RankPlan:
     plan_hbm: int  # the planner's storage estimate (adds input/output buffers)
     plan_ddr: int
     dense_bytes: int  # weights + grads + Adam moments
-    structure_host: int
-    structure_device: int
+    structure_host: int  # the structure step's reserve (SM window or graph mining), host part
+    structure_device: int  # and device part
+    evaluation_bytes: int  # the evaluation reserve (host memory)
     device_total: int
     host_total: int
+    table_capacity: int  # what the planner could give tables here, after every reservation
 
 
 @dataclass
@@ -123,6 +131,7 @@ class DryRun:
     hbm_cap: int  # per device (0 on CPU)
     ddr_cap: int  # per rank
     embedding_optimizer: str
+    embedding_optimizer_settings: dict[str, Any]  # kernel, lr, eps (sharding.resolve_embedding_optimizer)
     batch_size: int
     dense_params: int  # bytes of the dense weights (fp32)
     tables: list[TablePlan]
@@ -133,6 +142,8 @@ class DryRun:
     exact_knn_madds_per_rank: int  # the exact search through the same ring, for comparison
     plan_seconds: float
     plan_text: str
+    reserves: list[Reserve]  # what the planner kept from the tables on every rank (train/reserves.py)
+    eval_rows: int | None  # rows of the largest evaluated split (None: unknown, not reserved)
     export_line: str = ""  # what `export` would write (cstwa_dist/export/weight.py)
 
     @property
@@ -157,9 +168,9 @@ def _optimizer_state_bytes(param: nn.Parameter, rows: int, cols: int, elem: int)
     opt = getattr(param, "_optimizer_classes", [None])[0]
     if opt is torch.optim.SGD:  # a never-trained table (reading b's P): stateless
         return 0
-    if opt is torch.optim.Adam:
+    if opt is torch.optim.Adam:  # optim.embedding=adam (GPU only)
         return 2 * rows * cols * elem  # FBGEMM fused Adam: two moments per weight
-    if opt is RowWiseAdagrad:
+    if opt is RowWiseAdagrad:  # optim.embedding=auto on every device
         return rows * 4  # exact row-wise Adagrad: one fp32 per row
     raise RuntimeError(f"no optimizer-state size known for {opt!r} (prepare_tables puts the optimizers)")
 
@@ -238,6 +249,26 @@ def _planner_storage(planner: EmbeddingShardingPlanner, world_size: int) -> tupl
     return hbm, ddr
 
 
+def _table_capacity(planner: EmbeddingShardingPlanner, world_size: int, cuda: bool) -> list[int]:
+    """Per rank, the HBM (GPU ranks) or host memory (CPU ranks) the planner could give the tables
+    after its reservation (a share, the dense state, input buffers, the job's reserves).
+
+    Read from the reservation's ``last_reserved_topology``; like ``_best_plan`` the planner keeps its
+    reservation in a private attribute, so a TorchRec that moves it fails the tests, not a report.
+    """
+    reservation = getattr(planner, "_storage_reservation", None)
+    topology = getattr(reservation, "last_reserved_topology", None)
+    if topology is None:
+        raise RuntimeError(
+            "EmbeddingShardingPlanner._storage_reservation is missing: update planner/dryrun.py for "
+            "this TorchRec"
+        )
+    out = [0] * world_size
+    for device in topology.devices:
+        out[device.rank] = int(device.storage.hbm if cuda else device.storage.ddr)
+    return out
+
+
 def dry_run(
     cfg: RunConfig,
     spec: DatasetSpec,
@@ -248,6 +279,8 @@ def dry_run(
     hbm_gb: float | None = None,
     ddr_gb: float | None = None,
     spec_source: str = "",
+    rows_per_split: dict[str, int] | None = None,
+    reserve_steps: bool = True,
 ) -> DryRun:
     """Plans ``model_name`` for ``world_size`` ranks without a process group and estimates memory.
 
@@ -256,6 +289,11 @@ def dry_run(
     Raises :class:`~cstwa_dist.planner.verdict.NoPlan` (a ``ValueError``) with every table's demand
     when TorchRec's planner finds no plan, so that the verdict can say which table does not fit where;
     a plan that exists but leaves ranks over their caps is returned (``verdict.judge`` says so).
+
+    The planner plans with the job's reserves taken off every rank (``train/reserves.py``), as
+    training does; ``reserve_steps=False`` plans without them (to show what they cost).
+    ``rows_per_split`` (rows per split) sizes the evaluation reserve; by default
+    :func:`~cstwa_dist.planner.specs.split_rows` of ``spec`` and ``cfg.data.dataset``.
     """
     if world_size < 1:
         raise ValueError(f"--world-size must be >= 1, got {world_size}")
@@ -278,20 +316,51 @@ def dry_run(
     ddr_cap = int(ddr_gb * GIB) if ddr_gb is not None else DDR_CAP
 
     mspec = get_model_spec(model_name)
-    emb_opt = embedding_optimizer_name(cfg.optim, torch.device(compute_device))
+    cuda = compute_device == "cuda"
+    emb_opt = resolve_embedding_optimizer(cfg.optim, torch.device(compute_device))
     own = mspec.settings_in(cfg)  # the model's own settings (models.<name>), as training builds it
     model = mspec.build(spec, cfg.model, torch.device("meta"), structure=cfg.structure, settings=own)
     module = ModelTrain(model, mspec.build_loss(cfg.loss, cfg.model, settings=own))
     tables = mspec.structure_tables(cfg.model, cfg.structure, settings=own)
     constraints = prepare_tables(module, cfg.optim, emb_opt, tables)
+
+    # the structure steps (they depend on the model, not on the plan) and the reserves they make
+    train_sides, mine_sides = structure_sides(model, model_name, spec, cfg)
+    mining = mining_structure_estimate(
+        mine_sides if train_sides or mspec.representation_source else [], world_size, cfg.structure
+    )
+    if train_sides:
+        structure = train_structure_estimate(
+            train_sides, world_size, on_device=cuda, layers=cfg.structure.layers
+        )
+    elif mspec.representation_source is not None:
+        structure = mining
+    else:
+        structure = NO_STRUCTURE
+    rows = rows_per_split if rows_per_split is not None else split_rows(spec, cfg.data.dataset)
+    eval_rows = evaluation_rows(cfg, rows) if rows is not None else None
+    mines = structure is mining and mining.phase == "pretrain"
+    reserves = (
+        step_reserves(
+            compute_device=compute_device,
+            world_size=world_size,
+            structure=structure if structure.phase == "train" else NO_STRUCTURE,
+            mining=mining if mines else None,
+            mining_device=mining_device_bytes(mine_sides, world_size, cfg) if mines and cuda else 0,
+            eval_rows=eval_rows,
+        )
+        if reserve_steps
+        else []
+    )
     planner = build_planner(
         module,
         constraints,
         world_size=world_size,
         local_world_size=local_world_size,
         compute_device=compute_device,
-        hbm_cap_bytes=hbm_cap if compute_device == "cuda" else None,
+        hbm_cap_bytes=hbm_cap if cuda else None,
         ddr_cap_bytes=ddr_cap,
+        reserves=reserves,
     )
     t0 = time.perf_counter()
     try:
@@ -306,6 +375,8 @@ def dry_run(
             reason=e.error_type.value.replace("_", " "),
             demands=table_demands(module, {t.table for t in tables}, world_size),
             dense_state=4 * dense_parameter_bytes(module),
+            reserves=reserves,
+            planner_message=str(e),
         ) from None
     seconds = time.perf_counter() - t0
     logger.info("planned %s for %d %s ranks in %.2fs", model_name, world_size, compute_device, seconds)
@@ -314,30 +385,26 @@ def dry_run(
     hbm, ddr = _planner_storage(planner, world_size)
     dense_params = dense_parameter_bytes(module)
     dense_state = 4 * dense_params  # weights + grads + Adam exp_avg + exp_avg_sq
-
-    train_sides, mine_sides = structure_sides(model, model_name, spec, cfg)
-    mining = mining_structure_estimate(
-        mine_sides if train_sides or mspec.representation_source else [], world_size, cfg.structure
-    )
-    if train_sides:
-        structure = train_structure_estimate(
-            train_sides, world_size, on_device=compute_device == "cuda", layers=cfg.structure.layers
-        )
-    elif mspec.representation_source is not None:
-        structure = mining
-    else:
-        structure = NO_STRUCTURE
+    capacity = _table_capacity(planner, world_size, cuda)
+    # the structure step's figures are those of its reserve (planned without reserves: the estimate)
+    step = next((x for x in reserves if x.source != EVAL_SOURCE), None)
+    evaluation = next((x for x in reserves if x.source == EVAL_SOURCE), None)
 
     ranks: list[RankPlan] = []
     for r in range(world_size):
         emb = sum(t.bytes_per_rank.get(r, 0) for t in tables)
-        s_host = structure.host_rank0 if r == 0 else structure.host_other
-        if compute_device == "cuda":
-            device_total = hbm[r] + dense_state + structure.device
-            host_total = ddr[r] + s_host
+        if step is not None:
+            s_host, s_device = step.host(r), step.hbm
+        else:
+            s_host = structure.host_rank0 if r == 0 else structure.host_other
+            s_device = structure.device if cuda else 0
+        ev = 0 if evaluation is None else evaluation.host(r)
+        if cuda:
+            device_total = hbm[r] + dense_state + s_device
+            host_total = ddr[r] + s_host + ev
         else:
             device_total = 0
-            host_total = ddr[r] + dense_state + s_host
+            host_total = ddr[r] + dense_state + s_host + ev
         ranks.append(
             RankPlan(
                 rank=r,
@@ -347,9 +414,11 @@ def dry_run(
                 plan_ddr=ddr[r],
                 dense_bytes=dense_state,
                 structure_host=s_host,
-                structure_device=structure.device if compute_device == "cuda" else 0,
+                structure_device=s_device,
+                evaluation_bytes=ev,
                 device_total=device_total,
                 host_total=host_total,
+                table_capacity=capacity[r],
             )
         )
     knn = max(mine_sides, key=lambda s: s.entities)
@@ -364,7 +433,8 @@ def dry_run(
         compute_device=compute_device,
         hbm_cap=hbm_cap,
         ddr_cap=ddr_cap,
-        embedding_optimizer=emb_opt,
+        embedding_optimizer=emb_opt.name,
+        embedding_optimizer_settings=emb_opt.to_dict(),
         batch_size=cfg.data.batch_size,
         dense_params=dense_params,
         tables=tables,
@@ -375,5 +445,7 @@ def dry_run(
         exact_knn_madds_per_rank=exact_madds,
         plan_seconds=seconds,
         plan_text=str(plan),
+        reserves=reserves,
+        eval_rows=eval_rows,
         export_line=export_weights(model_name, cfg, spec).line(),
     )

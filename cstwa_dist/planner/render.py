@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from cstwa_dist.planner.structure import StructureEstimate
+from cstwa_dist.structure.estimate import StructureEstimate
 
 if TYPE_CHECKING:
+    from cstwa_dist.distributed.sharding import Reserve
     from cstwa_dist.planner.dryrun import DryRun
     from cstwa_dist.planner.verdict import NoPlan
 
@@ -44,11 +45,12 @@ def render_dry_run(d: DryRun) -> str:
         )
     else:
         topo = f"{d.world_size} CPU ranks, host {fmt_bytes(d.ddr_cap)} per rank"
-    opt_state = "2 x weights" if d.embedding_optimizer == "adam" else "one fp32 per row"
+    opt = d.embedding_optimizer_settings
     lines = [
         f"sharding dry run: model {d.model}, spec from {d.spec_source}",
         f"topology: {topo}",
-        f"embedding optimizer: fused {d.embedding_optimizer} (state {opt_state}); dense: Adam; "
+        f"embedding optimizer: fused {d.embedding_optimizer} ({opt['kernel']}, lr {opt['lr']:g}, "
+        f"eps {opt['eps']:g}; state {opt['state']}); dense: Adam; "
         f"batch {d.batch_size} per rank; planned in {d.plan_seconds:.2f}s",
         "",
         f"embedding tables ({len(d.tables)}); bytes = weights + optimizer state",
@@ -74,15 +76,24 @@ def render_dry_run(d: DryRun) -> str:
         "per rank: emb w+opt = this rank's shards, weights + optimizer state; "
         f"plan {'HBM' if cuda else 'DDR'} = the planner's storage for them (adds input/output buffers);",
         f"  dense = {fmt_bytes(d.dense_params)} of dense weights x 4 (weights, grads, Adam's 2 moments) on "
-        "every rank; struct = the structure step's peak (below); totals leave out the process itself "
-        "(torch, CUDA context) and the node's Ray runtime"
+        "every rank; struct = the structure step's peak (below); eval = an evaluation pass (host); "
+        "totals leave out the process itself (torch, CUDA context) and the node's Ray runtime"
         + ("" if cuda else ", its device transients included (host memory on CPU ranks)"),
     ]
     header: tuple[str, ...] = ("rank", "tables", "emb w+opt")
     if cuda:
-        header += ("plan HBM", "dense", "struct dev", "device total", "plan DDR", "struct host", "host total")
+        header += (
+            "plan HBM",
+            "dense",
+            "struct dev",
+            "device total",
+            "plan DDR",
+            "struct host",
+            "eval",
+            "host total",
+        )
     else:
-        header += ("plan DDR", "dense", "struct host", "host total")
+        header += ("plan DDR", "dense", "struct host", "eval", "host total")
     rows = [header]
     over_device = over_host = 0
     for r in d.ranks:
@@ -101,13 +112,18 @@ def render_dry_run(d: DryRun) -> str:
                 fmt_bytes(r.dense_bytes),
                 fmt_bytes(r.structure_device),
                 fmt_bytes(r.device_total) + dflag,
+                fmt_bytes(r.plan_ddr),
+                fmt_bytes(r.structure_host),
+                fmt_bytes(r.evaluation_bytes),
             )
         else:
-            row += (fmt_bytes(r.plan_ddr), fmt_bytes(r.dense_bytes))
-        row += ((fmt_bytes(r.plan_ddr),) if cuda else ()) + (
-            fmt_bytes(r.structure_host),
-            fmt_bytes(r.host_total) + hflag,
-        )
+            row += (
+                fmt_bytes(r.plan_ddr),
+                fmt_bytes(r.dense_bytes),
+                fmt_bytes(r.structure_host),
+                fmt_bytes(r.evaluation_bytes),
+            )
+        row += (fmt_bytes(r.host_total) + hflag,)
         rows.append(row)
     lines += _table(rows, right=set(range(2, len(header))))
     per_node = d.local_world_size
@@ -124,6 +140,13 @@ def render_dry_run(d: DryRun) -> str:
     lines.append(
         f"  largest host total: rank {worst.rank}, {fmt_bytes(worst.host_total)} of {fmt_bytes(d.ddr_cap)}; "
         f"ranks over the host cap: {over_host}; busiest node ({per_node} ranks): {fmt_bytes(node_host)} host"
+    )
+    lines += ["", *reserve_lines(d.reserves, cuda, d.eval_rows)]
+    least = min(d.ranks, key=lambda r: r.table_capacity)
+    lines.append(
+        f"  the planner could give tables at most {fmt_bytes(least.table_capacity)} "
+        f"{'HBM' if cuda else 'host memory'} on rank {least.rank} (cap less 15 % on HBM, 6 x the dense "
+        "parameters, input buffers and the reserves)"
     )
 
     lines += [
@@ -163,7 +186,7 @@ def render_no_plan(e: NoPlan) -> str:
         "",
         f"embedding tables ({len(e.demands)}); bytes = weights + optimizer state; per rank = the least one "
         "rank holds (row-wise: ceil(rows/W) rows; table-wise: all of it); usable = 85 % of the cap less "
-        "6 x the dense parameters (the planner's reservation)",
+        "6 x the dense parameters and the steps' reserves (the planner's reservation)",
     ]
     big = {t.name for t in e.too_big()}
     rows = [("table", "rows x dim", "sharding", "bytes", "per rank", "usable")]
@@ -182,7 +205,26 @@ def render_no_plan(e: NoPlan) -> str:
         )
     rows.append(("total", "", "", fmt_bytes(sum(t.bytes for t in e.demands)), "", ""))
     lines += _table(rows, right={1, 3, 4})
+    if e.reserves:
+        lines += ["", *reserve_lines(e.reserves, e.compute_device == "cuda")]
     return "\n".join(lines) + "\n"
+
+
+def reserve_lines(reserves: list[Reserve], cuda: bool, eval_rows: int | None = -1) -> list[str]:
+    """One line per reserve the planner kept from the tables on every rank, with its size and the
+    function its figure comes from (``train/reserves.py``); ``eval_rows=None`` says that the
+    evaluation reserve is missing because no split sizes were known."""
+    out = [f"reserves kept from the planner on every rank ({len(reserves)}):"]
+    for r in reserves:
+        host = fmt_bytes(r.ddr) + (f" (rank 0: {fmt_bytes(r.ddr_rank0)})" if r.ddr_rank0 != r.ddr else "")
+        where = f"device {fmt_bytes(r.hbm)}, host {host}" if cuda else f"host {host}"
+        out.append(f"  reserve: {r.name}: {where}  [{r.source}]")
+    if eval_rows is None:
+        out.append(
+            "  reserve: evaluation: none (split rows unknown: no stats.json beside this spec, "
+            "not a synth preset)"
+        )
+    return out
 
 
 def _structure_lines(s: StructureEstimate, title: str) -> list[str]:

@@ -10,9 +10,13 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from cstwa_dist.data.spec import DatasetSpec, FieldSpec, SpecError
+from cstwa_dist.data.spec import DatasetSpec, FieldSpec, SpecError, dataset_split_rows
 
-__all__ = ["SYNTH_PREFIX", "resolve_spec", "synth_spec"]
+__all__ = ["SYNTH_PREFIX", "resolve_spec", "split_rows", "synth_spec"]
+
+#: Rows per split of every spec :func:`synth_spec` made (a synth preset's sizes follow from the
+#: preset), so that :func:`split_rows` can answer for a data set that does not exist yet.
+_PRESET_ROWS: dict[DatasetSpec, dict[str, int]] = {}
 
 SYNTH_PREFIX = "synth:"
 _PRESET_DIR = re.compile(r"^(?P<preset>.+?)(?:-(?P<scale>\d+(?:\.\d+)?))?$")
@@ -34,7 +38,24 @@ def synth_spec(preset: str, scale: float = 1.0) -> DatasetSpec:
     fields.append(FieldSpec(name="item_id", side="item", vocab_size=sizes["num_items"]))
     fields += [FieldSpec(name=n, side="item", vocab_size=v) for n, v in synth.ITEM_PROFILE_VOCAB.items()]
     fields += [FieldSpec(name=n, side="context", vocab_size=v) for n, v in synth.CONTEXT_VOCAB.items()]
-    return DatasetSpec(fields=tuple(fields), user_id="user_id", item_id="item_id")
+    spec = DatasetSpec(fields=tuple(fields), user_id="user_id", item_id="item_id")
+    _PRESET_ROWS[spec] = {split: sizes[split] for split in ("train", "val", "test")}
+    return spec
+
+
+def split_rows(spec: DatasetSpec, dataset: str | Path) -> dict[str, int] | None:
+    """Rows of each split of the data set ``spec`` describes, or ``None`` when nothing says.
+
+    ``<dataset>/stats.json`` when that folder's ``spec.yaml`` is ``spec`` (the data set the job will
+    read), else the sizes of the synth preset ``spec`` was made from (:func:`synth_spec`). Why: the
+    evaluation reserve (``train/reserves.py``) is sized by a split's rows, which the spec (fields
+    and vocabularies) does not hold.
+    """
+    rows = dataset_split_rows(spec, dataset)
+    if rows is not None:
+        return rows
+    rows = _PRESET_ROWS.get(spec)
+    return dict(rows) if rows is not None else None
 
 
 def _parse_synth(text: str) -> tuple[str, float]:

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 from cstwa_dist.planner.render import fmt_bytes
 
 if TYPE_CHECKING:
+    from cstwa_dist.distributed.sharding import Reserve
     from cstwa_dist.planner.dryrun import DryRun
 
 __all__ = [
@@ -76,6 +77,8 @@ class NoPlan(ValueError):
         reason: str,
         demands: list[TableDemand],
         dense_state: int,
+        reserves: list[Reserve] | None = None,
+        planner_message: str = "",
     ) -> None:
         self.world_size = world_size
         self.local_world_size = local_world_size
@@ -85,21 +88,44 @@ class NoPlan(ValueError):
         self.reason = reason  # TorchRec's error type: "insufficient storage", "strict constraints", ...
         self.demands = demands
         self.dense_state = dense_state
+        self.reserves = list(reserves or [])  # the job's steps' reserves (train/reserves.py)
+        self.planner_message = planner_message  # TorchRec's own (multi-line) explanation
         super().__init__(f"no sharding plan fits {world_size} ranks ({reason}): {self.explain()}")
 
     def usable(self, table: TableDemand) -> tuple[int, str]:
         """The bytes one rank can give ``table`` and where: the structure tables (row-wise) are pinned
         to the FUSED kernel, so on GPUs they need HBM; a field table may go to UVM (host memory)."""
         if self.compute_device != "cuda":
-            return self._per_rank(self.ddr_cap), "host"
+            return self._per_rank(self.ddr_cap, self.reserved("host")), "host"
         if table.sharding_type == "row_wise":
-            return self._per_rank(self.hbm_cap), "HBM"
-        return self._per_rank(max(self.hbm_cap, self.ddr_cap)), "HBM or host (UVM)"
+            return self._per_rank(self.hbm_cap, self.reserved("HBM")), "HBM"
+        return (
+            max(
+                self._per_rank(self.hbm_cap, self.reserved("HBM")),
+                self._per_rank(self.ddr_cap, self.reserved("host")),
+            ),
+            "HBM or host (UVM)",
+        )
 
-    def _per_rank(self, cap: int) -> int:
+    def reserved(self, where: str) -> int:
+        """The reserves' bytes on the busiest rank (rank 0) in ``where`` ("HBM" or "host")."""
+        return sum(r.hbm if where == "HBM" else r.host(0) for r in self.reserves)
+
+    def _per_rank(self, cap: int, reserved: int = 0) -> int:
         """A rank's cap less the planner's reservation (15 % and 6 x the dense parameters, which are
-        a quarter of ``dense_state``); its input buffers, which depend on the batch, are not counted."""
-        return max(0, int(cap * USABLE_SHARE) - 6 * self.dense_state // 4)
+        a quarter of ``dense_state``) and the job's reserves; its input buffers, which depend on the
+        batch, are not counted."""
+        return max(0, int(cap * USABLE_SHARE) - 6 * self.dense_state // 4 - reserved)
+
+    def reserves_text(self) -> str:
+        """The reserves this plan had to leave free, in words ("" when none)."""
+        where = "HBM" if self.compute_device == "cuda" else "host"
+        sized = [(r.name, r.hbm if where == "HBM" else r.host(0)) for r in self.reserves]
+        sized = [(n, b) for n, b in sized if b]
+        if not sized:
+            return ""
+        parts = ", ".join(f"{n} {fmt_bytes(b)}" for n, b in sized)
+        return f"reserved per rank beside the tables ({where}): {parts}"
 
     def too_big(self) -> list[TableDemand]:
         """Tables whose share of one rank exceeds what a rank can hold, largest first."""
@@ -119,27 +145,44 @@ class NoPlan(ValueError):
                     f"{fmt_bytes(cap)} usable {where}"
                 )
             more = f" and {len(big) - 4} more" if len(big) > 4 else ""
-            return "; ".join(parts) + more
+            return "; ".join(parts) + more + self._reserves_clause()
         total = sum(t.bytes for t in self.demands)
         top = ", ".join(
             f"{t.name} {fmt_bytes(t.bytes)}" for t in sorted(self.demands, key=lambda t: -t.bytes)[:3]
         )
         cuda = self.compute_device == "cuda"
-        offer = self.world_size * self._per_rank(self.hbm_cap if cuda else self.ddr_cap)
+        reserved = self.reserved("HBM" if cuda else "host")
+        offer = self.world_size * self._per_rank(self.hbm_cap if cuda else self.ddr_cap, reserved)
         out = (
             f"the tables together need {fmt_bytes(total)} (largest: {top}) and "
             f"{_plural(self.world_size, 'rank')} offer about {fmt_bytes(offer)} "
             f"{'HBM' if cuda else 'host memory'} after the planner's reservations "
-            "(15 % of each cap, 6 x the dense parameters per rank)"
+            "(15 % of each cap, 6 x the dense parameters per rank"
+            + (", the steps' reserves)" if reserved else ")")
         )
         if total <= offer:
             out += ", less its input buffers per rank, which take the rest"
-        return out
+        return out + self._reserves_clause()
+
+    def _reserves_clause(self) -> str:
+        text = self.reserves_text()
+        return f"; {text}" if text else ""
 
     def hopeless(self) -> str | None:
-        """Why no world size can fit, or ``None``: a table-wise table larger than any rank, or the dense
-        state (on every rank, whatever W) alone over a cap."""
-        for t in self.too_big():
+        """Why no world size can fit, or ``None``: a table-wise table larger than any rank even without
+        the steps' reserves (they shrink as the world grows), or the dense state (on every rank,
+        whatever W) alone over a cap."""
+        unreserved = NoPlan(
+            world_size=self.world_size,
+            local_world_size=self.local_world_size,
+            compute_device=self.compute_device,
+            hbm_cap=self.hbm_cap,
+            ddr_cap=self.ddr_cap,
+            reason=self.reason,
+            demands=self.demands,
+            dense_state=self.dense_state,
+        )
+        for t in unreserved.too_big():
             if t.sharding_type == "table_wise":
                 return f"{t.name} is table-wise (one rank holds all {fmt_bytes(t.bytes)})"
         return _dense_over(self.dense_state, self.compute_device, self.hbm_cap, self.ddr_cap)
@@ -297,11 +340,12 @@ def _over_text(d: DryRun, device: list[int], host: list[int], tables: list[str])
     if host:
         worst = max(d.ranks, key=lambda r: r.host_total)
         dense = worst.dense_bytes if d.compute_device != "cuda" else 0
+        ev = worst.evaluation_bytes
         parts.append(
             f"{len(host)} of {_plural(d.world_size, 'rank')} over the host cap (largest: rank {worst.rank}, "
             f"{fmt_bytes(worst.host_total)} of {fmt_bytes(d.ddr_cap)}: "
             f"embeddings {fmt_bytes(worst.plan_ddr)}, dense {fmt_bytes(dense)}, "
-            f"structure {fmt_bytes(worst.structure_host)})"
+            f"structure {fmt_bytes(worst.structure_host)}, evaluation {fmt_bytes(ev)})"
         )
     if not parts:
         cuda = d.compute_device == "cuda"

@@ -17,8 +17,10 @@ Algorithm (docs/structure-scaling.md):
    centroids; PQ codebooks with ``pq_m``) and broadcasts it serialised. Every rank then adds its own
    rows to its copy: all shards share one quantizer, so list ``j`` means the same cell everywhere.
    Rank 0's training is the only step where others wait; it is bounded by the sample size (9–19 s
-   at 1M rows on the 2-core development machine, ``train_s``/``broadcast_s`` in the timings; about
-   10 min projected at 30M on a CPU rank, seconds on a GPU) and done once per graph.
+   at 1M rows on the 2-core development machine, ``train_s``/``broadcast_s`` in the timings; 3–10
+   min projected at 30M on a CPU rank, about a second on a GPU) and done once per graph. On the GPU
+   path k-means (and PQ's codebook k-means) assign with GPU flat indexes, and each rank clones the
+   trained *empty* index to its GPU and adds its rows there, in chunks with a progress line each.
 2. **Ring of query blocks.** Every rank's rows are also its queries. In round ``(c, t)`` rank ``r``
    sends its query chunk ``c`` (with its coarse assignment: the ``nprobe`` nearest cells, computed
    once by the owner) to rank ``r − t`` and receives chunk ``c`` of rank ``r + t``, searches it against
@@ -50,8 +52,11 @@ Nothing is of size ``N``; the caller's raw ``x_local`` is not counted (it is nor
 float32 copy in ``block_rows`` chunks).
 
 Faiss ships no type hints; the small functions prefixed ``_faiss_`` add them at the edge.
-On a machine where ``faiss.get_num_gpus() > 0`` the shard index and the flat search run on the
-rank's GPU (``faiss-gpu``); otherwise on CPU.
+On a machine where ``faiss.get_num_gpus() > 0`` (:func:`faiss_device`) k-means, the shard index and
+the flat search run on the rank's GPU (``faiss-gpu``); otherwise on CPU, unchanged. Every GPU symbol
+is looked up only on that path (``_gpu_symbol``), so the module imports and runs with faiss-cpu.
+Settings the GPU index lacks (HNSW quantizer, some PQ code sizes) are refused before any work by
+:func:`check_ivf_supported`. The GPU path has not been executed on the development machine (no GPU).
 """
 
 from __future__ import annotations
@@ -70,6 +75,7 @@ import torch.distributed as dist
 
 from cstwa_dist.distributed.exchange import all_reduce_ints
 from cstwa_dist.distributed.exchange import world as _world
+from cstwa_dist.structure.faiss_memory import FAISS_GPU_TEMP_BYTES
 from cstwa_dist.structure.knn import ensure_self_first, l2_normalise
 from cstwa_dist.structure.memory import MemoryItem
 
@@ -77,12 +83,18 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "BLOCK_ROWS",
+    "GPU_MAX_K",
+    "GPU_PQ_CODE_BYTES",
+    "GPU_PQ_MAX_M_FLOAT32",
     "IVFParams",
     "KnnResult",
     "RingStats",
     "auto_nlist",
+    "check_ivf_supported",
     "distributed_knn",
     "even_ranges",
+    "faiss_device",
+    "ivf_support_problems",
     "knn_memory",
     "merge_topk",
     "per_rank_bytes",
@@ -111,6 +123,11 @@ class IVFParams:
     ``pq_m``-byte PQ codes instead of the float rows (memory ``n·(pq_m + 8)``, needs ``d % pq_m == 0``)
     and re-scores ``refine·k`` candidates exactly. Defaults are the measured ones
     (docs/structure-scaling.md).
+
+    ``gpu_cpu_quantizer`` matters only where the index goes to a GPU: Faiss's GPU IVF indexes clone
+    a flat coarse quantizer only, so an HNSW one is refused there (:func:`check_ivf_supported`)
+    unless this asks to keep it on the host (``GpuClonerOptions.allowCpuCoarseQuantizer``; every
+    search then runs its coarse step on the CPU).
     """
 
     nlist: int = 0
@@ -124,6 +141,7 @@ class IVFParams:
     hnsw_m: int = 32
     exact: bool = False
     seed: int = 0
+    gpu_cpu_quantizer: bool = False
 
     def __post_init__(self) -> None:
         if self.quantizer not in ("flat", "hnsw"):
@@ -227,7 +245,8 @@ def per_rank_memory(
 
     * ``shard``: the L2-normalised copy of the rows the rank searches against, ``n_r·w·4``;
     * ``index``: the shard's IVF lists, float rows ``n_r·(w·4 + 8)`` (IVF-PQ: ``pq_m``-byte codes,
-      ``n_r·(pq_m + 8)``), plus the shared centroids ``nlist·w·4``; none for the exact search;
+      ``n_r·(pq_m + 8)``), plus the shared centroids ``nlist·w·4``; none for the exact search. On
+      the GPU path (:func:`faiss_device`) this item is in the GPU's memory, the host holds none of it;
     * ``foreign_block``: the one foreign query block a rank holds at a time (``RingStats`` checks
       there is never a second) with its coarse assignment, ``b·(w·4 + nprobe·12)`` (exact: ``b·w·4``);
     * ``result_blocks``: that block's per-shard top-``k`` and the top-``k`` returned for the own
@@ -298,6 +317,88 @@ def resolve_cells(params: IVFParams, n_total: int) -> tuple[int, int]:
         return 0, 0
     nlist = min(params.nlist or auto_nlist(n_total), n_total)
     return nlist, min(params.nprobe, nlist)
+
+
+#: Bytes per PQ code (``pq_m`` sub-quantizers of 8 bits) that Faiss's GPU IVF-PQ implements in its
+#: classic list layout, the one ``index_cpu_to_gpu`` builds with cuVS switched off (as here).
+GPU_PQ_CODE_BYTES = (1, 2, 3, 4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 96)
+
+#: Largest ``pq_m`` whose float32 distance lookup table (``pq_m·256·4`` B) fits the 48 KiB of shared
+#: memory per block GPU IVF-PQ keeps it in. 56, 64 and 96 need float16 tables, which would change the
+#: approximate scores that pick the candidates, so they are refused rather than switched on.
+GPU_PQ_MAX_M_FLOAT32 = 48
+
+#: Largest ``k`` (and ``nprobe``) Faiss's GPU k-selection returns (2048 in CUDA builds since Faiss
+#: 1.7; 1024 before).
+GPU_MAX_K = 2048
+
+
+def faiss_device() -> str:
+    """``"gpu"`` where :func:`distributed_knn` builds its index on the rank's GPU (a Faiss with GPU
+    support that sees a GPU), else ``"cpu"``: the ``device`` argument of :func:`check_ivf_supported`."""
+    return "gpu" if _faiss_num_gpus() > 0 else "cpu"
+
+
+def ivf_support_problems(
+    params: IVFParams, device: str, *, d: int | None = None, k: int | None = None
+) -> list[str]:
+    """What of ``params`` the index on ``device`` (``"cpu"`` or ``"gpu"``) cannot do, one sentence
+    each (empty: supported). A pure function of its arguments, so a config can be refused before any
+    rank reads, trains or waits, and so the rules are testable without a GPU. ``d`` (row width) and
+    ``k`` (neighbours) add the checks that need them when known.
+
+    GPU rules (Faiss's GPU IVF, classic implementation): the coarse quantizer is cloned to the GPU
+    only when flat, so ``quantizer="hnsw"`` needs ``gpu_cpu_quantizer``; IVF-PQ needs 8-bit codes
+    and ``pq_m`` in :data:`GPU_PQ_CODE_BYTES`, at most :data:`GPU_PQ_MAX_M_FLOAT32`; ``nprobe`` and
+    the candidates per query (``k``, or ``refine·k`` with PQ) at most :data:`GPU_MAX_K`. Any width
+    per sub-quantizer ``d / pq_m`` is accepted: current Faiss falls back to a matrix-multiply kernel
+    for widths without a specialised one. On both devices ``pq_m`` must divide ``d``.
+    """
+    if device not in ("cpu", "gpu"):
+        raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
+    problems: list[str] = []
+    if d is not None and params.pq_m and not params.exact and d % params.pq_m:
+        problems.append(f"pq_m={params.pq_m} must divide the row width d={d}")
+    if device == "cpu":
+        return problems
+    if k is not None and k * (params.refine if params.pq_m and not params.exact else 1) > GPU_MAX_K:
+        per = f"refine·k = {params.refine}·{k}" if params.pq_m and not params.exact else f"k={k}"
+        problems.append(f"GPU search returns at most {GPU_MAX_K} candidates per query; {per} asks more")
+    if params.exact:
+        return problems
+    if params.quantizer == "hnsw" and not params.gpu_cpu_quantizer:
+        problems.append(
+            "quantizer='hnsw' is not available on the GPU: Faiss's GPU IVF clones only a flat coarse "
+            "quantizer; use quantizer='flat', or set gpu_cpu_quantizer=True to keep the HNSW "
+            "quantizer on the host (GpuClonerOptions.allowCpuCoarseQuantizer)"
+        )
+    probe = min(params.nprobe, params.nlist) if params.nlist else params.nprobe
+    if probe > GPU_MAX_K:
+        problems.append(f"nprobe={probe} exceeds the GPU IVF limit of {GPU_MAX_K}")
+    if params.pq_m:
+        if params.pq_bits != 8:
+            problems.append(f"pq_bits={params.pq_bits}: GPU IVF-PQ stores 8-bit codes only (pq_bits=8)")
+        if params.pq_m not in GPU_PQ_CODE_BYTES:
+            problems.append(
+                f"pq_m={params.pq_m} bytes per code is not implemented by GPU IVF-PQ; use one of "
+                f"{', '.join(str(m) for m in GPU_PQ_CODE_BYTES if m <= GPU_PQ_MAX_M_FLOAT32)}"
+            )
+        elif params.pq_m > GPU_PQ_MAX_M_FLOAT32:
+            problems.append(
+                f"pq_m={params.pq_m} needs float16 lookup tables on the GPU (a float32 table of "
+                f"{params.pq_m}·256·4 B exceeds 48 KiB of shared memory), which this project does "
+                f"not enable; use pq_m <= {GPU_PQ_MAX_M_FLOAT32}"
+            )
+    return problems
+
+
+def check_ivf_supported(
+    params: IVFParams, device: str, *, d: int | None = None, k: int | None = None
+) -> None:
+    """Raise ``ValueError`` listing every :func:`ivf_support_problems` of ``params`` on ``device``."""
+    problems = ivf_support_problems(params, device, d=d, k=k)
+    if problems:
+        raise ValueError(f"IVF settings not supported on {device}: " + "; ".join(problems))
 
 
 def quantizer_sample_rows(n_total: int, nlist: int, train_per_list: int) -> int:
@@ -492,22 +593,119 @@ def _faiss_new_ivf(d: int, nlist: int, params: IVFParams) -> Any:
     return index
 
 
-def _faiss_train_serialised(sample: np.ndarray, nlist: int, params: IVFParams) -> np.ndarray:
-    """Train an empty IVF index on ``sample`` and return it serialised (uint8), ready to broadcast."""
+#: An index k-means assigns points with, built for a width and a metric (``_faiss_train_serialised``).
+AssignIndexFactory = Callable[[int, int], Any]
+
+
+def _faiss_train_serialised(
+    sample: np.ndarray, nlist: int, params: IVFParams, *, assign: AssignIndexFactory | None = None
+) -> np.ndarray:
+    """Train an empty IVF index on ``sample`` and return it serialised (uint8), ready to broadcast.
+
+    ``assign(width, metric)``, when given, supplies the index k-means searches with: the coarse
+    k-means' (``IndexIVF.clustering_index``, inner product) and, with PQ, the sub-quantizers'
+    (``ProductQuantizer.assign_index``, L2, width ``d / pq_m``). Everything else (sample, seed,
+    iterations, spherical centroids, sub-sampling) is Faiss's own training, unchanged. The GPU path
+    passes GPU flat indexes (:func:`_gpu_flat_index`), which moves k-means' multiply-adds to the GPU;
+    with CPU flat indexes the result is byte-identical to ``assign=None`` (tested), so the GPU
+    training differs from the CPU one only by floating-point summation order. The override indexes
+    are detached before serialising: they belong to this rank's device, not to the index.
+    """
     index = _faiss_new_ivf(sample.shape[1], nlist, params)
-    index.train(np.ascontiguousarray(sample, dtype=np.float32))
+    overrides: list[Any] = []  # Faiss keeps raw pointers: the Python objects must outlive train()
+    if assign is not None:
+        overrides.append(assign(sample.shape[1], faiss.METRIC_INNER_PRODUCT))
+        index.clustering_index = overrides[-1]
+        if params.pq_m:
+            overrides.append(assign(sample.shape[1] // params.pq_m, faiss.METRIC_L2))
+            index.pq.assign_index = overrides[-1]
+    try:
+        index.train(np.ascontiguousarray(sample, dtype=np.float32))
+    finally:
+        index.clustering_index = None
+        if params.pq_m:
+            index.pq.assign_index = None
     return np.asarray(faiss.serialize_index(index), dtype=np.uint8)
 
 
 def _faiss_ivf_from_bytes(blob: np.ndarray, rows: np.ndarray, nprobe: int) -> Any:
+    """The CPU path: the broadcast index with this rank's rows added on the host."""
+    index = _faiss_trained_from_bytes(blob, nprobe)
+    if rows.shape[0]:
+        index.add(rows)  # local ids 0..n_r-1; the searcher adds lo
+    return index
+
+
+def _faiss_trained_from_bytes(blob: np.ndarray, nprobe: int) -> Any:
     index = faiss.deserialize_index(np.asarray(blob, dtype=np.uint8))
     index.nprobe = nprobe
     quantizer = faiss.downcast_index(index.quantizer)
     if hasattr(quantizer, "hnsw"):
         quantizer.hnsw.efSearch = max(64, 2 * nprobe)
-    if rows.shape[0]:
-        index.add(rows)  # local ids 0..n_r-1; the searcher adds lo
     return index
+
+
+#: Rows per ``add`` call on the GPU path: one progress line each (the GPU index pages its input
+#: to the device itself, so this bounds no memory).
+GPU_ADD_ROWS = 1 << 20
+
+
+def _gpu_symbol(name: str) -> Any:
+    """``faiss.<name>`` of a GPU build; a clear error where the installed Faiss has none."""
+    sym = getattr(faiss, name, None)
+    if sym is None:
+        raise RuntimeError(
+            f"faiss.{name} is missing: the GPU path needs faiss-gpu (faiss {faiss.__version__})"
+        )
+    return sym
+
+
+def _gpu_flat_index(width: int, metric: int) -> Any:
+    """A flat GPU index on this rank's CUDA device (:data:`AssignIndexFactory` for k-means)."""
+    config = _gpu_symbol("GpuIndexFlatConfig")()
+    config.device = torch.cuda.current_device()
+    name = "GpuIndexFlatIP" if metric == faiss.METRIC_INNER_PRODUCT else "GpuIndexFlatL2"
+    return _gpu_symbol(name)(_gpu_resources(), width, config)
+
+
+def _faiss_gpu_ivf_from_bytes(
+    blob: np.ndarray, rows: np.ndarray, nprobe: int, params: IVFParams, say: Callable[[str], None]
+) -> Any:
+    """The GPU path: the broadcast *empty* index cloned to this rank's GPU (centroids, PQ codebooks:
+    small), then the rank's rows added there, :data:`GPU_ADD_ROWS` at a time with a progress line
+    each. The lists are never built on the host (before: a host add, then a copy of the filled
+    index). Cloner options keep the semantics of the CPU index: float32 lists, coarse quantizer and
+    lookup tables, 64-bit ids, no precomputed tables, the classic implementation (cuVS off, where
+    the build has it). An HNSW quantizer stays on the host when ``gpu_cpu_quantizer`` asks for it
+    (:func:`check_ivf_supported` refuses it otherwise, before this runs).
+
+    Per-rank device memory: the lists, ``n_r·(w·4 + 8)`` (IVF-PQ: ``n_r·(pq_m + 8)``), plus the
+    centroids ``nlist·w·4``; the host keeps only the trained empty index while cloning.
+    """
+    index = _faiss_trained_from_bytes(blob, nprobe)  # the clone copies nprobe
+    options = _gpu_symbol("GpuClonerOptions")()
+    options.useFloat16 = False
+    options.useFloat16CoarseQuantizer = False
+    options.usePrecomputed = False
+    options.indicesOptions = _gpu_symbol("INDICES_64_BIT")
+    if hasattr(options, "use_cuvs"):
+        options.use_cuvs = False
+    if params.quantizer == "hnsw":
+        if not hasattr(options, "allowCpuCoarseQuantizer"):
+            raise RuntimeError(
+                f"faiss {faiss.__version__} has no GpuClonerOptions.allowCpuCoarseQuantizer: an HNSW "
+                "coarse quantizer cannot stay on the host; use quantizer='flat'"
+            )
+        options.allowCpuCoarseQuantizer = True
+    clone = _gpu_symbol("index_cpu_to_gpu")
+    gpu_index = clone(_gpu_resources(), torch.cuda.current_device(), index, options)
+    del index
+    n = rows.shape[0]
+    for a in range(0, n, GPU_ADD_ROWS):
+        b = min(n, a + GPU_ADD_ROWS)
+        gpu_index.add(np.ascontiguousarray(rows[a:b]))  # local ids a..b-1; the searcher adds lo
+        say(f"ivf: {b:,} of {n:,} rows added to the GPU index")
+    return gpu_index
 
 
 def _faiss_coarse(index: Any, q: np.ndarray, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
@@ -540,7 +738,9 @@ _GPU_RES: Any = None
 def _gpu_resources() -> Any:
     global _GPU_RES
     if _GPU_RES is None:
-        _GPU_RES = faiss.StandardGpuResources()
+        _GPU_RES = _gpu_symbol("StandardGpuResources")()
+        # the amount the planner reserves (its default differs between Faiss releases)
+        _GPU_RES.setTempMemory(FAISS_GPU_TEMP_BYTES)
     return _GPU_RES
 
 
@@ -551,19 +751,23 @@ class _ShardSearcher:
     """Searches foreign query blocks against this rank's shard; returns global ids.
 
     ``extras(q)`` is what the owner computes once per query block and sends along (the coarse
-    assignment for IVF; nothing for the flat search).
+    assignment for the CPU IVF index; nothing for the flat search, nor for the GPU index, which
+    redoes the coarse step itself: cheap there, and it saves sending ``nprobe·12`` B a query).
+    ``index`` is the host IVF index, ``gpu_index`` the GPU one (:func:`_faiss_gpu_ivf_from_bytes`);
+    neither means the brute-force flat search.
     """
 
-    def __init__(self, shard: np.ndarray, lo: int, index: Any | None, nprobe: int, params: IVFParams) -> None:
+    def __init__(
+        self,
+        shard: np.ndarray,
+        lo: int,
+        index: Any | None,
+        nprobe: int,
+        params: IVFParams,
+        gpu_index: Any | None = None,
+    ) -> None:
         self.shard, self.lo, self.index, self.nprobe, self.params = shard, lo, index, nprobe, params
-        self.gpu_index: Any = None
-        if index is not None and _faiss_num_gpus() > 0:
-            # GPU IVF: the shard's lists live in HBM; the coarse step is redone there (cheap on a GPU).
-            # The host copy of the lists is then dropped (the trained quantizer stays). Untested here:
-            # the development machine has no GPU (docs/structure-scaling.md).
-            self.gpu_index = faiss.index_cpu_to_gpu(_gpu_resources(), torch.cuda.current_device(), index)
-            self.gpu_index.nprobe = nprobe
-            index.reset()
+        self.gpu_index = gpu_index
 
     def extras(self, q: np.ndarray) -> list[np.ndarray]:
         if self.index is None or self.gpu_index is not None:
@@ -582,7 +786,7 @@ class _ShardSearcher:
         n_local = self.shard.shape[0]
         if q.shape[0] == 0 or n_local == 0:
             return _pad_topk(np.zeros((q.shape[0], 0), np.float32), np.zeros((q.shape[0], 0), np.int64), k)
-        if self.index is None:
+        if self.index is None and self.gpu_index is None:
             s, i = _faiss_flat_knn(q, self.shard, min(k, n_local))
         else:
             kk = k * self.params.refine if self.params.pq_m else k
@@ -809,6 +1013,9 @@ def distributed_knn(
     if k > n_total:
         logger.warning("k=%d exceeds the number of rows N=%d; clipping k to %d", k, n_total, n_total)
         k = n_total
+    on_gpu = faiss_device() == "gpu"
+    # before any work: every rank refuses the same settings, so none is left waiting in a collective
+    check_ivf_supported(params, "gpu" if on_gpu else "cpu", d=x_local.shape[1], k=k)
     say = progress or (lambda msg: logger.info("%s", msg))
     timings: dict[str, float] = {}
 
@@ -818,7 +1025,7 @@ def distributed_knn(
     timings["normalise_s"] = time.perf_counter() - t0
 
     nlist = nprobe = 0
-    index = None
+    index = gpu_index = None
     if not params.exact:
         nlist, nprobe = resolve_cells(params, n_total)
         t0 = time.perf_counter()
@@ -827,16 +1034,25 @@ def distributed_knn(
         )
         mine = sample_ids[(sample_ids >= lo) & (sample_ids < hi)] - lo
         sample = _gather_rows_to_rank0(np.ascontiguousarray(xn[mine]), device)
-        blob = _faiss_train_serialised(sample, nlist, params) if sample is not None else None
+        blob = None
+        if sample is not None:  # rank 0; on the GPU path k-means runs on its GPU
+            say(f"ivf: training nlist={nlist} on {sample.shape[0]:,} rows ({'gpu' if on_gpu else 'cpu'})")
+            blob = _faiss_train_serialised(sample, nlist, params, assign=_gpu_flat_index if on_gpu else None)
         timings["train_s"] = time.perf_counter() - t0  # ranks > 0: the sample gather only
         t0 = time.perf_counter()
         blob = _broadcast_bytes(blob, device)
         timings["broadcast_s"] = time.perf_counter() - t0  # ranks > 0: includes the wait for rank 0
         t0 = time.perf_counter()
-        index = _faiss_ivf_from_bytes(blob, xn, nprobe)
+        if on_gpu:
+            gpu_index = _faiss_gpu_ivf_from_bytes(blob, xn, nprobe, params, say)
+        else:
+            index = _faiss_ivf_from_bytes(blob, xn, nprobe)
         timings["add_s"] = time.perf_counter() - t0
-        say(f"ivf: nlist={nlist} nprobe={nprobe} pq_m={params.pq_m}; shard of {hi - lo} rows indexed")
-    searcher = _ShardSearcher(xn, lo, index, nprobe, params)
+        say(
+            f"ivf: nlist={nlist} nprobe={nprobe} pq_m={params.pq_m}; shard of {hi - lo} rows indexed "
+            f"on the {'gpu' if on_gpu else 'cpu'}"
+        )
+    searcher = _ShardSearcher(xn, lo, index, nprobe, params, gpu_index)
     counts = [b - a for a, b in ranges]
 
     t0 = time.perf_counter()

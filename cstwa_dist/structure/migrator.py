@@ -14,8 +14,10 @@ Every rank works on the entities of its own row block and nothing of size ``N`` 
   view, no copy of the table), propagates ``L`` layers fetching only the foreign neighbour rows each
   layer needs, and writes ``(1−β)·U + β·U^(L)`` back into its block, on the rank's device.
 * ``structure.sm_init=pretrained`` (reading a): ``initialise`` copies the block's rows of the
-  pre-trained representations the graph was mined from (``<graph_dir>/<side>_representations.npy``,
-  memory-mapped, only rows ``[lo, hi)`` read) instead of Eq. 8.
+  pre-trained representations the graph was mined from instead of Eq. 8. ``mine_structure`` saves
+  them as one part per rank plus a manifest (``<graph_dir>/<side>_representations/``,
+  :func:`save_representations`); a rank reads only rows ``[lo, hi)``, from the parts that overlap
+  them (:func:`representation_rows`), so pretrain and train may run on different world sizes.
 * ``structure.sm_reading=recomputed`` (reading b, docs/method.md §2): ``initialise`` and every
   ``epoch_boundary`` recompute, for the block, ``R`` from the live field tables (the read-out Eq. 8
   uses, every field of the side, id included), propagate it ``L`` layers like reading (a), and store
@@ -36,7 +38,7 @@ and the foreign rows it fetches or serves. Each step states its own figure next 
 also the quantizer's training sample) + ``sharded_graph.shard_build_memory``; training is
 ``sharded_graph.propagator_memory`` (resident) + ``sharded_graph.migrate_memory`` (an epoch
 boundary, its mixing ``propagate.beta_update_memory``) and, at initialisation, ``readout_memory``
-(``sm_init=pretrained``: the block's rows of the memory map instead, ``n_r·w·4`` B). Reading (b)
+(``sm_init=pretrained``: the block's rows of the representation parts instead, ``n_r·w·4`` B). Reading (b)
 reads ``R`` out at every boundary too (on the host, and once more on the table's device) and
 propagates it like reading (a); ``P`` is written in place.
 """
@@ -48,7 +50,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torchrec.distributed.model_parallel import DistributedModelParallel
@@ -57,13 +58,21 @@ from cstwa_dist.config import ConfigError, StructureConfig
 from cstwa_dist.data.entities import read_entity_rows
 from cstwa_dist.data.spec import DatasetSpec
 from cstwa_dist.distributed.env import DistEnv
-from cstwa_dist.distributed.exchange import all_reduce_ints, comm_device
+from cstwa_dist.distributed.exchange import (
+    all_reduce_ints,
+    comm_device,
+    raise_together,
+)
 from cstwa_dist.distributed.sharding import submodule
 from cstwa_dist.distributed.tables import local_rows
-from cstwa_dist.fs import atomic_path
 from cstwa_dist.registry import StructureTable
 from cstwa_dist.structure.ivf import IVFParams, distributed_knn, even_ranges
 from cstwa_dist.structure.readout import side_representations
+from cstwa_dist.structure.representations import (
+    _representation_rows,
+    read_representation_manifest,
+    save_representations,
+)
 from cstwa_dist.structure.sharded_graph import (
     ShardedPropagator,
     graph_rows,
@@ -184,15 +193,24 @@ class StructureMigrator:
 
     def _initialise_pretrained(self) -> None:
         """``U[u] = r_u`` of the pre-trained CTR model (the vectors the graph was mined from), read
-        from ``<graph_dir>/<side>_representations.npy`` through a memory map, own rows only.
+        from the parts under ``<graph_dir>/<side>_representations/`` that overlap this rank's rows.
 
-        Every rank reads the same file, so a missing file or a width that does not match raises on
-        every rank alike (no collective runs here, so none is left waiting).
+        A bad or missing part concerns only the ranks whose rows it holds, so the read is followed by
+        ``raise_together``: every rank raises (the reader's error names the file), none is left
+        waiting in the next collective. Per-rank memory: the block's rows, ``n_r·w·4`` B.
         """
         for t in self.tables:
             ranges, own = local_rows(submodule(self.dmp, t.collection), t.table)
             lo, hi = ranges[self.env.rank]
-            block = pretrained_rows(self.cfg, t.side, _num_entities(self.spec, t.side), lo, hi, own.shape[1])
+            block, error = None, None
+            try:
+                block = pretrained_rows(
+                    self.cfg, t.side, _num_entities(self.spec, t.side), lo, hi, own.shape[1]
+                )
+            except (OSError, ValueError) as e:
+                error = e
+            raise_together(error, comm_device())
+            assert block is not None
             with torch.no_grad():
                 own.copy_(block.to(device=own.device, dtype=own.dtype))
             logger.info(
@@ -274,62 +292,35 @@ def _mean_abs_change(new: torch.Tensor, old: torch.Tensor, env: DistEnv) -> floa
 
 
 def pretrained_rows(cfg: StructureConfig, side: str, n: int, lo: int, hi: int, width: int) -> torch.Tensor:
-    """Rows ``[lo, hi)`` of ``<graph_dir>/<side>_representations.npy`` (float32, memory-mapped: only
-    those rows are read). Raises FileNotFoundError when ``pretrain`` did not save them and
-    ConfigError when their width is not the structure table's."""
-    path = Path(cfg.graph_dir) / f"{side}_representations.npy"
-    if not path.exists():
+    """Rows ``[lo, hi)`` of the pre-trained ``side`` representations under ``cfg.graph_dir`` (float32,
+    read from the parts that overlap them: :func:`representation_rows`). Raises FileNotFoundError when
+    ``pretrain`` did not save them (or saved the old single-file layout), ValueError when they have
+    another ``N`` than the dataset's ``n`` or a part is bad, and ConfigError when their width is not
+    the structure table's ``width``. Per-rank memory: the ``(hi − lo)·width·4`` B returned."""
+    try:
+        out, m = read_representation_manifest(cfg.graph_dir, side)
+    except FileNotFoundError as e:
         raise FileNotFoundError(
-            f"structure.sm_init=pretrained needs the pre-trained {side} representations {path}: run "
-            "`cstwa-dist pretrain` with structure.save_representations=true (the default) and the same "
-            "structure.graph_dir, or use structure.sm_init=fields"
+            f"structure.sm_init=pretrained: {e}; or use structure.sm_init=fields"
+        ) from None
+    path = out / "manifest.json"
+    if m["n_total"] != n:
+        raise ValueError(
+            f"{path} lists {m['n_total']} rows but the dataset has {n} {side}s: mined from other data; run "
+            "`cstwa-dist pretrain` again with this dataset"
         )
-    mm = np.load(path, mmap_mode="r", allow_pickle=False)
-    if mm.ndim != 2 or mm.shape[0] != n:
-        raise ValueError(f"{path} has shape {mm.shape}; the dataset has {n} {side}s: mined from other data")
-    if mm.shape[1] != width:
+    if m["width"] != width:
         raise ConfigError(
-            f"{path} has width {mm.shape[1]} but the {side} structure table's rows have width {width} "
+            f"{path} has width {m['width']} but the {side} structure table's rows have width {width} "
             f"(fields of the side × model.embedding_dim): pre-training used another embedding_dim or "
             "field set; run `cstwa-dist pretrain` again with this config, or use structure.sm_init=fields"
         )
-    block = torch.from_numpy(np.array(mm[lo:hi], dtype=np.float32))  # a copy: the map can close
-    del mm
-    return block
+    return torch.from_numpy(_representation_rows(out, m, lo, hi, verify=True))
 
 
 def ivf_params(cfg: StructureConfig, seed: int = 0) -> IVFParams:
     """The kNN search ``pretrain`` runs, from the ``structure`` config section."""
     return IVFParams(nlist=cfg.nlist, nprobe=cfg.nprobe, pq_m=cfg.pq_m, exact=cfg.knn == "exact", seed=seed)
-
-
-def _save_representations(path: Path, block: np.ndarray, lo: int, n: int, env: DistEnv) -> None:
-    """One ``[N, w]`` ``.npy`` file written by all ranks, each its own rows through a memory map (no
-    rank holds more than its block). Rank 0 creates it under rank 0's temporary name
-    (``fs.atomic_path``) and renames it when every rank has written: a reader never sees a partial
-    file. Every rank must call it."""
-    width = block.shape[1]
-    if env.is_main:
-        with atomic_path(path) as tmp:
-            np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, width)).flush()
-            names = [str(tmp)]
-            if env.world_size > 1:
-                dist.broadcast_object_list(names, src=0)
-            _write_rows(names[0], block, lo)
-            _barrier()  # every rank has written its rows
-        return
-    names = [""]
-    dist.broadcast_object_list(names, src=0)
-    _write_rows(names[0], block, lo)
-    _barrier()
-
-
-def _write_rows(name: str, block: np.ndarray, lo: int) -> None:
-    if block.shape[0]:
-        mm = np.load(name, mmap_mode="r+", allow_pickle=False)
-        mm[lo : lo + block.shape[0]] = block
-        mm.flush()
-        del mm
 
 
 def mine_structure(
@@ -376,7 +367,7 @@ def mine_structure(
         }
         save_graph_shard(out_dir, side, shard, ranges, meta)
         if cfg.save_representations:
-            _save_representations(out_dir / f"{side}_representations.npy", reps, lo, n, env)
+            save_representations(out_dir, side, reps, ranges)
         nnz, seen_total = all_reduce_ints([int(shard.val.numel()), int(seen.sum())], comm)
         report[side] = {
             "entities": n,

@@ -117,6 +117,9 @@ class TrainState:
     epoch_loss_sum: float = 0.0  # global Σ row losses of the epoch in progress
     epoch_rows: float = 0.0
     history: list[dict[str, Any]] = field(default_factory=list)
+    # [shares, rows per share and step] of the training reader: what a step of an epoch reads;
+    # [] in checkpoints written before it was recorded
+    data_position: list[int] = field(default_factory=list)
 
     def next_position(self) -> tuple[int, int]:
         """(epoch, step) the run continues at."""

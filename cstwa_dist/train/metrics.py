@@ -1,8 +1,13 @@
 """Exact metrics over all impressions of a split, and the choice of the epoch a run reports.
 
-Every number here is computed from the predictions of *all* ranks, gathered in ``predict`` (padding
-rows excluded), never averaged over ranks: an average of per-rank AUCs is not the AUC of the split,
-and per-rank GAUCs would split a user's impressions between ranks.
+Every number here is a function of the predictions of *all* ranks (padding rows excluded), never an
+average over ranks: an average of per-rank AUCs is not the AUC of the split, and per-rank GAUCs
+would split a user's impressions between ranks. The functions below compute them over arrays held
+in one process (one rank, tests, tools). A multi-rank evaluation does not gather the rows: it
+computes the same report with the rows spread over the ranks
+(:func:`cstwa_dist.train.evaluation.distributed_evaluation_report`, ``O(rows / W)`` per rank), from
+the pieces this module exposes for it (:func:`group_auc_sums`, :func:`auc_from_rank_sum`,
+:func:`calibration_from_sums`), so both paths assemble their numbers with the same code.
 
 * **AUC**: the Mann–Whitney statistic, tied scores sharing their average rank (= scikit-learn's
   ``roc_auc_score``). Exact, no binning.
@@ -66,7 +71,14 @@ def exact_auc(labels: np.ndarray, scores: np.ndarray) -> float:
     avg = (starts + ends + 1) / 2.0
     ranks = np.empty(s.size, dtype=np.float64)
     ranks[order] = np.repeat(avg, ends - starts)
-    rank_sum = ranks[labels].sum()
+    return auc_from_rank_sum(float(ranks[labels].sum()), n_pos, n_neg)
+
+
+def auc_from_rank_sum(rank_sum: float, n_pos: int, n_neg: int) -> float:
+    """The Mann–Whitney AUC from the sum of the positives' 1-based (tie-averaged) ranks; NaN when a
+    class is absent. Shared with the distributed evaluation, which sums the ranks on every rank."""
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
     return float((rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
@@ -78,6 +90,32 @@ def group_auc(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray) -> dic
     Exact per user (ties share their average rank within the user, as in ``roc_auc_score``); one
     lexicographic sort by (user, score), so O(n log n) whatever the number of users.
     """
+    num, den, used, n_groups = group_auc_sums(labels, scores, groups)
+    return gauc_from_sums(num, den, used, n_groups)
+
+
+def gauc_from_sums(num: float, den: float, used: int, n_groups: int) -> dict[str, Any]:
+    """``group_auc``'s dict from ``Σ n_u·AUC_u``, ``Σ n_u`` (users with both classes), the number of
+    those users and of all users; the distributed evaluation all-reduces these four numbers."""
+    if used == 0:
+        if n_groups:
+            logger.warning("GAUC undefined: none of %d users has both classes", n_groups)
+        return {"gauc": float("nan"), "gauc_users_used": 0, "gauc_users_skipped": int(n_groups)}
+    return {
+        "gauc": float(num / den),
+        "gauc_users_used": int(used),
+        "gauc_users_skipped": int(n_groups - used),
+    }
+
+
+def group_auc_sums(
+    labels: np.ndarray, scores: np.ndarray, groups: np.ndarray
+) -> tuple[float, float, int, int]:
+    """``(Σ_u n_u·AUC_u, Σ_u n_u, users used, users)`` over the users with both classes.
+
+    Every user's rows must be in these arrays (the distributed evaluation routes each user's rows to
+    one rank first). Sums rather than the ratio, so that ranks holding disjoint users can add them.
+    """
     y = np.asarray(labels).astype(bool).ravel()
     s = np.asarray(scores, dtype=np.float64).ravel()
     g = np.asarray(groups).ravel()
@@ -85,7 +123,7 @@ def group_auc(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray) -> dic
         raise ValueError(f"labels {y.shape}, scores {s.shape} and groups {g.shape} differ")
     n = y.size
     if n == 0:
-        return {"gauc": float("nan"), "gauc_users_used": 0, "gauc_users_skipped": 0}
+        return 0.0, 0.0, 0, 0
     order = np.lexsort((s, g))  # by user, then by score within the user
     y, s, g = y[order], s[order], g[order]
     new_group = np.r_[True, g[1:] != g[:-1]]
@@ -104,11 +142,9 @@ def group_auc(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray) -> dic
     ok = (pos > 0) & (neg > 0)
     used = int(ok.sum())
     if used == 0:
-        logger.warning("GAUC undefined: none of %d users has both classes", n_groups)
-        return {"gauc": float("nan"), "gauc_users_used": 0, "gauc_users_skipped": n_groups}
+        return 0.0, 0.0, 0, int(n_groups)
     auc = (rank_pos[ok] - pos[ok] * (pos[ok] + 1) / 2.0) / (pos[ok] * neg[ok])
-    gauc = float((auc * size[ok]).sum() / size[ok].sum())
-    return {"gauc": gauc, "gauc_users_used": used, "gauc_users_skipped": n_groups - used}
+    return float((auc * size[ok]).sum()), float(size[ok].sum()), used, int(n_groups)
 
 
 def calibration(labels: np.ndarray, scores: np.ndarray, bins: int = CALIBRATION_BINS) -> dict[str, Any]:
@@ -135,25 +171,56 @@ def calibration(labels: np.ndarray, scores: np.ndarray, bins: int = CALIBRATION_
             "ece": nan,
             "deciles": {"mean_pred": [], "observed_rate": [], "rows": []},
         }
-    # scikit-learn's log_loss clips to the machine epsilon of the predictions' dtype
-    eps = np.finfo(p_in.dtype if np.issubdtype(p_in.dtype, np.floating) else np.float64).eps
-    pc = np.clip(p, eps, 1.0 - eps)
-    logloss = float(-np.mean(y * np.log(pc) + (1.0 - y) * np.log1p(-pc)))
     order = np.argsort(p, kind="mergesort")
-    # bin of each impression in predicted-probability order: n // bins each, the first n % bins one
-    # more (np.array_split's cut)
-    b = np.repeat(np.arange(bins), n // bins + (np.arange(bins) < n % bins))
-    rows = np.bincount(b, minlength=bins)
-    sum_p = np.bincount(b, weights=p[order], minlength=bins)
-    sum_y = np.bincount(b, weights=y[order], minlength=bins)
+    b = np.repeat(np.arange(bins), bin_sizes(n, bins))
+    return calibration_from_sums(
+        n,
+        log_likelihood_sum(y, p, logloss_eps(p_in.dtype)),
+        float(p.sum()),
+        float(y.sum()),
+        np.bincount(b, minlength=bins),
+        np.bincount(b, weights=p[order], minlength=bins),
+        np.bincount(b, weights=y[order], minlength=bins),
+    )
+
+
+def bin_sizes(n: int, bins: int = CALIBRATION_BINS) -> np.ndarray:
+    """Rows per calibration bin in predicted-probability order: ``n // bins`` each, the first
+    ``n % bins`` one more (``np.array_split``'s cut)."""
+    return n // bins + (np.arange(bins) < n % bins)
+
+
+def logloss_eps(dtype: np.dtype) -> float:
+    """scikit-learn's ``log_loss`` clips to the machine epsilon of the predictions' dtype."""
+    return float(np.finfo(dtype if np.issubdtype(dtype, np.floating) else np.float64).eps)
+
+
+def log_likelihood_sum(y: np.ndarray, p: np.ndarray, eps: float) -> float:
+    """``Σ y·log p + (1 − y)·log(1 − p)`` (float64) with ``p`` clipped to ``[eps, 1 − eps]``."""
+    pc = np.clip(np.asarray(p, dtype=np.float64), eps, 1.0 - eps)
+    return float((y * np.log(pc) + (1.0 - y) * np.log1p(-pc)).sum())
+
+
+def calibration_from_sums(
+    n: int,
+    loglik_sum: float,
+    p_sum: float,
+    y_sum: float,
+    bin_rows: np.ndarray,
+    bin_p: np.ndarray,
+    bin_y: np.ndarray,
+) -> dict[str, Any]:
+    """``calibration``'s dict (n > 0) from sums over all rows and per bin; the distributed
+    evaluation all-reduces these sums over ranks and assembles the dict here."""
+    rows = np.asarray(bin_rows).astype(np.int64)
     keep = rows > 0
-    rows, sum_p, sum_y = rows[keep], sum_p[keep], sum_y[keep]
+    rows, sum_p, sum_y = rows[keep], np.asarray(bin_p)[keep], np.asarray(bin_y)[keep]
     mean_p, rate = sum_p / rows, sum_y / rows
     ece = float((rows * np.abs(mean_p - rate)).sum() / n)
     return {
-        "logloss": logloss,
-        "mean_pred": float(p.mean()),
-        "observed_rate": float(y.mean()),
+        "logloss": float(-loglik_sum / n),
+        "mean_pred": float(p_sum / n),
+        "observed_rate": float(y_sum / n),
         "ece": ece,
         "deciles": {
             "mean_pred": [float(x) for x in mean_p],

@@ -15,7 +15,8 @@ from cstwa_dist.config import RunConfig, flat_settings, settings_differences
 from cstwa_dist.distributed.env import init_distributed
 from cstwa_dist.fs import atomic_write_json
 from cstwa_dist.registry import PRETRAIN_MODEL, get_model_spec
-from cstwa_dist.structure.migrator import mine_structure
+from cstwa_dist.structure.ivf import check_ivf_supported, faiss_device
+from cstwa_dist.structure.migrator import ivf_params, mine_structure
 from cstwa_dist.train.trainer import train
 
 logger = logging.getLogger(__name__)
@@ -107,6 +108,8 @@ def pretrain_structure(cfg: RunConfig, init_from: str | Path | None = None) -> d
     Must run inside a Ray runtime and a process group (all ranks call it: the read-out is collective).
     """
     env = init_distributed()
+    if cfg.structure.knn == "ivf":  # refuse what this node's Faiss index cannot do before pre-training
+        check_ivf_supported(ivf_params(cfg.structure, cfg.train.seed), faiss_device(), k=cfg.structure.k)
     previous = None if init_from is None else str(pretrain_run(init_from))
     cfg = replace(cfg, train=replace(cfg.train, init_from=previous))
     source = get_model_spec(PRETRAIN_MODEL).representation_source

@@ -30,9 +30,9 @@ import torch
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
-from cstwa_dist.config import RunConfig
+from cstwa_dist.config import ConfigError, RunConfig
 from cstwa_dist.data.batch import Batch
-from cstwa_dist.data.reader import SplitReader
+from cstwa_dist.data.reader import SplitReader, check_shares
 from cstwa_dist.data.spec import DatasetSpec
 from cstwa_dist.data.vocab import VOCAB_FILE, Vocabulary
 from cstwa_dist.distributed.collectives import (
@@ -50,13 +50,14 @@ from cstwa_dist.losses.common import Collectives
 from cstwa_dist.registry import ModelSpec, get_model_spec
 from cstwa_dist.structure.migrator import StructureMigrator
 from cstwa_dist.train.checkpoint import Checkpointer, TrainState
+from cstwa_dist.train.evaluation import distributed_evaluation_report
 from cstwa_dist.train.metrics import (
-    evaluation_report,
     is_new_best,
     scalar_view,
     select_record,
 )
 from cstwa_dist.train.monitor import RunMonitor
+from cstwa_dist.train.reserves import job_reserves
 from cstwa_dist.train.warmstart import warm_start
 from cstwa_dist.train.wrapper import ModelTrain, StepOutput
 
@@ -91,20 +92,35 @@ def build_sharded(cfg: RunConfig, model_name: str, env: DistEnv, spec: DatasetSp
     loss = mspec.build_loss(cfg.loss, cfg.model, comm, settings=own)
     # the row-sharded structure step
     structure = mspec.structure_tables(cfg.model, cfg.structure, settings=own)
-    return shard_model(ModelTrain(model, loss, comm), env, cfg.optim, structure, seed=cfg.train.seed)
+    # what the job's other steps need on every rank (structure window, mining, evaluation), kept from
+    # the tables by the planner, from the same formulas `cstwa-dist plan` prints
+    reserves = job_reserves(
+        cfg, model_name, spec, model, world_size=env.world_size, compute_device=env.device.type
+    )
+    return shard_model(
+        ModelTrain(model, loss, comm), env, cfg.optim, structure, seed=cfg.train.seed, reserves=reserves
+    )
 
 
 @torch.no_grad()
 def predict(
-    dmp: DistributedModelParallel, reader: SplitReader, env: DistEnv, write_to: Path | None = None
+    dmp: DistributedModelParallel,
+    reader: SplitReader,
+    env: DistEnv,
+    write_to: Path | None = None,
+    gather: bool = True,
 ) -> dict[str, np.ndarray]:
-    """Predictions for every real row of the split, gathered on rank 0 (rank order); ``{}`` elsewhere.
+    """Predictions for every real row of the split.
 
     Columns: ``click``/``purchase`` labels and ``p_click``/``p_purchase`` probabilities (float32),
-    and ``user``, the row's user id (int64, the ``spec.user_id`` feature), which GAUC groups by; a
-    user's rows may sit on several ranks, so GAUC too needs the gathered columns. Exact AUC needs all
-    rows in one place, but only in one: rank 0 holds ``24·R`` bytes for ``R`` evaluated rows, every
-    other rank only its own rows (``Trainer.evaluate`` broadcasts the metrics).
+    and ``user``, the row's user id (int64, the ``spec.user_id`` feature), which GAUC groups by.
+
+    ``gather=False`` (what ``Trainer.evaluate`` uses): each rank returns its own rows only, ``24``
+    bytes per row of its share (every column present, empty on a rank without rows; ``p_purchase``
+    only for a two-task model), for :func:`~cstwa_dist.train.evaluation.
+    distributed_evaluation_report`, which computes the exact metrics without gathering them.
+    ``gather=True``: every rank's rows gathered on rank 0 (rank order), ``{}`` elsewhere; rank 0
+    holds ``24·R`` bytes for ``R`` evaluated rows (for tools and tests that want the rows in one place).
 
     ``write_to``: each rank also writes its own rows — every spec field's id, the labels and the
     probabilities — to ``write_to/part-rank-NNNNN.parquet`` (:func:`write_prediction_part`; no
@@ -137,10 +153,16 @@ def predict(
         write_prediction_part(write_to, env.rank, cols, ids)
     out: dict[str, np.ndarray] = {}
     for k, parts in cols.items():
+        dtype = torch.int64 if k == "user" else torch.float32  # ids stay exact
         if not parts:
+            if gather or k == "p_purchase":  # a rank without batches cannot tell the heads apart
+                continue
+            out[k] = np.zeros(0, dtype=np.int64 if k == "user" else np.float32)
             continue
-        local = torch.cat(parts)
-        local = local.to(torch.int64) if k == "user" else local.float()  # ids stay exact
+        local = torch.cat(parts).to(dtype)
+        if not gather:
+            out[k] = local.cpu().numpy()
+            continue
         gathered = gather_rows_to_main(local)
         if gathered is not None:
             out[k] = gathered.cpu().numpy()
@@ -181,9 +203,12 @@ def write_prediction_part(
 def auc_report(pred: dict[str, np.ndarray]) -> dict[str, Any]:
     """Every metric of a split over all impressions: AUC, GAUC, calibration per task.
 
-    ``purchase_auc`` is None for click-only models; see ``cstwa_dist.train.metrics``.
+    ``pred``: this rank's own columns (``predict(..., gather=False)``). A collective: every rank calls
+    it and gets the same report, ``evaluation_report`` of all ranks' rows, computed without gathering
+    them (:mod:`cstwa_dist.distributed.ranking`: ``O(rows / W)`` per rank; one rank computes it
+    in memory). ``purchase_auc`` is None for click-only models; see ``cstwa_dist.train.metrics``.
     """
-    return evaluation_report(pred)
+    return distributed_evaluation_report(pred)
 
 
 class Trainer:
@@ -205,6 +230,10 @@ class Trainer:
         self.cfg = cfg
         self.model_name = model_name
         self.env = init_distributed()
+        try:
+            shares = check_shares(cfg.data.shares, self.env.world_size, cfg.data.batch_size)
+        except ValueError as e:  # data.shares that do not fit this world size or batch size
+            raise ConfigError(str(e)) from None
         self.spec = DatasetSpec.load(cfg.data.dataset)
         self.model_spec = get_model_spec(model_name)
         self.epochs = epochs or cfg.train.epochs
@@ -235,7 +264,9 @@ class Trainer:
             )
             self.migrator.initialise()
             self.structure_seconds += time.perf_counter() - t0
-        self.train_reader = self.reader("train", cfg.data.shuffle, cfg.data.batch_size, epochs=self.epochs)
+        self.train_reader = self.reader(
+            "train", cfg.data.shuffle, cfg.data.batch_size, epochs=self.epochs, shares=shares
+        )
         # evaluation readers are made once and serve every pass (their streams persist)
         self._eval_readers: dict[str, SplitReader] = {}
         self.steps = self.train_reader.steps_per_epoch
@@ -323,9 +354,22 @@ class Trainer:
             epoch_loss_sum=float(summed(loss_sum)),
             epoch_rows=float(rows),
             history=list(self.history),
+            data_position=self._data_position(),
         )
 
+    def _data_position(self) -> list[int]:
+        r = self.train_reader
+        return [r.shares, r.batch_size * r.world_size // r.shares]
+
     def _restore(self, state: TrainState) -> None:
+        if not state.epoch_end and state.data_position and state.data_position != self._data_position():
+            # (epoch, step) names rows only under the same shares and batch: other rows would be trained
+            # twice or never
+            raise ConfigError(
+                f"the checkpoint was taken mid-epoch with [data.shares, rows per share and step] = "
+                f"{state.data_position}; this run reads {self._data_position()}. Resume it with the same "
+                "data.shares and global batch size, or resume from an epoch-end checkpoint."
+            )
         self.position = state.next_position()
         self.global_step = state.global_step
         self.structure_epochs_applied = state.structure_epochs_applied
@@ -341,8 +385,11 @@ class Trainer:
             # the global sum goes to rank 0 alone: the epoch's all-reduce adds it back once
             self._resumed_epoch = (state.epoch_loss_sum if self.env.is_main else 0.0, state.epoch_rows)
 
-    def reader(self, split: str, shuffle: bool, batch_size: int, epochs: int | None = None) -> SplitReader:
-        """This rank's share of ``split`` in fixed-size batches (``epochs``: how far to read ahead)."""
+    def reader(
+        self, split: str, shuffle: bool, batch_size: int, epochs: int | None = None, shares: int = 0
+    ) -> SplitReader:
+        """This rank's share of ``split`` in fixed-size batches (``epochs``: how far to read ahead;
+        ``shares``: ``data.shares`` for the training split, one share per rank otherwise)."""
         return SplitReader(
             self.cfg.data.dataset,
             split,
@@ -354,6 +401,7 @@ class Trainer:
             shuffle=shuffle,
             prefetch_batches=self.cfg.data.prefetch_batches,
             epochs=epochs,
+            shares=shares,
         )
 
     def eval_reader(self, split: str) -> SplitReader:
@@ -406,8 +454,9 @@ class Trainer:
     def evaluate(self, split: str, epoch: int | None = None) -> dict[str, Any]:
         """Every metric of ``split`` (``auc_report``) over its impressions, on every rank.
 
-        The predictions are gathered on rank 0, which computes the metrics and broadcasts them (a few
-        kB); ``seconds``: the pass's wall time (prediction, gather, metrics and broadcast).
+        Every rank keeps its own predictions and joins the distributed computation of the exact
+        metrics (``auc_report``: no rank holds more than its share of the rows, and every rank ends
+        with the same report); ``seconds``: the pass's wall time (prediction and metrics).
 
         ``epoch`` (1-based) marks a test pass: with ``train.write_predictions`` every rank writes its
         rows to ``<run dir>/predictions/<split>/`` (replacing an earlier pass's) and rank 0, once
@@ -422,10 +471,12 @@ class Trainer:
             if self.env.is_main:
                 (folder / "manifest.json").unlink(missing_ok=True)
             broadcast_object(None)  # no rank replaces its part before the old manifest is gone
-        pred = predict(self.dmp, self.eval_reader(split), self.env, write_to=folder)
-        report = broadcast_object(auc_report(pred) if self.env.is_main else None)
+        pred = predict(self.dmp, self.eval_reader(split), self.env, write_to=folder, gather=False)
+        report = auc_report(pred)
+        del pred
         if folder is not None and self.env.is_main:
-            # every rank wrote its part before it joined predict's gather, which rank 0 has completed
+            # every rank wrote its part before it joined the report's collectives, whose last
+            # all-reduce rank 0 has completed (it needs every rank's contribution)
             for old in folder.glob("part-rank-*.parquet"):  # parts of an earlier, larger world
                 if int(old.stem.rsplit("-", 1)[1]) >= self.env.world_size:
                     old.unlink()
@@ -631,6 +682,8 @@ class Trainer:
             "train_seconds": self.train_seconds,
             "structure_seconds": self.structure_seconds,
             "embedding_optimizer": self.sharded.embedding_optimizer,
+            # the resolved fused table optimizer: kernel, lr, eps (distributed/sharding.py)
+            "embedding_optimizer_settings": self.sharded.embedding_optimizer_settings,
             "dense_optimizer": "adam",
             "device": str(env.device),
             "history": self.history,

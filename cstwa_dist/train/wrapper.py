@@ -10,6 +10,7 @@ from torch import nn
 from cstwa_dist.data.batch import Batch
 from cstwa_dist.losses.common import LOCAL, Collectives
 from cstwa_dist.models.base import RecModel
+from cstwa_dist.models.blocks import set_dropout_keys
 
 
 @dataclass
@@ -48,6 +49,16 @@ class GlobalRowCount(nn.Module):
         return self.comm.sum(mask.to(torch.float32).sum())
 
 
+class DropoutKeys(nn.Module):
+    """Hands the batch's dropout keys to the model's keyed dropout layers before its forward.
+
+    A module of its own for the same reason as :class:`GlobalRowCount`: TorchRec's pipeline traces
+    ``ModelTrain`` and must record this as one call, not trace into it."""
+
+    def forward(self, keys: tuple[int, ...] | None) -> None:
+        set_dropout_keys(keys)
+
+
 class ModelTrain(nn.Module):
     """Owns the loss so the trainer stays model-agnostic; returns ``(loss, StepOutput)``."""
 
@@ -56,8 +67,10 @@ class ModelTrain(nn.Module):
         self.model = model
         self.loss = loss
         self.row_count = GlobalRowCount(comm)
+        self.dropout_keys = DropoutKeys()
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, StepOutput]:
+        self.dropout_keys(batch.dropout_keys)
         out = self.model(batch.features)
         loss, parts = self.loss(out, batch)
         rows = self.row_count(batch.mask, batch.global_rows)

@@ -9,7 +9,6 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from cstwa_dist.distributed.spawn import spawn_ranks
@@ -102,7 +101,7 @@ def test_recomputed_p_equals_the_dense_computation_and_is_never_trained(tiny_dat
     from cstwa_dist.data.spec import DatasetSpec
 
     spawn_ranks(_recomputed_worker, WORLD, str(tiny_dataset), str(exact_graphs), str(tmp_path))
-    res = torch.load(tmp_path / "recomputed.pt")
+    res = torch.load(tmp_path / "recomputed.pt", weights_only=True)
     spec = DatasetSpec.load(tiny_dataset)
     # P is never trained, so its tables carry no optimizer state (stateless SGD); the field tables do
     assert int(res[f"opt_state:cvr__{spec.user_id}"]) > 0
@@ -138,10 +137,13 @@ def _pretrained_worker(rank: int, world: int, dataset: str, graph_dir: str, out_
 
 
 def test_pretrained_start_writes_the_representation_rows(tiny_dataset, exact_graphs, tmp_path):
+    from cstwa_dist.structure.representations import representation_rows, representation_shape
+
     spawn_ranks(_pretrained_worker, WORLD, str(tiny_dataset), str(exact_graphs), str(tmp_path))
-    res = torch.load(tmp_path / "pretrained.pt")
+    res = torch.load(tmp_path / "pretrained.pt", weights_only=True)
     for side, table in (("user", "sm__user"), ("item", "sm__item")):
-        want = torch.from_numpy(np.load(exact_graphs / f"{side}_representations.npy"))
+        n, _ = representation_shape(exact_graphs, side)  # the 2 mining ranks' parts, read whole
+        want = torch.from_numpy(representation_rows(exact_graphs, side, 0, n))
         assert torch.equal(res["after"][table], want), f"{table}: not the pre-trained rows"
         assert not torch.equal(res["before"][table], want)
 

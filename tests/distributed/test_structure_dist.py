@@ -33,6 +33,7 @@ def _graph(graph_dir: Path, side: str, n: int) -> tuple[np.ndarray, np.ndarray, 
 def test_graphs_mined_on_one_and_two_ranks_agree(tiny_dataset, tmp_path, knn, request):
     from cstwa_dist.data.spec import DatasetSpec
     from cstwa_dist.structure.graph import build_graph
+    from cstwa_dist.structure.representations import representation_rows
 
     g1 = tmp_path / "g1"
     spawn_ranks(mine_worker, 1, str(tiny_dataset), str(g1), knn)
@@ -43,8 +44,8 @@ def test_graphs_mined_on_one_and_two_ranks_agree(tiny_dataset, tmp_path, knn, re
         spawn_ranks(mine_worker, WORLD, str(tiny_dataset), str(g2), knn)
     spec = DatasetSpec.load(tiny_dataset)
     for side, n in (("user", spec.num_users), ("item", spec.num_items)):
-        r1 = np.load(g1 / f"{side}_representations.npy")
-        r2 = np.load(g2 / f"{side}_representations.npy")
+        r1 = representation_rows(g1, side, 0, n)  # 1 part
+        r2 = representation_rows(g2, side, 0, n)  # 2 parts
         assert r1.shape[0] == n and np.array_equal(r1, r2)
         (c1, i1, v1), (c2, i2, v2) = _graph(g1, side, n), _graph(g2, side, n)
         assert np.array_equal(c1, c2) and np.array_equal(i1, i2), f"{side}: 1- and 2-rank graphs differ"

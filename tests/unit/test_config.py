@@ -220,3 +220,20 @@ def test_nested_settings_flatten_and_compare():
     ]
     # a key wanted but neither recorded nor defaulted (a typo in a hand-made record) is reported
     assert settings_differences({}, {"models.ple.levles": 3}) == ["models.ple.levles: '(not recorded)' → 3"]
+
+
+# --- the embedding optimizer's settings (docs/method.md §4) ------------------------------------------
+def test_embedding_optimizer_settings_are_typed_and_adam_needs_its_own_lr():
+    cfg = load_config(None, ["optim.embedding_eps=1.0e-6"])
+    assert (cfg.optim.embedding, cfg.optim.embedding_lr, cfg.optim.embedding_eps) == ("auto", 0.1, 1e-6)
+    assert cfg.optim.embedding_adam_lr is None
+    adam = load_config(None, ["optim.embedding=adam", "optim.embedding_adam_lr=0.002"]).optim
+    assert adam.embedding_adam_lr == 0.002
+    with pytest.raises(ConfigError, match=r"optim.embedding=adam needs optim.embedding_adam_lr"):
+        load_config(None, ["optim.embedding=adam"])
+    for bad, msg in (
+        ("optim.embedding_eps=0", "embedding_eps must be > 0"),
+        ("optim.embedding_adam_lr=-1", "> 0"),
+    ):
+        with pytest.raises(ConfigError, match=msg):
+            load_config(None, [bad])

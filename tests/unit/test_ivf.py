@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import logging
 
+import faiss
 import numpy as np
 import pytest
 
 from cstwa_dist.bench.knn import clustered_rows
 from cstwa_dist.structure.ivf import (
     BLOCK_ROWS,
+    GPU_MAX_K,
     IVFParams,
+    _faiss_train_serialised,
     auto_nlist,
+    check_ivf_supported,
     distributed_knn,
     even_ranges,
+    faiss_device,
+    ivf_support_problems,
     knn_memory,
     merge_topk,
     per_rank_bytes,
@@ -190,3 +196,90 @@ def test_knn_memory_uses_the_settings_distributed_knn_runs():
 def test_ring_madds():
     assert ring_madds(1000, 250, 16, nlist=0, nprobe=0) == 1000 * 250 * 16
     assert ring_madds(1000, 250, 16, nlist=20, nprobe=5) == 1000 * 250 * 16 * 5 // 20 + 250 * 20 * 16
+
+
+# --- GPU support rules (pure functions: checked here without a GPU) ---------------------------
+
+
+def test_supported_settings_pass_on_both_devices():
+    for params in (IVFParams(), IVFParams(nlist=4000, nprobe=16), IVFParams(exact=True), IVFParams(pq_m=3)):
+        for device in ("cpu", "gpu"):
+            assert ivf_support_problems(params, device, d=45, k=8) == []
+    check_ivf_supported(IVFParams(pq_m=48, refine=4), "gpu", d=96, k=8)  # largest float32-table PQ
+    with pytest.raises(ValueError, match="device must be"):
+        ivf_support_problems(IVFParams(), "tpu")
+
+
+def test_gpu_refuses_an_hnsw_quantizer_unless_kept_on_the_host():
+    hnsw = IVFParams(quantizer="hnsw")
+    (problem,) = ivf_support_problems(hnsw, "gpu")
+    assert "quantizer='hnsw'" in problem and "gpu_cpu_quantizer=True" in problem
+    assert ivf_support_problems(hnsw, "cpu") == []
+    assert ivf_support_problems(IVFParams(quantizer="hnsw", gpu_cpu_quantizer=True), "gpu") == []
+
+
+def test_gpu_refuses_pq_code_sizes_and_bits_it_lacks():
+    # at the bench's width 45 GPU IVF-PQ has only pq_m = 1 or 3 (divisors of 45 it implements)
+    (odd,) = ivf_support_problems(IVFParams(pq_m=9), "gpu", d=45)
+    assert "pq_m=9 bytes per code is not implemented" in odd and "48" in odd
+    (wide,) = ivf_support_problems(IVFParams(pq_m=64), "gpu", d=128)
+    assert "float16 lookup tables" in wide
+    (bits,) = ivf_support_problems(IVFParams(pq_m=8, pq_bits=4), "gpu", d=64)
+    assert "pq_bits=4" in bits
+    # the CPU index takes all of them
+    for params, d in ((IVFParams(pq_m=9), 45), (IVFParams(pq_m=64), 128), (IVFParams(pq_m=8, pq_bits=4), 64)):
+        assert ivf_support_problems(params, "cpu", d=d) == []
+
+
+def test_gpu_limits_on_candidates_and_probes_and_width_rule_everywhere():
+    (many,) = ivf_support_problems(IVFParams(pq_m=3, refine=4), "gpu", d=45, k=GPU_MAX_K // 4 + 1)
+    assert "refine·k" in many
+    assert ivf_support_problems(IVFParams(pq_m=3, refine=4), "gpu", d=45, k=GPU_MAX_K // 4) == []
+    (probes,) = ivf_support_problems(IVFParams(nprobe=GPU_MAX_K + 1), "gpu")
+    assert f"nprobe={GPU_MAX_K + 1}" in probes
+    assert ivf_support_problems(IVFParams(nlist=100, nprobe=GPU_MAX_K + 1), "gpu") == []  # clipped to nlist
+    for device in ("cpu", "gpu"):
+        assert ivf_support_problems(IVFParams(pq_m=8), device, d=45) == [
+            "pq_m=8 must divide the row width d=45"
+        ]
+    with pytest.raises(ValueError, match="not supported on gpu: .*hnsw.*; pq_bits=6"):
+        check_ivf_supported(IVFParams(quantizer="hnsw", pq_m=8, pq_bits=6), "gpu", d=64)
+
+
+def test_distributed_knn_refuses_before_training():
+    x = clustered(n=500)
+    with pytest.raises(ValueError, match=f"not supported on {faiss_device()}: pq_m=5 must divide"):
+        distributed_knn(x, [(0, len(x))], 4, IVFParams(nlist=8, pq_m=5))
+
+
+@pytest.mark.parametrize("pq_m", [0, 4])
+def test_kmeans_with_an_assignment_index_override_is_faiss_own_training(pq_m):
+    """The GPU path trains through ``clustering_index``/``pq.assign_index`` (GPU flat indexes); with
+    CPU flat indexes in their place the trained index is byte-identical to Faiss's default training,
+    so only the device (summation order) differs between the paths."""
+    xn = clustered(n=3000, d=12, seed=7)
+    xn /= np.linalg.norm(xn, axis=1, keepdims=True)
+    params = IVFParams(nlist=30, pq_m=pq_m, seed=3)
+    used: list[tuple[int, int]] = []
+
+    def cpu_flat(width: int, metric: int):
+        used.append((width, metric))
+        return faiss.IndexFlatIP(width) if metric == faiss.METRIC_INNER_PRODUCT else faiss.IndexFlatL2(width)
+
+    plain = _faiss_train_serialised(xn, 30, params)
+    override = _faiss_train_serialised(xn, 30, params, assign=cpu_flat)
+    np.testing.assert_array_equal(plain, override)
+    expected = [(12, faiss.METRIC_INNER_PRODUCT)] + ([(3, faiss.METRIC_L2)] if pq_m else [])
+    assert used == expected
+
+
+@pytest.mark.skipif(faiss_device() != "gpu", reason="needs faiss-gpu and a GPU")
+def test_gpu_path_every_cell_probed_equals_exact_and_pq_rescored():
+    x = clustered()
+    ref_s, ref_i = exact_knn(x, 8)
+    res = distributed_knn(x, [(0, len(x))], 8, IVFParams(nlist=40, nprobe=40), recall_queries=300)
+    assert_same_topk(res.scores, res.indices, ref_s, ref_i)
+    pq = distributed_knn(x, [(0, len(x))], 5, IVFParams(nlist=32, nprobe=32, pq_m=4), recall_queries=200)
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    np.testing.assert_allclose(pq.scores, np.einsum("ud,ukd->uk", xn, xn[pq.indices]), atol=1e-5)
+    assert pq.recall is not None and pq.recall > 0.8

@@ -139,3 +139,42 @@ def test_reliability_plot_and_text_table(tmp_path):
     assert write_reliability(m, "purchase", tmp_path) is None  # no bins for that task
     table = decile_table(m, "click")
     assert "ECE" in table and len(table.strip().splitlines()) == 12
+
+
+# --- the pieces the distributed evaluation (cstwa_dist/distributed/ranking.py) assembles -----------
+def test_sums_of_disjoint_users_add_up_to_group_auc():
+    """GAUC from per-owner sums (users split between two owners) equals GAUC over all rows."""
+    from cstwa_dist.train.metrics import gauc_from_sums, group_auc_sums
+
+    rng = np.random.default_rng(5)
+    n = 3000
+    y = rng.random(n) < 0.2
+    s = np.round(rng.random(n), 1)  # ties within users
+    g = rng.integers(0, 60, n)
+    parts = [group_auc_sums(y[g % 2 == k], s[g % 2 == k], g[g % 2 == k]) for k in (0, 1)]
+    num, den, used, groups = (sum(p[i] for p in parts) for i in range(4))
+    want = group_auc(y, s, g)
+    got = gauc_from_sums(num, den, used, groups)
+    assert got["gauc_users_used"] == want["gauc_users_used"] and got["gauc_users_skipped"] == 0
+    assert math.isclose(got["gauc"], want["gauc"], abs_tol=1e-12)
+    assert group_auc_sums(y[:0], s[:0], g[:0]) == (0.0, 0.0, 0, 0)
+
+
+def test_distributed_report_on_one_process_is_the_in_memory_report():
+    """Without a process group (W = 1) the distributed report is ``evaluation_report`` itself."""
+    from cstwa_dist.distributed.ranking import evaluation_bytes_per_rank
+    from cstwa_dist.train.evaluation import distributed_evaluation_report
+
+    rng = np.random.default_rng(6)
+    n = 400
+    pred = {
+        "click": (rng.random(n) < 0.3).astype(np.float32),
+        "purchase": (rng.random(n) < 0.05).astype(np.float32),
+        "p_click": rng.random(n).astype(np.float32),
+        "user": rng.integers(0, 20, n),
+    }
+    assert distributed_evaluation_report(pred) == evaluation_report(pred)
+    # the estimate shrinks with the world size and has no O(rows) term on a rank beyond its share
+    one, eight = evaluation_bytes_per_rank(44_000_000, 1), evaluation_bytes_per_rank(44_000_000, 8)
+    assert eight < one / 6
+    assert evaluation_bytes_per_rank(0, 4) > 0  # the splitter samples

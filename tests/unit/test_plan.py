@@ -8,25 +8,31 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from cstwa_dist import cli
 from cstwa_dist.config import StructureConfig
+from cstwa_dist.data import synth
 from cstwa_dist.data.spec import DatasetSpec, FieldSpec, SpecError
+from cstwa_dist.distributed.ranking import evaluation_bytes_per_rank
 from cstwa_dist.planner import dry_run as dry_run_from_package
 from cstwa_dist.planner import resolve_spec as resolve_spec_from_package
 from cstwa_dist.planner.dryrun import DryRun, dry_run
+from cstwa_dist.planner.render import GIB, render_no_plan
 from cstwa_dist.planner.specs import resolve_spec, synth_spec
-from cstwa_dist.planner.structure import (
+from cstwa_dist.planner.verdict import NoPlan, Verdict, judge, smallest_fitting_world_size
+from cstwa_dist.registry import PRETRAIN_MODEL, load_config, with_overrides
+from cstwa_dist.structure.estimate import (
     StructureSide,
     knn_madds_per_rank,
     mining_structure_estimate,
     train_structure_estimate,
 )
-from cstwa_dist.planner.verdict import NoPlan, Verdict, judge, smallest_fitting_world_size
-from cstwa_dist.registry import load_config, with_overrides
+from cstwa_dist.structure.faiss_memory import FAISS_GPU_TEMP_BYTES
 from cstwa_dist.structure.ivf import auto_nlist, knn_memory, resolve_cells, ring_madds
 from cstwa_dist.structure.memory import total_bytes
 from cstwa_dist.structure.migrator import ivf_params
@@ -112,7 +118,7 @@ def test_demo_plans_on_two_cpu_ranks():
         assert t.bytes == t.rows * t.dim * 4 + t.rows * 4
     for r in d.ranks:  # the planner's storage covers our weights + state (plus its I/O buffers)
         assert r.plan_ddr >= r.embedding_bytes and r.plan_hbm == 0
-        assert r.host_total == r.plan_ddr + r.dense_bytes + r.structure_host
+        assert r.host_total == r.plan_ddr + r.dense_bytes + r.structure_host + r.evaluation_bytes
         assert set(r.tables) >= STRUCTURE_TABLES
     assert d.structure.phase == "train" and d.mining.phase == "pretrain"
     assert d.structure.device == 0 and all(t.where == "host" for t in d.structure.terms)  # CPU ranks
@@ -122,13 +128,16 @@ def test_industrial_plans_on_64_cuda_ranks():
     """CUDA topologies plan on a CPU-only machine: the planner only does arithmetic."""
     cfg = load_config(INDUSTRIAL)
     d = dry_run(cfg, synth_spec("industrial-like"), world_size=64, gpus_per_node=8, hbm_gb=80)
-    assert d.compute_device == "cuda" and d.local_world_size == 8 and d.embedding_optimizer == "adam"
+    # optim.embedding=auto is row-wise Adagrad on GPUs too: the model every CPU measurement trained
+    assert (
+        d.compute_device == "cuda" and d.local_world_size == 8 and d.embedding_optimizer == "rowwise_adagrad"
+    )
     _check_bytes_add_up(d)
     by_name = {t.name: t for t in d.tables}
     u = by_name["sm__user"]
     assert (u.rows, u.dim) == (30_000_000, 40)  # 5 user fields x D = 8
-    assert u.bytes == 3 * 30_000_000 * 40 * 4  # weights + Adam's two moments
-    assert set(u.bytes_per_rank.values()) == {468_750 * 40 * 12}  # 30M / 64 rows on every rank
+    assert u.bytes == 30_000_000 * (40 * 4 + 4)  # weights + row-wise Adagrad's fp32 per row
+    assert set(u.bytes_per_rank.values()) == {468_750 * (40 * 4 + 4)}  # 30M / 64 rows on every rank
     assert all(t.compute_kernel == "fused" for t in d.tables)  # everything fits HBM at 80 GiB
     assert all(r.device_total <= d.hbm_cap for r in d.ranks)
     # training, per rank: n_r = 468,750 users (w = 40), 4,375 items (w = 32), k = 8,
@@ -379,8 +388,15 @@ def test_smallest_fitting_world_size_doubles_then_bisects():
     assert smallest_fitting_world_size(lambda w: w >= 96, 8, 8, limit=100) == 96  # the bound, aligned
 
 
-def _verdict_at(world_size: int, limit: int = 64, **topology: float) -> tuple[DryRun | NoPlan, Verdict]:
-    cfg, spec = load_config(DEMO), synth_spec("demo")
+#: fused Adam on the tables (GPU only): three times row-wise Adagrad's bytes, so that the demo's tables
+#: press on a few MiB of HBM
+ADAM = ["optim.embedding=adam", "optim.embedding_adam_lr=0.001"]
+
+
+def _verdict_at(
+    world_size: int, limit: int = 64, overrides: Sequence[str] = (), **topology: Any
+) -> tuple[DryRun | NoPlan, Verdict]:
+    cfg, spec = load_config(DEMO, list(overrides)), synth_spec("demo")
     try:
         result: DryRun | NoPlan = dry_run(cfg, spec, world_size=world_size, **topology)
     except NoPlan as e:
@@ -395,9 +411,9 @@ def test_verdict_fits_within_the_caps():
 
 
 def test_verdict_names_the_ranks_and_tables_over_the_cap_and_the_world_size_that_fits():
-    """1 CPU rank with 5 MiB: the planner places every table, but the rank's total (tables, dense state
-    and the structure step) is over the cap; 2 ranks fit."""
-    result, v = _verdict_at(1, ddr_gb=0.005)
+    """1 CPU rank with 5 MiB, planned without the steps' reserves: the planner places every table, but
+    the rank's total (tables, dense state and the structure step) is over the cap; 2 ranks fit."""
+    result, v = _verdict_at(1, ddr_gb=0.005, reserve_steps=False)
     assert isinstance(result, DryRun) and not v.fits
     assert v.over_host == [0] and v.tables[0] == "sm__user" and v.smallest_world_size == 2
     assert v.line.startswith(
@@ -415,13 +431,14 @@ def test_verdict_explains_a_plan_torchrec_refused():
     assert not v.fits and "ctr__user_id" in v.tables and v.searched_up_to == 0
     assert "TorchRec finds no plan (insufficient storage): sm__user (row_wise" in v.line
     assert v.line.endswith("no world size fits: ctr__user_id is table-wise (one rank holds all 175.8 KiB)")
-    # GPUs with a small HBM: the row-wise tables spread over more ranks, and 2 nodes of 2 fit
-    result, v = _verdict_at(2, gpus_per_node=2, hbm_gb=0.006)
+    # GPUs with a small HBM: the row-wise tables and the reserves spread over more ranks, and 2 nodes
+    # of 2 fit
+    result, v = _verdict_at(2, overrides=ADAM, gpus_per_node=2, hbm_gb=0.008)
     assert isinstance(result, NoPlan) and not v.fits
     assert v.line.endswith("smallest world size that fits: 4 ranks (2 nodes x 2 GPUs)")
-    _, v = _verdict_at(2, limit=16, gpus_per_node=2, hbm_gb=0.004)
+    _, v = _verdict_at(2, limit=16, overrides=ADAM, gpus_per_node=2, hbm_gb=0.004)
     assert v.line.endswith("no world size up to 16 fits (raise the caps or shrink the tables)")
-    _, v = _verdict_at(2, limit=2, gpus_per_node=2, hbm_gb=0.006)
+    _, v = _verdict_at(2, limit=2, overrides=ADAM, gpus_per_node=2, hbm_gb=0.008)
     assert v.line.endswith("larger world sizes not searched (--search-up-to is not above 2)")
 
 
@@ -438,7 +455,8 @@ def test_cli_plan_ends_with_the_verdict_and_fails_when_nothing_fits(tmp_path, ca
         "--gpus-per-node",
         "2",
     ]
-    argv += ["--hbm-gb", "0.006", "--search-up-to", "16", "--json", str(out)]
+    argv += [a for o in ADAM for a in ("--set", o)]
+    argv += ["--hbm-gb", "0.008", "--search-up-to", "16", "--json", str(out)]
     assert _run_cli(argv, monkeypatch, caplog) == 1
     text = capsys.readouterr().out
     assert "sharding dry run: no plan (insufficient storage)" in text and "Traceback" not in text
@@ -450,3 +468,104 @@ def test_cli_plan_ends_with_the_verdict_and_fails_when_nothing_fits(tmp_path, ca
     argv = ["plan", "--config", str(DEMO), "--world-size", "2", "--spec", "synth:demo"]
     assert _run_cli(argv, monkeypatch, caplog) == 0
     assert capsys.readouterr().out.splitlines()[-1].startswith("verdict: fits 2 CPU ranks")
+
+
+# --- reserves: what the job's steps need beside the tables, kept from the planner ----------------------
+def test_the_reserves_are_the_steps_own_figures_and_shrink_the_planners_capacity():
+    """One home per formula: each reserve equals the step's own function (SM window, graph mining with
+    Faiss on the GPU, evaluation), and the capacity the planner offers the tables is smaller by exactly
+    the reserves' sum."""
+    spec = synth_spec("demo")
+    rows = synth.PRESETS["demo"].sizes(1.0)
+    eval_rows = max(rows["val"], rows["test"])  # validate_every_epoch + eval_split=test
+    cfg = load_config(DEMO)
+    for world_size, gpus in ((2, 0), (4, 2)):
+        cuda = gpus > 0
+        d = dry_run(cfg, spec, world_size=world_size, gpus_per_node=gpus)
+        want = _steps_sum(cfg, spec, world_size, on_device=cuda)
+        by_name = {r.name: r for r in d.reserves}
+        assert set(by_name) == {"structure migrator (epoch window)", "evaluation"}
+        sm, ev = by_name["structure migrator (epoch window)"], by_name["evaluation"]
+        assert (sm.hbm, sm.ddr, sm.ddr_rank0) == (want["device"], want["host"], want["host"])
+        assert ev.hbm == 0 and ev.ddr == ev.ddr_rank0 == evaluation_bytes_per_rank(eval_rows, world_size)
+        bare = dry_run(cfg, spec, world_size=world_size, gpus_per_node=gpus, reserve_steps=False)
+        assert bare.reserves == []
+        for with_r, without in zip(d.ranks, bare.ranks, strict=True):
+            taken = sum(r.hbm if cuda else r.host(with_r.rank) for r in d.reserves)
+            assert without.table_capacity - with_r.table_capacity == taken
+    # the job that mines (pre-training) on GPU ranks: Faiss's lists and temporary memory on the device
+    d = dry_run(cfg, spec, model_name=PRETRAIN_MODEL, world_size=4, gpus_per_node=2)
+    mine = {r.name: r for r in d.reserves}["graph mining (Faiss index + temp)"]
+    want = _steps_sum(cfg, spec, 4, on_device=True)
+    assert (mine.ddr_rank0, mine.ddr) == (want["mining_rank0"], want["mining_other"])
+    device = 0
+    for n, m in ((spec.num_users, len(spec.user_fields)), (spec.num_items, len(spec.item_fields))):
+        w, n_r = m * cfg.model.embedding_dim, math.ceil(n / 4)
+        knn = {
+            i.key: i.bytes for i in knn_memory(ivf_params(cfg.structure), n, n_r, w, min(cfg.structure.k, n))
+        }
+        device = max(device, knn["index"] + FAISS_GPU_TEMP_BYTES)
+    assert mine.hbm == device
+
+
+def test_tables_that_fit_only_without_the_reserves_get_a_refusal_naming_them():
+    spec = synth_spec("demo")
+    # GPU ranks: fused Adam's tables fit 2 GPUs of 8 MB, but not beside the SM window and evaluation
+    cfg = load_config(DEMO, ADAM)
+    topo = {"world_size": 2, "gpus_per_node": 2, "hbm_gb": 0.008}
+    assert dry_run(cfg, spec, reserve_steps=False, **topo).ranks  # a plan, without the reserves
+    with pytest.raises(NoPlan) as caught:
+        dry_run(cfg, spec, **topo)
+    e = caught.value
+    assert "\n" not in str(
+        e
+    ) and "reserved per rank beside the tables (HBM): structure migrator (epoch window)" in str(e)
+    assert "reserve: structure migrator (epoch window): device" in render_no_plan(e)
+    # one CPU rank whose host memory holds the tables with half the reserves to spare
+    cfg = load_config(DEMO)
+    big = dry_run(cfg, spec, world_size=1, ddr_gb=1.0, reserve_steps=False)
+    overhead = big.ddr_cap - big.ranks[0].table_capacity  # dense state and input buffers
+    reserved = sum(r.host(0) for r in dry_run(cfg, spec, world_size=1, ddr_gb=1.0).reserves)
+    cap = big.ranks[0].plan_ddr + overhead + reserved // 2
+    assert dry_run(cfg, spec, world_size=1, ddr_gb=cap / GIB, reserve_steps=False).ranks
+    with pytest.raises(NoPlan, match=r"reserved per rank beside the tables \(host\): structure migrator"):
+        dry_run(cfg, spec, world_size=1, ddr_gb=cap / GIB)
+
+
+def test_cli_plan_prints_a_line_per_reserve(capsys, monkeypatch, caplog):
+    argv = ["plan", "--config", str(DEMO), "--world-size", "2", "--spec", "synth:demo"]
+    assert _run_cli(argv, monkeypatch, caplog) == 0
+    lines = capsys.readouterr().out.splitlines()
+    reserve = [line for line in lines if line.startswith("  reserve: ")]
+    assert len(reserve) == 2 and "reserves kept from the planner on every rank (2):" in lines
+    assert reserve[0].startswith("  reserve: structure migrator (epoch window): host ")
+    assert reserve[1].startswith("  reserve: evaluation: host ")
+    assert "[distributed.ranking.evaluation_bytes_per_rank]" in reserve[1]
+    assert lines[2].startswith(
+        "embedding optimizer: fused rowwise_adagrad (FBGEMM EXACT_ROWWISE_ADAGRAD, lr 0.1, eps 1e-08; "
+    )
+
+
+@pytest.mark.parametrize("name", ["cstwa", PRETRAIN_MODEL, "esmm"])
+def test_training_plans_with_the_dry_runs_reserves(name):
+    """``job_reserves`` (what ``shard_model(reserves=...)`` takes in training) is the dry run's list."""
+    import torch
+
+    from cstwa_dist.planner.specs import split_rows
+    from cstwa_dist.registry import get_model_spec
+    from cstwa_dist.train.reserves import job_reserves
+
+    cfg, spec = load_config(DEMO), synth_spec("demo")
+    m = get_model_spec(name)
+    model = m.build(
+        spec, cfg.model, torch.device("meta"), structure=cfg.structure, settings=m.settings_in(cfg)
+    )
+    for world_size, gpus in ((2, 0), (4, 2)):
+        device = "cuda" if gpus else "cpu"
+        want = dry_run(cfg, spec, model_name=name, world_size=world_size, gpus_per_node=gpus).reserves
+        rows = split_rows(spec, cfg.data.dataset)  # the preset's sizes: the data set need not exist
+        got = job_reserves(
+            cfg, name, spec, model, world_size=world_size, compute_device=device, rows_per_split=rows
+        )
+        assert got == want
+        assert want[-1].name == "evaluation"

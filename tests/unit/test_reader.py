@@ -422,3 +422,59 @@ def test_ray_runtime_is_idempotent(ray_runtime):
     with RayRuntime() as inner:
         assert ray.is_initialized()
     assert ray.is_initialized() and inner.address is None
+
+
+# --- data.shares: the same global batches at any world size ---------------------------------------------
+def _global_batches(root: Path, world_size: int, shares: int, global_bs: int, epoch: int) -> list[dict]:
+    """Every step's global batch (ranks' batches concatenated in rank order): ids, labels, mask, keys."""
+    per_rank = []
+    for r in range(world_size):
+        reader = _reader(
+            root, rank=r, world_size=world_size, batch_size=global_bs // world_size, shares=shares
+        )
+        per_rank.append(list(reader.epoch(epoch)))
+        reader.close()
+    out = []
+    for parts in zip(*per_rank, strict=True):
+        d = [b.features.to_dict() for b in parts]
+        out.append(
+            {
+                "item": np.concatenate([x["item_id"].values().numpy() for x in d]),
+                "user": np.concatenate([x["user_id"].values().numpy() for x in d]),
+                "click": np.concatenate([b.click.numpy() for b in parts]),
+                "mask": np.concatenate([b.mask.numpy() for b in parts]),
+                "keys": sum((b.dropout_keys for b in parts), ()),
+                "global_rows": {b.global_rows for b in parts},
+            }
+        )
+    return out
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_shares_give_the_same_global_batches_at_any_world_size(ray_runtime, uneven, shuffle):
+    """data.shares=4 with a global batch of 32: 1, 2 and 4 ranks read the same rows in every step, in the
+    same order, with the same padding and dropout keys; every row once per epoch."""
+    root, keys = uneven
+    ref = _global_batches(root, 1, 4, 32, epoch=1) if shuffle else None
+    for world in (1, 2, 4):
+        got = _global_batches(root, world, 4, 32, epoch=1)
+        if ref is None:
+            ref = got
+        assert len(got) == len(ref) == math.ceil(math.ceil(TOTAL / 4) / 8)
+        for a, b in zip(got, ref, strict=True):
+            assert np.array_equal(a["user"], b["user"]) and np.array_equal(a["item"], b["item"])
+            assert np.array_equal(a["click"], b["click"])
+            assert np.array_equal(a["mask"], b["mask"]) and a["keys"] == b["keys"] and len(a["keys"]) == 4
+            assert a["global_rows"] == b["global_rows"] == {int(a["mask"].sum())}
+    real = Counter(
+        (int(u), int(i)) for g in ref for u, i in zip(g["user"][g["mask"]], g["item"][g["mask"]], strict=True)
+    )
+    assert real == Counter(keys)
+
+
+def test_shares_that_do_not_fit_are_refused(uneven):
+    root, _ = uneven
+    with pytest.raises(ValueError, match="multiple of the world size 2"):
+        _reader(root, rank=0, world_size=2, shares=3)
+    with pytest.raises(ValueError, match="batch_size=16 must be a multiple of the 3 shares"):
+        _reader(root, rank=0, world_size=1, shares=3)

@@ -179,15 +179,32 @@ def test_the_pretraining_model_ignores_shared_tables():
 # --- the pre-trained start's file checks ---------------------------------------------------------------
 def test_pretrained_rows_read_the_block_and_check_the_file(tmp_path):
     from cstwa_dist.structure.migrator import pretrained_rows
+    from cstwa_dist.structure.representations import save_representations
 
     cfg = StructureConfig(graph_dir=str(tmp_path), sm_init="pretrained")
     with pytest.raises(FileNotFoundError, match="save_representations=true"):
         pretrained_rows(cfg, "user", 30, 0, 10, 16)
     reps = np.arange(30 * 16, dtype=np.float32).reshape(30, 16)
-    np.save(tmp_path / "user_representations.npy", reps)
+    save_representations(tmp_path, "user", reps, [(0, 30)])  # no process group: one part
     assert torch.equal(pretrained_rows(cfg, "user", 30, 7, 19, 16), torch.from_numpy(reps[7:19]))
     assert pretrained_rows(cfg, "user", 30, 30, 30, 16).shape == (0, 16)
     with pytest.raises(ConfigError, match="width 16 but the user structure table's rows have width 24"):
         pretrained_rows(cfg, "user", 30, 0, 10, 24)
     with pytest.raises(ValueError, match="the dataset has 31 users"):
         pretrained_rows(cfg, "user", 31, 0, 10, 16)
+
+
+def test_bench_knn_reads_a_pretrain_parts_folder(tmp_path):
+    """``bench knn --representations`` takes the folder ``pretrain`` writes (or a .npy of one's own)."""
+    from cstwa_dist.bench.knn import _rows, representation_dims
+    from cstwa_dist.structure.representations import save_representations
+
+    reps = np.arange(30 * 16, dtype=np.float32).reshape(30, 16)
+    save_representations(tmp_path, "item", reps, [(0, 30)])
+    folder = tmp_path / "item_representations"
+    assert representation_dims(folder) == (30, 16)
+    assert np.array_equal(_rows({"representations": str(folder)}, 4, 21), reps[4:21])
+    np.save(tmp_path / "mine.npy", reps)
+    assert representation_dims(tmp_path / "mine.npy") == (30, 16)
+    with pytest.raises(ValueError, match="named <side>_representations"):
+        representation_dims(tmp_path)

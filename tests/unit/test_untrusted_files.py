@@ -257,8 +257,10 @@ def test_the_issues_pickled_rng_file_is_never_opened(tmp_path, no_key, caplog):
 def test_planted_pickles_in_graph_files_are_refused(tmp_path):
     from cstwa_dist.bench.knn import representation_dims
     from cstwa_dist.config import StructureConfig
+    from cstwa_dist.fs import sha256_file
     from cstwa_dist.structure.graph import load_graph, save_graph
     from cstwa_dist.structure.migrator import pretrained_rows
+    from cstwa_dist.structure.representations import save_representations
     from cstwa_dist.structure.sharded_graph import load_graph_rows, save_graph_shard, shard_of
 
     marker = tmp_path / "marker"
@@ -282,12 +284,24 @@ def test_planted_pickles_in_graph_files_are_refused(tmp_path):
     with pytest.raises(ValueError, match="manifest.json"):
         load_graph_rows(tmp_path, "user", 0, 4)
 
-    reps = tmp_path / "user_representations.npy"
+    reps = tmp_path / "user_representations.npy"  # the old single-file layout: refused unopened
     reps.write_bytes(_bomb_bytes(marker))
-    with pytest.raises(ValueError, match="pickled"):
+    with pytest.raises(FileNotFoundError, match="old single-file layout"):
         pretrained_rows(StructureConfig(graph_dir=str(tmp_path)), "user", 4, 0, 4, 2)
     with pytest.raises(ValueError, match="pickled"):
         representation_dims(reps)
+    save_representations(tmp_path, "user", np.zeros((4, 2), np.float32), [(0, 4)])
+    rep_dir = tmp_path / "user_representations"
+    part = rep_dir / "part-00000-of-00001.npy"
+    part.write_bytes(_bomb_bytes(marker))
+    m = json.loads((rep_dir / "manifest.json").read_text())  # listed as if genuine: np.load is reached
+    m["parts"][0].update(bytes=part.stat().st_size, sha256=sha256_file(part))
+    (rep_dir / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ValueError, match="pickled"):
+        pretrained_rows(StructureConfig(graph_dir=str(tmp_path)), "user", 4, 0, 4, 2)
+    (rep_dir / "manifest.json").write_bytes(_bomb_bytes(marker))
+    with pytest.raises(ValueError, match="manifest.json: unreadable manifest"):
+        pretrained_rows(StructureConfig(graph_dir=str(tmp_path)), "user", 4, 0, 4, 2)
     from cstwa_dist.config import RunConfig
     from cstwa_dist.train.pretrain import structure_mismatch
 

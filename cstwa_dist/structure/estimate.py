@@ -260,7 +260,9 @@ def mining_structure_estimate(
     each step's items. The peak is the larger side's sum of all of them, an upper bound: the kNN's
     index, normalised copy and query blocks are freed before ``Â``'s rows are built. Rank 0 also
     holds the IVF quantizer's training sample. With faiss-gpu the index and searches move to the GPU;
-    the estimate counts them on the host.
+    this estimate still counts them on the host (an upper bound there), and the mining job's planner
+    reserves their device side, Faiss's temporary memory included, from
+    ``structure.faiss_memory.knn_device_memory`` (``train/reserves.py``).
     """
     if not sides:
         return NO_STRUCTURE
