@@ -98,3 +98,18 @@ def staged_directory(out: str | Path, what: str = "data set") -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def read_manifest(path: Path, fmt: str, version: int) -> dict[str, Any]:
+    """The JSON object of a parts manifest at ``path`` (a graph's, the pre-trained representations'),
+    checked to be ``fmt`` at ``version``; ``ValueError`` naming the file otherwise. JSON only: a
+    manifest is never unpickled."""
+    try:
+        m = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: unreadable manifest ({e})") from None
+    if not isinstance(m, dict) or m.get("format") != fmt:
+        raise ValueError(f"{path}: not a {fmt} manifest")
+    if m.get("version") != version:
+        raise ValueError(f"{path}: unsupported manifest version {m.get('version')!r}")
+    return m

@@ -8,7 +8,6 @@ reads or writes representations (a bench rank, a test rank) does not pay TorchRe
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections.abc import Sequence
@@ -18,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from cstwa_dist.distributed.exchange import all_gather_ints, check_ranges, comm_device, raise_together, world
-from cstwa_dist.fs import atomic_path, atomic_write_json, sha256_file
+from cstwa_dist.fs import atomic_path, atomic_write_json, read_manifest, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -196,14 +195,7 @@ def read_representation_manifest(graph_dir: str | Path, side: str) -> tuple[Path
             "manifest is written last, after every rank's part); run `cstwa-dist pretrain` with "
             "structure.save_representations=true (the default) and the same structure.graph_dir"
         )
-    try:
-        m = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: unreadable manifest ({e})") from None
-    if not isinstance(m, dict) or m.get("format") != REPR_FORMAT:
-        raise ValueError(f"{path}: not a {REPR_FORMAT} manifest")
-    if m.get("version") != REPR_FORMAT_VERSION:
-        raise ValueError(f"{path}: unsupported manifest version {m.get('version')!r}")
+    m = read_manifest(path, REPR_FORMAT, REPR_FORMAT_VERSION)
     n_total, width, parts = m.get("n_total"), m.get("width"), m.get("parts")
     if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (n_total, width)):
         raise ValueError(f"{path}: needs non-negative integers n_total and width, got {n_total!r}, {width!r}")

@@ -32,7 +32,6 @@ depends on how local the graph is in id order (docs/structure-scaling.md).
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import time
@@ -53,7 +52,7 @@ from cstwa_dist.distributed.exchange import (
     raise_together,
     world,
 )
-from cstwa_dist.fs import atomic_path, atomic_write_json
+from cstwa_dist.fs import atomic_path, atomic_write_json, read_manifest
 from cstwa_dist.structure.memory import MemoryItem
 from cstwa_dist.structure.propagate import _check_beta, beta_update, beta_update_memory
 
@@ -470,14 +469,7 @@ def _read_manifest(graph_dir: str | Path, side: str) -> tuple[Path, dict[str, An
             f"{path} not found: the {side} graph in {out} is missing or incomplete (the manifest is written "
             "last, after every part)"
         )
-    try:
-        m = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: unreadable manifest ({e})") from None
-    if not isinstance(m, dict) or m.get("format") != _FORMAT:
-        raise ValueError(f"{path}: not a {_FORMAT} manifest")
-    if m.get("version") != _FORMAT_VERSION:
-        raise ValueError(f"{path}: unsupported manifest version {m.get('version')!r}")
+    m = read_manifest(path, _FORMAT, _FORMAT_VERSION)
     n_total, parts = m.get("n_total"), m.get("parts")
     if not isinstance(n_total, int) or n_total < 0 or not isinstance(parts, list) or not parts:
         raise ValueError(f"{path}: needs a non-negative integer n_total and a non-empty list of parts")

@@ -16,9 +16,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import os
 import random
-import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -523,7 +521,6 @@ class Trainer:
             n_steps += 1
             self.global_step += 1
             self.monitor.advance()
-            _fault_injection(self.global_step, self.env.rank)
             if every and self.global_step % every == 0 and n_steps < self.steps:
                 self.checkpointer.save(
                     self.dmp, self.optimizer, self._state(epoch, n_steps, False, loss_sum, rows)
@@ -706,25 +703,6 @@ def train(
         return trainer.fit(evaluate)
     finally:
         trainer.close()
-
-
-FAULT_ENV = "CSTWA_FAULT_KILL_AT_STEP"
-
-
-def _fault_injection(global_step: int, rank: int) -> None:
-    """``CSTWA_FAULT_KILL_AT_STEP=<step>:<rank>``: that rank SIGKILLs itself after that global step.
-
-    Only in a job's first attempt (torchrun's ``TORCHELASTIC_RESTART_COUNT`` is 0 or unset), so a
-    restarted job runs through. The operability test uses it to kill one rank mid-epoch, the way a
-    lost node or an OOM kill would; nothing else sets it.
-    """
-    spec = os.environ.get(FAULT_ENV)
-    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
-        return
-    step, _, who = spec.partition(":")
-    if global_step == int(step) and rank == int(who or 0):
-        logger.warning("fault injection: rank %d kills itself after step %d", rank, global_step)
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _fmt(x: float | None) -> str:

@@ -2,14 +2,15 @@
 
 Two ``launchers/torchrun.sh`` launchers on this machine act as two nodes (``NNODES=2``,
 ``NODE_RANK=0/1``, one rank each, the ``cstwa-c10d`` rendezvous at ``RDZV_ENDPOINT=127.0.0.1:PORT``,
-a fixed ``JOB_ID``), each with its own node Ray runtime, and train ESMM for 2 epochs on data made by
-``cstwa-dist synth`` (600 rows per rank, 12 steps per epoch, a checkpoint every 4 global steps):
+a fixed ``JOB_ID``), each with its own node Ray runtime, and train CSTWA without graphs (Click
+Perceptron and Curse Escaper, whose window the checkpoint carries; dropout on) for 2 epochs on data made
+by ``cstwa-dist synth`` (600 rows per rank, 12 steps per epoch, a checkpoint every 4 global steps):
 
 1. the reference: the job uninterrupted;
 2. node 1's rank SIGKILLed mid-epoch under ``MAX_RESTARTS=1``: once the first mid-epoch checkpoint
-   exists, a ``kill -9`` of the worker under node 1's torchrun agent (found with psutil; not
-   ``CSTWA_FAULT_KILL_AT_STEP``, which names a global rank, and the rendezvous, not ``NODE_RANK``,
-   decides which node gets which rank). Node 1's agent restarts its worker (its one restart), node 0's
+   exists, a ``kill -9`` of the worker under node 1's torchrun agent, found with psutil (the
+   rendezvous, not ``NODE_RANK``, decides which node gets which global rank). Node 1's agent restarts
+   its worker (its one restart), node 0's
    worker fails on the lost peer and its agent restarts it too; both resume from the newest complete
    checkpoint and the job exits 0;
 3. node 1 replaced (a pod deleted and created again): at the same point node 1's whole process tree
@@ -17,7 +18,9 @@ a fixed ``JOB_ID``), each with its own node Ray runtime, and train ESMM for 2 ep
    with the same arguments. Node 0's worker fails on the lost peer, node 0's agent restarts it (its
    one restart) and waits in the next rendezvous round until the new agent joins (same ``JOB_ID``);
    both resume from the newest complete checkpoint. The rendezvous may swap the node ranks (it orders
-   nodes by address and pid); every rank loads its own rank's state from the shared checkpoint.
+   nodes by address and pid); every rank loads its own rank's state from the shared checkpoint;
+4. the reference's epoch-end checkpoint continues on another world size: one more epoch on 1 process
+   (2 → 1), then one more on 2 ranks of one node (1 → 2), the samples adding up.
 
 Both faulted jobs end with the reference's ``train_samples`` exactly and its test (and every epoch's
 validation) AUCs exactly, not within a tolerance: tables and dense layers are drawn from (seed, table,
@@ -29,8 +32,9 @@ over would also match. Every run also checks the end: both launchers exit 0, the
 free again, and no node logs a failed rendezvous shutdown (the hosting node used to exit with the
 store while the other was still closing; :mod:`cstwa_dist.distributed.rendezvous`).
 
-ESMM reads no kNN graphs, so ``pretrain`` is not part of this job (the graphs would only cost a
-fourth two-node launch). Every launcher runs in its own session; each job has a deadline and the
+The job reads no kNN graphs, so ``pretrain`` is not part of it (the graphs would only cost another
+two-node launch; ``tests/e2e/test_cli.py`` runs pre-training under torchrun).
+Every launcher runs in its own session; each job has a deadline and the
 ``finally`` kills every process tree the test started, so a hang fails the test instead of CI.
 """
 
@@ -53,6 +57,7 @@ import pytest
 import yaml
 
 from tests.e2e.test_cli import BIN, ROOT
+from tests.e2e.test_store_binding import _LAUNCHER_ENV as ONE_NODE_ENV
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +66,7 @@ logger = logging.getLogger(__name__)
 # restart) and 135-290 s at load 8-20. A hung rendezvous or restart fails the test after this long
 # instead of blocking CI.
 JOB_TIMEOUT_S = 420
+MODEL = "cstwa"
 CHECKPOINT_EVERY = 4
 
 pytestmark = pytest.mark.skipif(shutil.which("pgrep") is None, reason="the launcher's Ray stop needs pgrep")
@@ -111,6 +117,8 @@ def job_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cfg = {
         "data": {"dataset": str(data), "batch_size": 50, "eval_batch_size": 1000, "ray_num_cpus": 1},
         "model": {"embedding_dim": 4, "ctr_tower": [8], "cvr_tower": [8], "dropout": [0.1]},
+        # CSTWA without graphs: the Click Perceptron, and the Curse Escaper's window in the checkpoint
+        "models": {"cstwa": {"info_layer": [8], "structure_migrator": False}},
         "train": {
             "epochs": 2,
             "log_every": 100,
@@ -156,7 +164,7 @@ class TwoNodeJob:
             "--config",
             str(cfg),
             "--model",
-            "esmm",
+            MODEL,
             "--resume",
             "auto",
             "--set",
@@ -257,7 +265,7 @@ class TwoNodeJob:
             shutil.rmtree(d, ignore_errors=True)
 
     def metrics(self) -> dict:
-        return json.loads((self.run_dir / "esmm" / "metrics.json").read_text())
+        return json.loads((self.run_dir / MODEL / "metrics.json").read_text())
 
 
 _RAY_DIR = re.compile(r"--temp-dir=(/tmp/cstwa-ray\.[^/]+)/ray$")  # the launcher's node runtime folder
@@ -303,12 +311,19 @@ def _same_results(got: dict, ref: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(job_config: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+def reference_run(job_config: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The run folder of the uninterrupted job (its metrics and its epoch-end checkpoints)."""
     run_dir = tmp_path_factory.mktemp("two_node_runs") / "reference"
     with _job(job_config, run_dir) as job:
         job.start(0)
         job.start(1)
-        return _run_to_end(job)
+        _run_to_end(job)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run: Path) -> dict:
+    return json.loads((reference_run / MODEL / "metrics.json").read_text())
 
 
 def _resumed_step(logs: str) -> int:
@@ -322,7 +337,7 @@ def _start_until_mid_epoch_1(job: TwoNodeJob) -> None:
     """Starts both nodes; returns once the first mid-epoch checkpoint is complete (renamed in place)."""
     job.start(0)
     job.start(1)
-    job.wait_for(job.run_dir / "esmm" / "checkpoints" / f"step-{CHECKPOINT_EVERY:09d}")
+    job.wait_for(job.run_dir / MODEL / "checkpoints" / f"step-{CHECKPOINT_EVERY:09d}")
 
 
 def test_rank_killed_on_node_1_restarts_in_place(job_config, reference, tmp_path):
@@ -401,20 +416,38 @@ def test_hosting_node_keeps_the_store_until_the_other_node_shut_down(monkeypatch
     assert 0.5 <= time.monotonic() - t0 < 5
 
 
-# what the launcher reads: the test sets each of them itself
-_LAUNCHER_ENV = (
-    "RAY_ADDRESS",
-    "NNODES",
-    "NODE_RANK",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-    "RDZV_ENDPOINT",
-    "JOB_ID",
-    "LOCAL_ADDR",
-    "GLOO_SOCKET_IFNAME",
-    "RANK",
-    "WORLD_SIZE",
-    "MAX_RESTARTS",
-    "CSTWA_FAULT_KILL_AT_STEP",
-    "TORCHELASTIC_RESTART_COUNT",
-)
+# what the launcher reads (test_store_binding's list) and the restart settings: the test sets each itself
+_LAUNCHER_ENV = (*ONE_NODE_ENV, "MAX_RESTARTS", "TORCHELASTIC_RESTART_COUNT")
+
+
+def _continue(cfg: Path, run_dir: Path, epochs: int, ranks: int) -> str:
+    """``train --resume auto`` of the job's run folder for one more epoch, on ``ranks`` ranks of one
+    node (the launcher) or one plain process; the combined output."""
+    args = ["--config", str(cfg), "--model", MODEL, "--resume", "auto"]
+    args += ["--set", f"train.run_dir={run_dir}", "--set", f"train.epochs={epochs}"]
+    cmd = ["bash", "launchers/torchrun.sh", str(ranks), "train", *args]
+    if ranks == 1:
+        cmd = [str(BIN / "cstwa-dist"), "train", *args]
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_ENV}
+    env |= {"PATH": f"{BIN}:{env['PATH']}", "MASTER_PORT": str(_free_port()), "RAY_STOP_TIMEOUT": "5"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"{cmd} exited {proc.returncode}\n{out[-6000:]}"
+    return out
+
+
+def test_the_jobs_checkpoint_continues_on_another_world_size(job_config, reference_run, reference):
+    """The two-node job's epoch-end checkpoint continues on 1 process for a third epoch (2 → 1), and
+    that checkpoint on 2 ranks of one node for a fourth (1 → 2): each says the world size changed, and
+    the samples add up (a mid-epoch checkpoint is refused on another world size: data positions are
+    per rank; ``train/checkpoint.py``)."""
+    rows = reference["history"][0]["rows"]
+    one = _continue(job_config, reference_run, 3, ranks=1)
+    assert "resumed a 2-rank checkpoint on 1 rank(s)" in one, one[-3000:]
+    m = json.loads((reference_run / MODEL / "metrics.json").read_text())
+    assert m["world_size"] == 1 and m["train_samples"] == 3 * rows and len(m["history"]) == 3
+    two = _continue(job_config, reference_run, 4, ranks=2)
+    assert "resumed a 1-rank checkpoint on 2 rank(s)" in two, two[-3000:]
+    m = json.loads((reference_run / MODEL / "metrics.json").read_text())
+    assert m["world_size"] == 2 and m["train_samples"] == 4 * rows and len(m["history"]) == 4
+    assert [h["rows"] for h in m["history"]] == [rows] * 4
