@@ -113,3 +113,17 @@ def read_manifest(path: Path, fmt: str, version: int) -> dict[str, Any]:
     if m.get("version") != version:
         raise ValueError(f"{path}: unsupported manifest version {m.get('version')!r}")
     return m
+
+
+def check_parts_cover(path: Path, parts: list[dict[str, Any]], n_total: int) -> None:
+    """The parts of the manifest at ``path`` cover rows ``[0, n_total)`` in order, each ``[lo, hi)``
+    starting where the previous one ended; ``ValueError`` naming the file and the first gap otherwise."""
+    pos = 0
+    for i, p in enumerate(parts):
+        if p["lo"] != pos or p["hi"] < p["lo"]:
+            raise ValueError(
+                f"{path}: parts must cover [0, {n_total}) in order; part {i} is [{p['lo']}, {p['hi']})"
+            )
+        pos = p["hi"]
+    if pos != n_total:
+        raise ValueError(f"{path}: parts cover [0, {pos}) but n_total is {n_total}")

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from cstwa_dist.distributed.exchange import all_gather_ints, check_ranges, comm_device, raise_together, world
-from cstwa_dist.fs import atomic_path, atomic_write_json, read_manifest, sha256_file
+from cstwa_dist.fs import atomic_path, atomic_write_json, check_parts_cover, read_manifest, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -203,7 +203,6 @@ def read_representation_manifest(graph_dir: str | Path, side: str) -> tuple[Path
         raise ValueError(f"{path}: dtype {m.get('dtype')!r}, expected 'float32'")
     if not isinstance(parts, list) or not parts or m.get("world_size") != len(parts):
         raise ValueError(f"{path}: needs one part per writing rank (world_size {m.get('world_size')!r})")
-    pos = 0
     for i, p in enumerate(parts):
         ok = (
             isinstance(p, dict)
@@ -217,13 +216,7 @@ def read_representation_manifest(graph_dir: str | Path, side: str) -> tuple[Path
         )
         if not ok:
             raise ValueError(f"{path}: part {i} needs integer lo, hi, bytes, a part file name and a sha256")
-        if p["lo"] != pos or p["hi"] < p["lo"]:
-            raise ValueError(
-                f"{path}: parts must cover [0, {n_total}) in order; part {i} is [{p['lo']}, {p['hi']})"
-            )
-        pos = p["hi"]
-    if pos != n_total:
-        raise ValueError(f"{path}: parts cover [0, {pos}) but n_total is {n_total}")
+    check_parts_cover(path, parts, n_total)
     return out, m
 
 

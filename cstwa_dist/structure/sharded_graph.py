@@ -52,7 +52,7 @@ from cstwa_dist.distributed.exchange import (
     raise_together,
     world,
 )
-from cstwa_dist.fs import atomic_path, atomic_write_json, read_manifest
+from cstwa_dist.fs import atomic_path, atomic_write_json, check_parts_cover, read_manifest
 from cstwa_dist.structure.memory import MemoryItem
 from cstwa_dist.structure.propagate import _check_beta, beta_update, beta_update_memory
 
@@ -473,7 +473,6 @@ def _read_manifest(graph_dir: str | Path, side: str) -> tuple[Path, dict[str, An
     n_total, parts = m.get("n_total"), m.get("parts")
     if not isinstance(n_total, int) or n_total < 0 or not isinstance(parts, list) or not parts:
         raise ValueError(f"{path}: needs a non-negative integer n_total and a non-empty list of parts")
-    pos = 0
     for i, p in enumerate(parts):
         ok = (
             isinstance(p, dict)
@@ -483,13 +482,9 @@ def _read_manifest(graph_dir: str | Path, side: str) -> tuple[Path, dict[str, An
         )
         if not ok:
             raise ValueError(f"{path}: part {i} needs integer lo, hi, nnz and crow/col/val part file names")
-        if p["lo"] != pos or p["hi"] < p["lo"] or p["nnz"] < 0:
-            raise ValueError(
-                f"{path}: parts must cover [0, {n_total}) in order; part {i} is [{p['lo']}, {p['hi']})"
-            )
-        pos = p["hi"]
-    if pos != n_total:
-        raise ValueError(f"{path}: parts cover [0, {pos}) but n_total is {n_total}")
+        if p["nnz"] < 0:
+            raise ValueError(f"{path}: part {i} has nnz {p['nnz']} < 0")
+    check_parts_cover(path, parts, n_total)
     return out, m
 
 
